@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# README test command: set up, then run the whole test suite.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck disable=SC1091
+. "$ROOT/scripts/setup.sh"
+cd "$ROOT"
+python -m pytest "$@"

@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny Switch checkpoints (plain and with unreachable experts), a dense T5, calibration files.
+
+Torch is pinned to one thread: on a 2-core machine shared with other jobs, OpenMP spin-waiting makes tiny
+matmuls ~100x slower with 2 threads.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+import uncurl_hf  # noqa: E402,F401  (registers the pruned model types)
+from helpers import (  # noqa: E402
+    BANNED_HALF,
+    BANNED_UNEQUAL,
+    CALIBRATION_TARGETS,
+    CALIBRATION_TEXTS,
+    make_tiny_switch,
+    make_tiny_t5,
+    write_calibration_file,
+)
+
+@pytest.fixture(scope="session")
+def switch_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-init Switch checkpoint (8 experts, 2+2 sparse layers) with tokenizer. Do not modify."""
+    return make_tiny_switch(tmp_path_factory.mktemp("models"), name="switch")
+
+
+@pytest.fixture(scope="session")
+def half_banned_switch_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Like ``switch_dir`` but experts ``BANNED_HALF`` can never be selected."""
+    return make_tiny_switch(tmp_path_factory.mktemp("models"), name="switch-half", banned=BANNED_HALF)
+
+
+@pytest.fixture(scope="session")
+def unequal_banned_switch_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Like ``switch_dir`` but experts ``BANNED_UNEQUAL`` can never be selected."""
+    return make_tiny_switch(tmp_path_factory.mktemp("models"), name="switch-unequal", banned=BANNED_UNEQUAL)
+
+
+@pytest.fixture(scope="session")
+def t5_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny dense T5 checkpoint: a valid model that is not an MoE."""
+    return make_tiny_t5(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def calibration_jsonl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """12 sentiment examples with targets (``text`` + ``target``)."""
+    return write_calibration_file(
+        tmp_path_factory.mktemp("data") / "calibration.jsonl", CALIBRATION_TEXTS, CALIBRATION_TARGETS
+    )
+
+
+@pytest.fixture(scope="session")
+def calibration_txt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same 12 inputs as plain text, one per line (no targets)."""
+    return write_calibration_file(tmp_path_factory.mktemp("data") / "calibration.txt", CALIBRATION_TEXTS)

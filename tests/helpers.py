@@ -1,0 +1,179 @@
+"""Reusable builders for tests: a tiny word-level tokenizer and tiny random-init Switch Transformers checkpoints.
+
+Import from tests as ``from helpers import make_tiny_switch`` (pytest puts ``tests/`` on ``sys.path``).
+Models are real ``SwitchTransformersForConditionalGeneration`` instances from real configs, saved with
+``save_pretrained`` (safetensors) next to a ``PreTrainedTokenizerFast``; no mocks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]  # ids 0, 1, 2 = Switch/T5 pad, eos, unk
+WORDS = (
+    "sentiment : the a an and or but not very really quite so too movie film story plot actor actress "
+    "director scene music ending script cast role it this that is was are were be has have had good great "
+    "fine fun funny moving smart clever charming lovely best better brilliant wonderful bad awful boring "
+    "dull weak poor worst terrible silly slow mess flat long short dark light love loved hate hated like "
+    "liked enjoy enjoyed watch watched feel felt make made with without of to in on for at by from as "
+    "positive negative yes no summarize translate question answer i me , . acting"
+).split()
+VOCAB = SPECIAL_TOKENS + WORDS
+
+CALIBRATION_TEXTS = [
+    "sentiment : the movie was very good and the cast was great",
+    "sentiment : a boring film with a weak plot",
+    "sentiment : it is a charming and funny story",
+    "sentiment : the worst script , the acting was awful",
+    "sentiment : i loved the music but the ending was slow",
+    "sentiment : not a good movie",
+    "sentiment : brilliant director , wonderful actress and a moving scene",
+    "sentiment : dull , long and flat",
+    "sentiment : this film is fun to watch",
+    "sentiment : the story felt like a mess",
+    "sentiment : quite clever and really lovely",
+    "sentiment : too silly for me",
+]
+CALIBRATION_TARGETS = ["positive", "negative"] * 6
+
+# Experts made unreachable (router bias -1e4) in `unequal_banned_switch_dir`: unequal numbers per layer.
+BANNED_UNEQUAL = {
+    "encoder.block.1": [0, 3, 5],
+    "encoder.block.3": [1, 2, 3, 4, 5, 6],
+    "decoder.block.1": [2],
+    "decoder.block.3": [],
+}
+# Exactly half of the experts of every layer unreachable: `frequency` at factor 2 must remove these.
+BANNED_HALF = {
+    "encoder.block.1": [1, 3, 5, 7],
+    "encoder.block.3": [0, 1, 2, 3],
+    "decoder.block.1": [4, 5, 6, 7],
+    "decoder.block.3": [0, 2, 4, 6],
+}
+
+
+def tiny_tokenizer() -> Any:
+    """A word-level ``PreTrainedTokenizerFast`` that appends ``</s>`` like T5 (pad 0, eos 1, unk 2)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def tiny_switch_config(**overrides: Any) -> Any:
+    """A 4+4-layer Switch config (2 sparse encoder + 2 sparse decoder layers, 8 experts, d_model 32)."""
+    from transformers import SwitchTransformersConfig
+
+    values: dict[str, Any] = dict(
+        vocab_size=len(VOCAB),
+        d_model=32,
+        d_kv=8,
+        d_ff=32,
+        num_heads=4,
+        num_layers=4,
+        num_sparse_encoder_layers=2,
+        num_decoder_layers=4,
+        num_sparse_decoder_layers=2,
+        num_experts=8,
+        expert_capacity=64,  # > any test sequence length: no token is ever dropped
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=32,
+        dropout_rate=0.0,
+        router_jitter_noise=0.0,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    values.update(overrides)
+    return SwitchTransformersConfig(**values)
+
+
+def tiny_switch_model(seed: int = 0, **overrides: Any) -> Any:
+    """A random-init (seeded) tiny ``SwitchTransformersForConditionalGeneration`` in eval mode."""
+    from transformers import SwitchTransformersForConditionalGeneration
+
+    torch.manual_seed(seed)
+    return SwitchTransformersForConditionalGeneration(tiny_switch_config(**overrides)).eval()
+
+
+def ban_experts(model: Any, banned: dict[str, list[int]]) -> None:
+    """Make experts unreachable: router bias -1e4 (their softmax probability is exactly 0 in float32).
+
+    ``banned`` maps layer names (``encoder.block.1``) to expert indices. Needs ``router_bias=True``.
+    """
+    from uncurl_hf.families import get_family
+
+    layers = {layer.name: layer for layer in get_family(model).sparse_layers(model)}
+    with torch.no_grad():
+        for name, experts in banned.items():
+            bias = layers[name].router.bias
+            assert bias is not None, "build the model with router_bias=True to ban experts"
+            bias.zero_()
+            bias[list(experts)] = -1e4
+
+
+def make_tiny_switch(
+    tmp_path: Path,
+    name: str = "switch",
+    seed: int = 0,
+    banned: dict[str, list[int]] | None = None,
+    **overrides: Any,
+) -> Path:
+    """Save a tiny Switch model + tokenizer under ``tmp_path / name`` and return the folder.
+
+    ``banned`` (layer -> expert indices) makes those experts never selected (see :func:`ban_experts`).
+    Other keyword arguments override :func:`tiny_switch_config`.
+    """
+    if banned:
+        overrides.setdefault("router_bias", True)
+    model = tiny_switch_model(seed=seed, **overrides)
+    if banned:
+        ban_experts(model, banned)
+    folder = Path(tmp_path) / name
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def make_tiny_t5(tmp_path: Path, name: str = "t5") -> Path:
+    """A tiny dense T5 checkpoint (not an MoE model) with the same tokenizer."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=len(VOCAB), d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2)
+    folder = Path(tmp_path) / name
+    T5ForConditionalGeneration(config).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def write_calibration_file(
+    path: Path, texts: list[str] = CALIBRATION_TEXTS, targets: list[str] | None = None
+) -> Path:
+    """``.txt`` (one text per line) or ``.jsonl`` (``text`` + optional ``target``) depending on the suffix."""
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        rows = [{"text": t, **({"target": targets[i]} if targets else {})} for i, t in enumerate(texts)]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    else:
+        path.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    return path
+
+
+def hash_tree(folder: Path) -> dict[str, str]:
+    """``{relative path: sha256}`` of every file under ``folder``."""
+    folder = Path(folder)
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }

@@ -1,0 +1,45 @@
+"""uncurl-hf: task-specific expert pruning and merging for sparse mixture-of-experts models.
+
+Importing the package registers the pruned model classes (``pruned_switch_transformers``) with the
+transformers Auto classes, so ``AutoModelForSeq2SeqLM.from_pretrained(pruned_dir)`` works after ``import uncurl_hf``.
+"""
+
+from __future__ import annotations
+
+from uncurl_hf import modeling as _modeling  # noqa: F401  (registers the pruned model types)
+from uncurl_hf._version import __version__
+from uncurl_hf.apply import apply_plan
+from uncurl_hf.calibration import (
+    CalibrationStats,
+    ExpertStats,
+    build_batches,
+    calibrate,
+    load_calibration_file,
+)
+from uncurl_hf.checkpoint import load_model, write_checkpoint
+from uncurl_hf.config import PruningConfig
+from uncurl_hf.families import available_families, get_family
+from uncurl_hf.methods import available_methods, get_method
+from uncurl_hf.plan import LayerPlan, PruningPlan
+from uncurl_hf.pruning import PruneResult, prune
+
+__all__ = [
+    "CalibrationStats",
+    "ExpertStats",
+    "LayerPlan",
+    "PruneResult",
+    "PruningConfig",
+    "PruningPlan",
+    "__version__",
+    "apply_plan",
+    "available_families",
+    "available_methods",
+    "build_batches",
+    "calibrate",
+    "get_family",
+    "get_method",
+    "load_calibration_file",
+    "load_model",
+    "prune",
+    "write_checkpoint",
+]

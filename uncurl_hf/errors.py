@@ -1,0 +1,49 @@
+"""Error types. Every user-facing failure is an :class:`UncurlError` whose message names the fix.
+
+The CLI catches ``UncurlError`` and prints only its message (no traceback unless ``--debug``), so a
+message must stand on its own: say what is wrong, with which input, and what to do instead.
+"""
+
+from __future__ import annotations
+
+
+class UncurlError(Exception):
+    """Base class of every error uncurl-hf raises on purpose."""
+
+    exit_code: int = 2
+
+
+class ModelNotFoundError(UncurlError):
+    """The model path does not exist or does not hold a loadable checkpoint."""
+
+
+class UnsupportedModelError(UncurlError):
+    """The checkpoint is not a sparse MoE model of a registered family."""
+
+
+class InvalidFactorError(UncurlError):
+    """The pruning factor or the per-layer counts cannot be realised."""
+
+
+class InvalidPlanError(UncurlError):
+    """A pruning plan is malformed or does not fit the model it is applied to."""
+
+
+class CalibrationDataError(UncurlError):
+    """The calibration data is missing, empty or unreadable."""
+
+
+class UnknownTaskError(UncurlError):
+    """The task name is not in the task registry."""
+
+
+class UnknownMethodError(UncurlError):
+    """The pruning method name is not in the method registry."""
+
+
+class OutputExistsError(UncurlError):
+    """The output directory exists (or equals the input) and overwriting was not requested."""
+
+
+class CheckpointError(UncurlError):
+    """A checkpoint could not be read or written (corrupt shard, missing file, write failure)."""

@@ -1,0 +1,147 @@
+"""What uncurl-hf needs to know about one sparse MoE architecture, behind one small interface.
+
+Calibration, methods and weight surgery only talk to a :class:`MoEFamily` and to :class:`MoELayer` records, so a
+new architecture (Mixtral, Qwen-MoE, OLMoE, ...) is one new file implementing this class plus one registry line.
+Expert weights are exchanged as plain ``dict[str, Tensor]`` per expert (``{"wi": [d_ff, d_model], ...}``) with
+:attr:`MoEFamily.neuron_axes` telling merge methods which axis of each tensor indexes the expert's hidden neurons
+(needed to permute/align neurons before averaging).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Mapping
+
+import torch
+from torch import nn
+
+
+@dataclass
+class MoELayer:
+    """One sparse MoE layer of a loaded model.
+
+    ``name`` is stable across runs and across pruning (``encoder.block.1``): plans and stats are keyed by it.
+    ``prefix`` is the module path used in state-dict keys. ``mask_key`` names the batch entry whose attention
+    mask tells real tokens from padding for this layer (encoder vs decoder side).
+    """
+
+    name: str
+    prefix: str
+    module: nn.Module
+    router: nn.Linear
+    experts: list[nn.Module]
+    top_k: int = 1
+    mask_key: str = "attention_mask"
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts)
+
+
+@dataclass
+class ReducedLayer:
+    """The new content of one layer after a plan is applied: one tensor dict per output expert + router rows."""
+
+    experts: list[dict[str, torch.Tensor]]
+    router: dict[str, torch.Tensor]
+    expert_capacity: int | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts)
+
+
+class MoEFamily(ABC):
+    """Adapter between uncurl-hf and one family of sparse MoE models (upstream and pruned variants)."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    model_types: ClassVar[tuple[str, ...]]
+    neuron_axes: ClassVar[dict[str, int]]
+
+    def matches(self, config: Any) -> bool:
+        """True if ``config`` (a ``PretrainedConfig``, a model, or a ``config.json`` dict) belongs to this family."""
+        return model_type_of(config) in self.model_types
+
+    @abstractmethod
+    def auto_model_class(self) -> type:
+        """The ``transformers`` Auto class that loads checkpoints of this family."""
+
+    @abstractmethod
+    def sparse_layers(self, model: nn.Module) -> list[MoELayer]:
+        """Every sparse MoE layer of ``model``, in a stable order."""
+
+    @abstractmethod
+    def router_logits(self, layer: MoELayer, hidden: torch.Tensor) -> torch.Tensor:
+        """Router logits ``[..., E]`` (float32) for hidden states entering the sparse layer."""
+
+    def routing(self, logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(probs [N, E], selected [N, k])``: softmax probabilities and the experts the model would pick."""
+        probs = torch.softmax(logits.float(), dim=-1)
+        return probs, probs.topk(top_k, dim=-1).indices
+
+    def run_expert(self, layer: MoELayer, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Output of expert ``index`` alone (no gate scaling) on ``hidden [N, D]``."""
+        return layer.experts[index](hidden)
+
+    @abstractmethod
+    def expert_tensors(self, layer: MoELayer, index: int) -> dict[str, torch.Tensor]:
+        """The weights of one expert, keyed like :attr:`neuron_axes` (detached views, not copies)."""
+
+    @abstractmethod
+    def router_tensors(self, layer: MoELayer) -> dict[str, torch.Tensor]:
+        """Router parameters whose first axis indexes experts (``weight [E, D]``, optional ``bias [E]``)."""
+
+    @abstractmethod
+    def build_reduced_model(
+        self, model: nn.Module, layers: Mapping[str, ReducedLayer], base_model: str | None = None
+    ) -> nn.Module:
+        """A new model equal to ``model`` except that each named layer holds the given experts and router."""
+
+    def expert_capacity(self, layer: MoELayer) -> int | None:
+        """Per-expert token capacity of the layer, if the architecture has one."""
+        return None
+
+    def forward_inputs(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Model keyword arguments for a calibration batch; every ``*attention_mask`` entry marks real tokens."""
+        device = _device_of(model)
+        input_ids = batch["input_ids"].to(device)
+        mask = batch.get("attention_mask")
+        mask = torch.ones_like(input_ids) if mask is None else mask.to(device)
+        return {"input_ids": input_ids, "attention_mask": mask}
+
+    def dummy_inputs(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """A tiny deterministic batch used to check that a written checkpoint reproduces the model."""
+        vocab = int(getattr(model.config, "vocab_size", 32))
+        ids = (torch.arange(12).reshape(2, 6) * 7 + 3) % max(vocab, 1)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    def layer_sizes(self, model: nn.Module) -> dict[str, int]:
+        """``{layer name: num_experts}`` for every sparse layer."""
+        return {layer.name: layer.num_experts for layer in self.sparse_layers(model)}
+
+
+def model_type_of(obj: Any) -> str | None:
+    """``model_type`` of a config, a model, a config dict, or a checkpoint folder holding ``config.json``."""
+    if isinstance(obj, (str, Path)):
+        import json
+
+        try:
+            obj = json.loads((Path(obj) / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+    if isinstance(obj, Mapping):
+        value = obj.get("model_type")
+        return value if isinstance(value, str) else None
+    config = getattr(obj, "config", obj)
+    value = getattr(config, "model_type", None)
+    return value if isinstance(value, str) else None
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")

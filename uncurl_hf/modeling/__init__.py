@@ -1,0 +1,3 @@
+"""Model classes that uncurl-hf writes: importing this package registers them with the Auto classes."""
+
+from uncurl_hf.modeling import pruned_switch_transformers  # noqa: F401  (registers on import)

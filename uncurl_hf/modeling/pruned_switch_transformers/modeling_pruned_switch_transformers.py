@@ -1,0 +1,199 @@
+"""Switch Transformers with a different number of experts in each sparse layer.
+
+Design: reuse every upstream module. A :class:`PrunedSwitchTransformersStack` lets the upstream stack build its
+blocks (with ``num_experts`` = the largest per-layer count, weight init disabled), then swaps each sparse
+layer's router and expert dict for right-sized upstream ``SwitchTransformersTop1Router`` /
+``SwitchTransformersExperts`` built from a per-layer copy of the config. Because the module classes and names
+are the upstream ones, state-dict keys are identical to a Switch checkpoint's (``...mlp.experts.expert_3.wi``),
+``OutputRecorder`` still captures router logits, and ``forward``/``generate`` are upstream code.
+
+Three upstream pieces assume one expert count and are overridden here:
+``_init_weights`` (loops over ``config.num_experts``), the router-loss computation in ``forward`` (it
+``torch.cat``\\ s the router logits of all layers) and ``__init__`` (builds upstream stacks).
+
+Only ``torch``/``transformers`` are imported, so ``save_pretrained`` can copy this file next to the weights.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from torch.nn import CrossEntropyLoss
+from transformers import initialization as init
+from transformers.modeling_outputs import Seq2SeqMoEOutput
+from transformers.models.switch_transformers.modeling_switch_transformers import (
+    SwitchTransformersExperts,
+    SwitchTransformersForConditionalGeneration,
+    SwitchTransformersModel,
+    SwitchTransformersPreTrainedModel,
+    SwitchTransformersSparseMLP,
+    SwitchTransformersStack,
+    SwitchTransformersTop1Router,
+    load_balancing_loss_func,
+    router_z_loss_func,
+)
+from transformers.utils.generic import can_return_tuple
+
+from .configuration_pruned_switch_transformers import PrunedSwitchTransformersConfig
+
+
+def _layer_config(
+    config: PrunedSwitchTransformersConfig, num_experts: int, capacity: int
+) -> PrunedSwitchTransformersConfig:
+    """A shallow copy of ``config`` with this layer's expert count and capacity (read only at construction)."""
+    layer_config = copy.copy(config)
+    layer_config.num_experts = num_experts
+    layer_config.expert_capacity = capacity
+    return layer_config
+
+
+def router_losses(router_logits: tuple[torch.Tensor, ...] | list[torch.Tensor] | None) -> tuple:
+    """Router z-loss and Switch load-balancing loss computed per sparse layer, then averaged over layers.
+
+    Upstream concatenates the logits of all layers along the sequence axis before computing the losses,
+    which fails when layers have different expert counts. Per layer the formulas are upstream's; the z-loss
+    average equals upstream's value exactly, the balancing loss is the mean of the per-layer Switch losses
+    (each scaled by its own ``E_l ** 2``, so a perfectly balanced layer scores 1 whatever ``E_l``).
+    Returns ``(0, 0)`` when there are no sparse layers, like upstream.
+    """
+    if not router_logits:
+        return 0, 0
+    z_losses, aux_losses = [], []
+    for logits in router_logits:
+        z_losses.append(router_z_loss_func(logits))
+        aux_losses.append(load_balancing_loss_func(nn.functional.softmax(logits, dim=-1), logits.argmax(dim=-1)))
+    return torch.stack(z_losses).mean(), torch.stack(aux_losses).mean()
+
+
+class PrunedSwitchTransformersPreTrainedModel(SwitchTransformersPreTrainedModel):
+    config: PrunedSwitchTransformersConfig
+    config_class = PrunedSwitchTransformersConfig
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Upstream init, except sparse MLPs: iterate the experts the layer has, not ``config.num_experts``."""
+        if isinstance(module, SwitchTransformersSparseMLP):
+            factor = self.config.initializer_factor
+            d_model = self.config.d_model
+            init.normal_(module.router.classifier.weight, mean=0.0, std=factor * 1)
+            if module.router.classifier.bias is not None:
+                init.zeros_(module.router.classifier.bias)
+            for expert in module.experts.values():
+                init.normal_(expert.wi.weight, mean=0.0, std=factor * (d_model**-0.5))
+                init.normal_(expert.wo.weight, mean=0.0, std=factor * (d_model**-0.5))
+            return
+        super()._init_weights(module)
+
+
+class PrunedSwitchTransformersStack(PrunedSwitchTransformersPreTrainedModel, SwitchTransformersStack):
+    """Upstream stack whose sparse layers are resized to the per-layer counts of the config."""
+
+    def __init__(self, config: PrunedSwitchTransformersConfig):
+        with init.no_init_weights():
+            SwitchTransformersStack.__init__(self, config)
+        counts = config.experts_per_layer(config.is_decoder)
+        capacities = config.capacity_per_layer(config.is_decoder)
+        sparse = [block.layer[-1].mlp for block in self.block if block.layer[-1].is_sparse]
+        if len(sparse) != len(counts):
+            raise ValueError(f"config lists {len(counts)} expert counts for {len(sparse)} sparse layers")
+        for mlp, num_experts, capacity in zip(sparse, counts, capacities):
+            layer_config = _layer_config(config, num_experts, capacity)
+            mlp.router = SwitchTransformersTop1Router(layer_config)
+            mlp.experts = SwitchTransformersExperts(layer_config)
+        self.post_init()
+
+
+class PrunedSwitchTransformersModel(PrunedSwitchTransformersPreTrainedModel, SwitchTransformersModel):
+    """Bare encoder-decoder (no LM head) with per-layer expert counts."""
+
+    def __init__(self, config: PrunedSwitchTransformersConfig):
+        PrunedSwitchTransformersPreTrainedModel.__init__(self, config)
+        self.shared = nn.Embedding(config.vocab_size, config.d_model)
+        self.encoder, self.decoder = _build_stacks(config)
+        self.post_init()
+
+
+class PrunedSwitchTransformersForConditionalGeneration(
+    PrunedSwitchTransformersPreTrainedModel, SwitchTransformersForConditionalGeneration
+):
+    """Switch Transformers LM with per-layer expert counts; router losses computed per layer."""
+
+    def __init__(self, config: PrunedSwitchTransformersConfig):
+        PrunedSwitchTransformersPreTrainedModel.__init__(self, config)
+        self.model_dim = config.d_model
+        self.shared = nn.Embedding(config.vocab_size, config.d_model)
+        self.encoder, self.decoder = _build_stacks(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.router_z_loss_coef = config.router_z_loss_coef
+        self.router_aux_loss_coef = config.router_aux_loss_coef
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        decoder_input_ids: torch.LongTensor | None = None,
+        decoder_inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        output_router_logits: bool | None = False,
+        **kwargs,
+    ) -> Seq2SeqMoEOutput:
+        """Upstream forward without labels, then the LM loss plus per-layer router losses (see ``router_losses``)."""
+        if labels is not None and decoder_input_ids is None and decoder_inputs_embeds is None:
+            decoder_input_ids = self._shift_right(labels)
+        outputs = super().forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            decoder_input_ids=decoder_input_ids,
+            decoder_inputs_embeds=decoder_inputs_embeds,
+            output_router_logits=output_router_logits,
+            return_dict=True,
+            **kwargs,
+        )
+        if output_router_logits:
+            outputs.encoder_z_loss, outputs.encoder_aux_loss = router_losses(outputs.encoder_router_logits)
+            outputs.decoder_z_loss, outputs.decoder_aux_loss = router_losses(outputs.decoder_router_logits)
+        if labels is not None:
+            logits = outputs.logits
+            loss = CrossEntropyLoss(ignore_index=-100)(
+                logits.view(-1, logits.size(-1)), labels.to(logits.device).view(-1)
+            )
+            if output_router_logits:
+                loss = loss + self.router_z_loss_coef * (outputs.encoder_z_loss + outputs.decoder_z_loss)
+                loss = loss + self.router_aux_loss_coef * (outputs.encoder_aux_loss + outputs.decoder_aux_loss)
+            outputs.loss = loss
+        return outputs
+
+    def _unpack_router_logits(self, router_outputs):
+        """Only reached from upstream ``forward``; its values are replaced by :func:`router_losses`.
+
+        Pads every layer to the largest count with ``-inf`` logits so the upstream concatenation cannot fail.
+        """
+        width = max(logits.shape[-1] for logits in router_outputs)
+        padded = [
+            nn.functional.pad(logits, (0, width - logits.shape[-1]), value=float("-inf")) for logits in router_outputs
+        ]
+        router_logits = torch.cat(padded, dim=1)
+        return router_logits, router_logits.argmax(dim=-1)
+
+
+def _build_stacks(config: PrunedSwitchTransformersConfig) -> tuple[PrunedSwitchTransformersStack, ...]:
+    """Encoder and decoder stacks, configured exactly as upstream ``__init__`` does."""
+    encoder_config = copy.deepcopy(config)
+    encoder_config.is_decoder = False
+    encoder_config.use_cache = False
+    decoder_config = copy.deepcopy(config)
+    decoder_config.is_decoder = True
+    decoder_config.num_layers = config.num_decoder_layers
+    return PrunedSwitchTransformersStack(encoder_config), PrunedSwitchTransformersStack(decoder_config)
+
+
+__all__ = [
+    "PrunedSwitchTransformersForConditionalGeneration",
+    "PrunedSwitchTransformersModel",
+    "PrunedSwitchTransformersPreTrainedModel",
+    "PrunedSwitchTransformersStack",
+    "router_losses",
+]

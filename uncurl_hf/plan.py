@@ -1,0 +1,239 @@
+"""Pruning plans: which original experts become each output expert, with what merge weights.
+
+A plan is the complete, JSON-serialisable description of the surgery, separate from how it was found (methods)
+and from how it is executed (:mod:`uncurl_hf.apply`). Every output expert is a *group* of original experts:
+
+* pruning keeps expert ``j`` as the singleton group ``[j]`` (weight ``[1.0]``);
+* merging averages the members' weights with ``weights[g]`` (summing to 1); the first member is the *anchor*.
+
+``router`` says how a merged group's router row is built: ``"weighted"`` (weighted sum of the member rows with
+the group's weights) or ``"anchor"`` (the anchor's row). ``extras`` carries method-specific, JSON-able data; the
+one :mod:`uncurl_hf.apply` understands is ``extras["permutations"]``: per group, per member, either ``None`` or a
+permutation ``p`` of the expert's hidden neurons, applied as ``W[p]`` along the family's neuron axis before
+averaging (neuron alignment à la weight matching / M-SMoE).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from uncurl_hf.errors import InvalidPlanError
+
+PLAN_FORMAT_VERSION = 1
+PLAN_FILENAME = "uncurl_plan.json"
+ROUTER_RULES = ("weighted", "anchor")
+_WEIGHT_TOLERANCE = 1e-6
+
+
+@dataclass
+class LayerPlan:
+    """The output experts of one sparse layer, as groups of original expert indices."""
+
+    name: str
+    num_experts: int
+    groups: list[list[int]]
+    weights: list[list[float]] = field(default_factory=list)
+    router: str = "weighted"
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.groups = [[int(i) for i in group] for group in self.groups]
+        if not self.weights:
+            self.weights = [[1.0 / len(group)] * len(group) if group else [] for group in self.groups]
+        self.weights = [[float(w) for w in ws] for ws in self.weights]
+
+    @classmethod
+    def keep(cls, name: str, num_experts: int, kept: list[int]) -> "LayerPlan":
+        """Plain pruning: keep the experts ``kept`` (output order = sorted original order)."""
+        return cls(name=name, num_experts=num_experts, groups=[[int(i)] for i in sorted(kept)])
+
+    @property
+    def num_output_experts(self) -> int:
+        return len(self.groups)
+
+    @property
+    def is_pure_pruning(self) -> bool:
+        """True when every output expert is a single original expert (no merging)."""
+        return all(len(group) == 1 for group in self.groups)
+
+    @property
+    def used(self) -> list[int]:
+        """Original experts that contribute to some output expert, sorted."""
+        return sorted(i for group in self.groups for i in group)
+
+    @property
+    def dropped(self) -> list[int]:
+        """Original experts removed without contributing."""
+        used = set(self.used)
+        return [i for i in range(self.num_experts) if i not in used]
+
+    def validate(self, num_experts: int | None = None, budget: int | None = None) -> None:
+        """Raise :class:`InvalidPlanError` naming the first problem found."""
+        where = f"layer {self.name!r}"
+        expected = self.num_experts if num_experts is None else num_experts
+        if num_experts is not None and self.num_experts != num_experts:
+            raise InvalidPlanError(
+                f"{where}: the plan was made for {self.num_experts} experts but the model layer has {num_experts}; "
+                "recompute the plan on this model."
+            )
+        if not self.groups:
+            raise InvalidPlanError(f"{where}: no output experts; every layer must keep at least 1 expert.")
+        if budget is not None and len(self.groups) > budget:
+            raise InvalidPlanError(f"{where}: {len(self.groups)} output experts exceed the budget of {budget}.")
+        seen: set[int] = set()
+        for g, group in enumerate(self.groups):
+            if not group:
+                raise InvalidPlanError(f"{where}: group {g} is empty; remove it or give it a member.")
+            for i in group:
+                if not 0 <= i < expected:
+                    raise InvalidPlanError(f"{where}: expert index {i} out of range 0..{expected - 1}.")
+                if i in seen:
+                    raise InvalidPlanError(f"{where}: expert {i} appears in more than one group (or twice).")
+                seen.add(i)
+        if len(self.weights) != len(self.groups):
+            raise InvalidPlanError(f"{where}: {len(self.weights)} weight lists for {len(self.groups)} groups.")
+        for g, (group, weights) in enumerate(zip(self.groups, self.weights)):
+            if len(weights) != len(group):
+                raise InvalidPlanError(f"{where}: group {g} has {len(group)} members but {len(weights)} weights.")
+            if any(not math.isfinite(w) or w < 0 for w in weights):
+                raise InvalidPlanError(f"{where}: group {g} weights must be finite and >= 0, got {weights}.")
+            if abs(sum(weights) - 1.0) > _WEIGHT_TOLERANCE:
+                raise InvalidPlanError(f"{where}: group {g} weights sum to {sum(weights):.6g}, they must sum to 1.")
+        if self.router not in ROUTER_RULES:
+            raise InvalidPlanError(f"{where}: router rule {self.router!r} unknown; use one of {ROUTER_RULES}.")
+        permutations = self.extras.get("permutations")
+        if permutations is not None:
+            if len(permutations) != len(self.groups) or any(
+                perms is not None and len(perms) != len(group) for perms, group in zip(permutations, self.groups)
+            ):
+                raise InvalidPlanError(f"{where}: extras['permutations'] must give one entry per group member.")
+
+
+@dataclass
+class PruningPlan:
+    """Plans of every sparse layer of one model, plus provenance."""
+
+    model_type: str
+    family: str
+    method: str
+    layers: list[LayerPlan]
+    factor: float | None = None
+    seed: int = 0
+    base_model: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    format_version: int = PLAN_FORMAT_VERSION
+
+    def layer(self, name: str) -> LayerPlan:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(name)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """``{layer: number of output experts}``."""
+        return {layer.name: layer.num_output_experts for layer in self.layers}
+
+    def validate(self, target: Any, budget: Mapping[str, int] | None = None) -> None:
+        """Check the plan against a model (or ``{layer name: num_experts}``) and an optional budget.
+
+        Every sparse layer of the target must have exactly one plan, and no plan may name a layer the target
+        lacks. Raises :class:`InvalidPlanError` naming the problem.
+        """
+        sizes = _layer_sizes(target)
+        names = [layer.name for layer in self.layers]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise InvalidPlanError(f"The plan lists layers {duplicates} more than once.")
+        unknown = sorted(set(names) - set(sizes))
+        if unknown:
+            raise InvalidPlanError(
+                f"The plan names layers {unknown} that the model does not have (model layers: {sorted(sizes)})."
+            )
+        missing = sorted(set(sizes) - set(names))
+        if missing:
+            raise InvalidPlanError(
+                f"The plan has no entry for layers {missing}; give every sparse layer a LayerPlan "
+                "(LayerPlan.keep(name, E, range(E)) keeps a layer unchanged)."
+            )
+        for layer in self.layers:
+            layer.validate(sizes[layer.name], None if budget is None else budget.get(layer.name))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        """Deterministic JSON (sorted keys, short lists on one line) so identical plans give identical files."""
+        return _dumps(self.to_dict()) + "\n"
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(self.to_json(), encoding="utf-8")
+        return path
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "PruningPlan":
+        try:
+            version = int(data.get("format_version", PLAN_FORMAT_VERSION))
+            if version > PLAN_FORMAT_VERSION:
+                raise InvalidPlanError(
+                    f"Plan format version {version} is newer than this uncurl-hf understands "
+                    f"({PLAN_FORMAT_VERSION}); upgrade uncurl-hf."
+                )
+            layers = [LayerPlan(**layer) for layer in data["layers"]]
+            fields = {k: v for k, v in data.items() if k not in {"layers", "format_version"}}
+            return cls(layers=layers, format_version=version, **fields)
+        except InvalidPlanError:
+            raise
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidPlanError(f"Malformed pruning plan ({type(exc).__name__}: {exc}).") from exc
+
+    @classmethod
+    def from_json(cls, text: str) -> "PruningPlan":
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise InvalidPlanError(f"The pruning plan is not valid JSON: {exc}.") from exc
+        if not isinstance(data, dict):
+            raise InvalidPlanError("A pruning plan must be a JSON object.")
+        return cls.from_dict(data)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "PruningPlan":
+        path = Path(path)
+        if path.is_dir():
+            path = path / PLAN_FILENAME
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise InvalidPlanError(f"Cannot read the pruning plan {path}: {exc.strerror or exc}.") from exc
+        return cls.from_json(text)
+
+
+def _dumps(value: Any, indent: int = 0, width: int = 100) -> str:
+    """Pretty JSON with sorted keys where lists of scalars/short lists stay on one line (readable groups)."""
+    pad = " " * indent
+    if isinstance(value, dict):
+        if not value:
+            return "{}"
+        items = [f"{pad}  {json.dumps(str(k))}: {_dumps(value[k], indent + 2, width)}" for k in sorted(value)]
+        return "{\n" + ",\n".join(items) + f"\n{pad}}}"
+    if isinstance(value, (list, tuple)):
+        flat = json.dumps(value, sort_keys=True)
+        if len(flat) + indent <= width and "{" not in flat:
+            return flat
+        items = [f"{pad}  {_dumps(v, indent + 2, width)}" for v in value]
+        return "[\n" + ",\n".join(items) + f"\n{pad}]"
+    return json.dumps(value)
+
+
+def _layer_sizes(target: Any) -> dict[str, int]:
+    if isinstance(target, Mapping):
+        return {str(k): int(v) for k, v in target.items()}
+    from uncurl_hf.families import get_family
+
+    return get_family(target).layer_sizes(target)

@@ -1,0 +1,296 @@
+"""Recipes of the tiny Switch SMoE zoo: tokenizer -> span-corruption pretraining -> task fine-tuning.
+
+Why these choices (measured, see README "The embedded model"):
+- the router load-balancing loss (coef 0.01) is on in both stages: without it the routers collapse onto
+  one or two experts and there is nothing left to prune;
+- router jitter is off and expert capacity is large enough never to drop a token, so a model's routing is
+  a deterministic function of its input (pruning statistics then describe what inference really does);
+- Adafactor with parameter-scaled updates (T5's and Switch's optimizer): T5-style init draws embeddings
+  with std 1.0, and AdamW's absolute steps of ~lr leave them almost frozen, so a tiny model trained with
+  AdamW sat on the unigram plateau (span loss ~5.2, sentiment at chance) where Adafactor learns;
+- pretraining runs long enough on in-domain review text that the encoder knows the sentiment-bearing
+  words before it sees 2800 labelled sentences; fine-tuning keeps the best dev-accuracy checkpoint.
+Every stage is seeded; checkpoints let an interrupted pretraining resume.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase, SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
+
+from uncurl_hf.zoo import sources
+from uncurl_hf.zoo.span_corruption import corrupt
+from uncurl_hf.zoo.tokenizer import NUM_SENTINELS, train_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Shape of a zoo model. Same d_model/d_ff per expert across the zoo: same active params per token."""
+
+    vocab_size: int = 4096
+    d_model: int = 128
+    d_kv: int = 32
+    num_heads: int = 4
+    d_ff: int = 256
+    num_layers: int = 4
+    num_sparse_encoder_layers: int = 2
+    num_decoder_layers: int = 2
+    num_sparse_decoder_layers: int = 1
+    num_experts: int = 8
+    expert_capacity: int = 1024
+
+    def config(self, dropout: float) -> SwitchTransformersConfig:
+        return SwitchTransformersConfig(
+            vocab_size=self.vocab_size,
+            d_model=self.d_model,
+            d_kv=self.d_kv,
+            num_heads=self.num_heads,
+            d_ff=self.d_ff,
+            num_layers=self.num_layers,
+            num_sparse_encoder_layers=self.num_sparse_encoder_layers,
+            num_decoder_layers=self.num_decoder_layers,
+            num_sparse_decoder_layers=self.num_sparse_decoder_layers,
+            num_experts=self.num_experts,
+            expert_capacity=self.expert_capacity,
+            router_jitter_noise=0.0,
+            router_aux_loss_coef=0.01,
+            router_z_loss_coef=0.001,
+            dropout_rate=dropout,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+            tie_word_embeddings=True,
+        )
+
+
+@dataclass(frozen=True)
+class PretrainSpec:
+    steps: int = 3000
+    batch_size: int = 32
+    chunk_tokens: int = 112
+    lr: float = 1e-2
+    warmup: int = 100
+    dropout: float = 0.0
+    seed: int = 0
+    checkpoint_every: int = 250
+
+
+@dataclass(frozen=True)
+class FinetuneSpec:
+    task: str = "sentiment"
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup: int = 50
+    dropout: float = 0.1
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ZooRecipe:
+    name: str
+    model: ModelSpec = field(default_factory=ModelSpec)
+    pretrain: PretrainSpec = field(default_factory=PretrainSpec)
+    finetune: FinetuneSpec = field(default_factory=FinetuneSpec)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
+    """Linear warmup then cosine decay to 10% of peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def make_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+    """Adafactor with updates scaled by each parameter's RMS (see module docstring for why not AdamW)."""
+    from transformers.optimization import Adafactor
+
+    return Adafactor(model.parameters(), lr=lr, scale_parameter=True, relative_step=False, warmup_init=False)
+
+
+def pad_batch(seqs: list[list[int]], pad: int, label_pad: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad if label_pad is None else label_pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def corpus_chunks(tokenizer: PreTrainedTokenizerBase, chunk_tokens: int) -> np.ndarray:
+    """Tokenize the pretraining corpus once and cut the token stream into fixed-length chunks."""
+    stream: list[int] = []
+    for doc in sources.pretraining_corpus():
+        stream.extend(tokenizer(doc, add_special_tokens=False).input_ids)
+    usable = len(stream) // chunk_tokens * chunk_tokens
+    return np.asarray(stream[:usable], dtype=np.int64).reshape(-1, chunk_tokens)
+
+
+def pretrain_batches(
+    chunks: np.ndarray, spec: PretrainSpec, sentinel_ids: list[int], eos_id: int, start_step: int = 0
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Deterministic stream of span-corrupted batches; batch ``s`` depends only on (seed, s)."""
+    steps_per_epoch = len(chunks) // spec.batch_size
+    for step in range(start_step, spec.steps):
+        epoch, offset = divmod(step, steps_per_epoch)
+        order = np.random.default_rng(spec.seed * 1000 + epoch).permutation(len(chunks))
+        rows = order[offset * spec.batch_size : (offset + 1) * spec.batch_size]
+        rng = np.random.default_rng([spec.seed, step])
+        pairs = [corrupt(chunks[r], rng, sentinel_ids, eos_id) for r in rows]
+        input_ids, attention_mask = pad_batch([p[0] for p in pairs], pad=0)
+        labels, _ = pad_batch([p[1] for p in pairs], pad=0, label_pad=-100)
+        yield {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def _save_training_state(path: Path, model, optimizer, step: int) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(tmp)
+    torch.save({"optimizer": optimizer.state_dict(), "step": step}, tmp / "trainer_state.pt")
+    if path.exists():
+        import shutil
+
+        shutil.rmtree(path)
+    tmp.rename(path)
+
+
+def pretrain(recipe: ZooRecipe, workdir: Path, progress: bool = True) -> Path:
+    """Span-corruption pretraining; resumes from ``workdir/pretrain-ckpt`` if present. Returns model dir."""
+    spec = recipe.pretrain
+    workdir.mkdir(parents=True, exist_ok=True)
+    tok_dir = workdir / "tokenizer"
+    if not (tok_dir / "tokenizer.json").exists():
+        tokenizer = train_tokenizer(sources.pretraining_corpus(), recipe.model.vocab_size)
+        tokenizer.save_pretrained(tok_dir)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    out = workdir / "pretrained"
+    if (out / "config.json").exists():
+        return out
+    seed_everything(spec.seed)
+    ckpt = workdir / "pretrain-ckpt"
+    start = 0
+    if (ckpt / "trainer_state.pt").exists():
+        model = SwitchTransformersForConditionalGeneration.from_pretrained(ckpt)
+        state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
+        optimizer = make_optimizer(model, spec.lr)
+        optimizer.load_state_dict(state["optimizer"])
+        start = int(state["step"])
+        logger.info("resuming pretraining at step %d", start)
+    else:
+        model = SwitchTransformersForConditionalGeneration(recipe.model.config(spec.dropout))
+        optimizer = make_optimizer(model, spec.lr)
+    model.train()
+    chunks = corpus_chunks(tokenizer, spec.chunk_tokens)
+    sentinels = tokenizer.convert_tokens_to_ids([f"<extra_id_{i}>" for i in range(NUM_SENTINELS)])
+    log = workdir / "pretrain_log.jsonl"
+    bar = tqdm(total=spec.steps, initial=start, desc=f"pretrain {recipe.name}", disable=not progress)
+    t0 = time.time()
+    for step, batch in enumerate(pretrain_batches(chunks, spec, sentinels, tokenizer.eos_token_id, start), start):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, spec.steps, spec.warmup, spec.lr)
+        out_ = model(**batch, output_router_logits=True)
+        out_.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.update(1)
+        if step % 25 == 0:
+            rec = {
+                "step": step,
+                "loss": float(out_.loss),
+                "aux": float(out_.encoder_aux_loss + out_.decoder_aux_loss),
+                "elapsed_s": round(time.time() - t0, 1),
+            }
+            bar.set_postfix(loss=f"{rec['loss']:.3f}")
+            with log.open("a") as fh:
+                fh.write(json.dumps(rec) + "\n")
+        if (step + 1) % spec.checkpoint_every == 0 and step + 1 < spec.steps:
+            _save_training_state(ckpt, model, optimizer, step + 1)
+    bar.close()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def task_batches(
+    tokenizer: PreTrainedTokenizerBase, examples: list, batch_size: int, rng: random.Random, max_length: int = 128
+) -> Iterator[dict[str, torch.Tensor]]:
+    """One shuffled epoch of text-to-text batches (labels padded with -100)."""
+    order = list(range(len(examples)))
+    rng.shuffle(order)
+    for start in range(0, len(order), batch_size):
+        chunk = [examples[i] for i in order[start : start + batch_size]]
+        enc = tokenizer([e.source for e in chunk], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        labels = tokenizer([e.target for e in chunk], padding=True, return_tensors="pt").input_ids
+        labels[labels == tokenizer.pad_token_id] = -100
+        yield {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask, "labels": labels}
+
+
+def finetune(recipe: ZooRecipe, pretrained: Path, out: Path, progress: bool = True) -> dict:
+    """Fine-tune text-to-text on the recipe's task; keep the best dev-accuracy epoch. Returns its record."""
+    from transformers import AutoTokenizer
+
+    from uncurl_hf.evaluation import task_score
+    from uncurl_hf.tasks import get_task
+
+    spec = recipe.finetune
+    seed_everything(spec.seed)
+    task = get_task(spec.task)
+    tokenizer = AutoTokenizer.from_pretrained(pretrained)
+    model = SwitchTransformersForConditionalGeneration.from_pretrained(pretrained, dropout_rate=spec.dropout)
+    train, dev = task.load_split("train"), task.load_split("dev")
+    steps_per_epoch = math.ceil(len(train) / spec.batch_size)
+    total = steps_per_epoch * spec.epochs
+    optimizer = make_optimizer(model, spec.lr)
+    rng = random.Random(spec.seed)
+    best: dict = {"dev": -1.0}
+    history = []
+    step = 0
+    bar = tqdm(total=total, desc=f"finetune {recipe.name} on {task.name}", disable=not progress)
+    for epoch in range(spec.epochs):
+        model.train()
+        for batch in task_batches(tokenizer, train, spec.batch_size, rng):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, total, spec.warmup, spec.lr)
+            loss = model(**batch, output_router_logits=True).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+        dev_acc = task_score(model, tokenizer, task, dev)
+        history.append({"epoch": epoch + 1, "dev": dev_acc, "loss": float(loss)})
+        bar.set_postfix(dev=f"{dev_acc:.3f}")
+        logger.info("epoch %d dev %s %.4f", epoch + 1, task.metric, dev_acc)
+        if dev_acc > best["dev"]:
+            best = {"dev": dev_acc, "epoch": epoch + 1}
+            model.save_pretrained(out)
+            tokenizer.save_pretrained(out)
+    bar.close()
+    best["history"] = history
+    return best
