@@ -292,3 +292,16 @@ def _move_into_place(temp: Path, output: Path) -> None:
         os.replace(old, output)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """The tokenizer saved in a checkpoint folder (local files only, never remote code)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except Exception as exc:
+        raise CheckpointError(
+            f"Cannot load a tokenizer from {path} ({type(exc).__name__}: {exc}). "
+            "Copy the model's tokenizer files (tokenizer.json, tokenizer_config.json, ...) into the folder."
+        ) from exc

@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from uncurl_hf.checkpoint import count_parameters, load_model, load_tokenizer, weights_size
 from uncurl_hf.metrics import load_metric
 from uncurl_hf.tasks import Example, Task, get_task
 
@@ -42,23 +43,6 @@ class EvalResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def count_params(model: torch.nn.Module) -> int:
-    """Unique parameters (tied embeddings counted once)."""
-    seen, total = set(), 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
-    return total
-
-
-def disk_mb(path: str | Path) -> float:
-    """Size of the weight files of a checkpoint folder, in MB (10^6 bytes)."""
-    folder = Path(path)
-    files = list(folder.glob("*.safetensors")) + list(folder.glob("*.bin"))
-    return sum(f.stat().st_size for f in files) / 1e6
 
 
 def _encode(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
@@ -154,8 +138,6 @@ def evaluate_checkpoint(
     progress: bool = True,
 ) -> EvalResult:
     """Load a checkpoint folder and report metric, params, disk MB and ms/example (batch 1 and batched)."""
-    from uncurl_hf.checkpoint import load_model, load_tokenizer
-
     task_obj = get_task(task) if isinstance(task, str) else task
     model = load_model(path)
     tokenizer = load_tokenizer(path)
@@ -171,8 +153,8 @@ def evaluate_checkpoint(
         metric=task_obj.metric,
         score=score,
         num_examples=len(examples),
-        params=count_params(model),
-        disk_mb=round(disk_mb(path), 3),
+        params=count_parameters(model),
+        disk_mb=round(weights_size(path) / 1e6, 3),
         ms_per_example_batch1=round(measure_latency(model, tokenizer, task_obj, timing, 1), 3),
         ms_per_example_batched=round(measure_latency(model, tokenizer, task_obj, timing, batch_size), 3),
         batch_size=batch_size,

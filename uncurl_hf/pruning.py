@@ -23,6 +23,7 @@ from uncurl_hf.checkpoint import (
     count_parameters,
     inspect_checkpoint,
     load_model,
+    load_tokenizer,
     weights_size,
     write_checkpoint,
 )
@@ -124,7 +125,7 @@ def prune(
     family = get_family(loaded)
     sizes = family.layer_sizes(loaded)
     budget = expert_budget(sizes, config.factor, config.num_experts_per_layer)
-    tokenizer = _load_tokenizer(source)
+    tokenizer = load_tokenizer(source)
 
     logger.info("calibrating on %d examples", len(examples))
     batches = build_batches(examples, tokenizer, batch_size=config.batch_size, max_length=config.max_length)
@@ -189,15 +190,3 @@ def _calibration_examples(
     if len(examples) > n:
         examples = random.Random(config.seed).sample(examples, n)
     return examples
-
-
-def _load_tokenizer(source: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(source), local_files_only=True, trust_remote_code=False)
-    except Exception as exc:
-        raise CheckpointError(
-            f"Cannot load a tokenizer from {source} ({type(exc).__name__}: {exc}); calibration needs one. "
-            "Copy the model's tokenizer files (tokenizer.json, tokenizer_config.json, ...) into the folder."
-        ) from exc
