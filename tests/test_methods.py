@@ -81,7 +81,7 @@ def test_stable_seed_is_sha256_not_salted_hash():
     assert stable_seed(0, "random-pruning", "encoder.block.1") == expected
 
 
-@pytest.mark.parametrize("factor, k", [(1, 8), (2, 4), (3, 2), (8 / 3, 3), (4, 2), (8, 1)])
+@pytest.mark.parametrize("factor, k", [(8 / 7, 7), (2, 4), (3, 2), (8 / 3, 3), (4, 2), (8, 1)])
 def test_budget_floor_rule(factor, k):
     assert experts_to_keep(8, factor) == k
     assert expert_budget(SIZES, factor) == dict.fromkeys(SIZES, k)
@@ -92,6 +92,10 @@ def test_budget_errors():
         expert_budget(SIZES, 9)
     with pytest.raises(InvalidFactorError, match="below 1"):
         expert_budget(SIZES, 0.5)
+    with pytest.raises(InvalidFactorError, match="keeps every expert"):
+        expert_budget(SIZES, 1)  # a factor of 1 prunes nothing: refused as a likely typo
+    with pytest.raises(InvalidFactorError, match=r"keeps every expert of every layer.*>= 1.143"):
+        expert_budget(SIZES, 1 + 1e-12)  # within the floor tolerance: still 8 of 8
     with pytest.raises(InvalidFactorError, match="between 1 and 8"):
         expert_budget(SIZES, num_experts_per_layer={"encoder.block.1": 9})
     with pytest.raises(InvalidFactorError, match="does not have"):

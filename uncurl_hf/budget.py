@@ -9,7 +9,7 @@ rather than silently clamped to 1, because the caller asked for a compression th
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from uncurl_hf.errors import InvalidFactorError
 
@@ -24,9 +24,22 @@ def experts_to_keep(num_experts: int, factor: float) -> int:
 def expert_budget(
     layer_sizes: Mapping[str, int],
     factor: float | None = None,
-    num_experts_per_layer: Mapping[str, int] | None = None,
+    num_experts_per_layer: Mapping[str, int] | Sequence[int] | None = None,
 ) -> dict[str, int]:
-    """``{layer: k}`` from a factor or from explicit counts, raising :class:`InvalidFactorError` if unrealisable."""
+    """``{layer: k}`` from a factor or from explicit counts, raising :class:`InvalidFactorError` if unrealisable.
+
+    Explicit counts are a ``{layer: k}`` mapping (unnamed layers keep all their experts) or a list with exactly one
+    count per sparse layer, in the order of ``layer_sizes`` (the family's layer order).
+    """
+    if num_experts_per_layer is not None and not isinstance(num_experts_per_layer, Mapping):
+        counts = list(num_experts_per_layer)
+        if len(counts) != len(layer_sizes):
+            raise InvalidFactorError(
+                f"Got {len(counts)} per-layer expert counts for a model with {len(layer_sizes)} sparse layers "
+                f"({', '.join(f'{name}: {size} experts' for name, size in layer_sizes.items())}); give exactly one "
+                "count per layer, in this order."
+            )
+        num_experts_per_layer = dict(zip(layer_sizes, counts))
     if num_experts_per_layer is not None:
         unknown = sorted(set(num_experts_per_layer) - set(layer_sizes))
         if unknown:
@@ -45,8 +58,12 @@ def expert_budget(
         return budget
     if factor is None:
         raise InvalidFactorError("Give a pruning factor or per-layer expert counts.")
-    if factor < 1:
-        raise InvalidFactorError(f"Pruning factor {factor:g} is below 1; use a factor >= 1 (2 keeps half).")
+    if not factor > 1:  # also refuses NaN
+        problem = "is below 1" if factor < 1 else "keeps every expert" if factor == 1 else "is not a number > 1"
+        raise InvalidFactorError(
+            f"Pruning factor {factor:g} {problem}; use a factor > 1 (2 keeps half of the experts), or explicit "
+            "per-layer counts to keep every expert on purpose."
+        )
     budget = {name: experts_to_keep(size, factor) for name, size in layer_sizes.items()}
     empty = sorted(name for name, k in budget.items() if k < 1)
     if empty:
@@ -55,5 +72,13 @@ def expert_budget(
             f"Pruning factor {factor:g} would keep 0 experts in {len(empty)} layer(s) (e.g. {empty[0]} has "
             f"{layer_sizes[empty[0]]} experts; a layer keeps floor(experts / factor)). "
             f"Use a factor <= {smallest}."
+        )
+    if all(budget[name] == size for name, size in layer_sizes.items()):
+        prunable = [size for size in layer_sizes.values() if size > 1]
+        needed = min(size / (size - 1) for size in prunable) if prunable else None
+        raise InvalidFactorError(
+            f"Pruning factor {factor:g} keeps every expert of every layer (floor(experts / factor) = experts), so "
+            "nothing would be pruned; "
+            + (f"use a factor >= {math.ceil(needed * 1000) / 1000:g}." if needed else "no layer has 2 experts.")
         )
     return budget

@@ -36,6 +36,10 @@ def get_method(name: str) -> PruningMethod:
 
 
 from uncurl_hf.methods import frequency as _frequency  # noqa: E402,F401
+from uncurl_hf.methods import hcsmoe as _hcsmoe  # noqa: E402,F401
+from uncurl_hf.methods import msmoe as _msmoe  # noqa: E402,F401
 from uncurl_hf.methods import random as _random  # noqa: E402,F401
+from uncurl_hf.methods import reap as _reap  # noqa: E402,F401
+from uncurl_hf.methods import uncurl as _uncurl  # noqa: E402,F401
 
 __all__ = ["PruningMethod", "available_methods", "get_method", "make_plan", "register_method"]

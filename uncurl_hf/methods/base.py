@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
 from torch import nn
 
+from uncurl_hf.errors import UncurlError
 from uncurl_hf.plan import LayerPlan, PruningPlan
 
 if TYPE_CHECKING:
@@ -20,7 +21,8 @@ class PruningMethod(ABC):
 
     Subclasses set ``name``/``description`` and implement :meth:`plan_layer` (per-layer decisions), or override
     :meth:`__call__` when layers must be decided jointly. ``budget[layer]`` is the number of output experts;
-    methods must not exceed it. ``config.method_kwargs`` carries method-specific options.
+    methods must not exceed it (adaptive methods re-split the total across layers in :meth:`allocate` first).
+    ``config.method_kwargs`` carries method-specific options, read with :func:`method_options`.
     """
 
     name: ClassVar[str]
@@ -36,6 +38,7 @@ class PruningMethod(ABC):
         budget: Mapping[str, int],
         config: "PruningConfig",
     ) -> PruningPlan:
+        budget = self.allocate(stats, budget, config)
         layers = [
             self.plan_layer(
                 layer.name, layer.num_experts, stats.get(layer.name), budget[layer.name], model, family, config
@@ -43,6 +46,17 @@ class PruningMethod(ABC):
             for layer in family.sparse_layers(model)
         ]
         return make_plan(model, family, self.name, layers, config)
+
+    def allocate(
+        self, stats: "CalibrationStats", budget: Mapping[str, int], config: "PruningConfig"
+    ) -> dict[str, int]:
+        """The per-layer output counts this method produces, given the factor's per-layer ``budget``.
+
+        The default keeps ``budget``. Adaptive methods re-split the same total across layers from the task
+        statistics. The result must depend on ``budget`` only through its total, so that applying it to its own
+        output changes nothing: :func:`uncurl_hf.pruning.prune` calls it to know the per-layer counts to validate.
+        """
+        return dict(budget)
 
     @abstractmethod
     def plan_layer(
@@ -75,3 +89,28 @@ def make_plan(
         base_model=getattr(model, "name_or_path", None) or None,
         metadata={"method_kwargs": dict(config.method_kwargs)} if config.method_kwargs else {},
     )
+
+
+def method_options(config: "PruningConfig", method: str, defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """``config.method_kwargs`` over ``defaults``; an unknown key or a value of the wrong type is an error.
+
+    Values arrive from the CLI parsed as JSON, so a default's type is the expected type (ints are accepted for
+    floats). Failing here, before any weight is touched, turns a typo into a one-line error naming the options.
+    """
+    given = dict(config.method_kwargs or {})
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        known = ", ".join(f"{k}={v!r}" for k, v in defaults.items()) or "(none)"
+        raise UncurlError(f"Method {method!r} has no option(s) {unknown}; its options (with defaults) are: {known}.")
+    options = dict(defaults)
+    for key, value in given.items():
+        expected = type(defaults[key])
+        ok = isinstance(value, expected) and not (expected is not bool and isinstance(value, bool))
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        if not ok:
+            raise UncurlError(
+                f"Method {method!r} option {key!r} must be a {expected.__name__}, got {value!r}."
+            )
+        options[key] = value
+    return options

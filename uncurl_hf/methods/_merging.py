@@ -1,0 +1,274 @@
+"""Building blocks shared by the merging methods (UNCURL, M-SMoE, HC-SMoE).
+
+* usage and merge weights from routing counts;
+* router-logit profiles of experts and their cosine affinity;
+* neuron alignment of a group's members to its anchor (weight matching with ``linear_sum_assignment``);
+* turning groups of expert indices into a :class:`LayerPlan` (anchor first, weights, permutations);
+* adaptive budgets: one global usage threshold across layers (M-SMoE's rule), or a split proportional to each
+  layer's effective number of experts.
+
+Everything here is deterministic: ties are broken by gate mass and then by expert index, never by hash order.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import nn
+
+from uncurl_hf.calibration import ExpertStats
+from uncurl_hf.errors import UncurlError
+from uncurl_hf.families.base import MoEFamily, MoELayer
+from uncurl_hf.methods.frequency import rank_by_frequency
+from uncurl_hf.plan import ROUTER_RULES, LayerPlan
+
+if TYPE_CHECKING:
+    from uncurl_hf.calibration import CalibrationStats
+    from uncurl_hf.config import PruningConfig
+
+logger = logging.getLogger(__name__)
+
+Permutation = list[int] | None
+
+
+def find_layer(model: nn.Module, family: MoEFamily, name: str) -> MoELayer:
+    """The sparse layer called ``name`` (methods get names; weight access needs the layer record)."""
+    for layer in family.sparse_layers(model):
+        if layer.name == name:
+            return layer
+    raise KeyError(f"the model has no sparse layer named {name!r}")
+
+
+def check_router_rule(method: str, rule: str) -> str:
+    """``rule`` if it is a router rule :mod:`uncurl_hf.apply` knows, else an error naming the choices."""
+    if rule not in ROUTER_RULES:
+        raise UncurlError(f"Method {method!r}: option router must be one of {', '.join(ROUTER_RULES)}, got {rule!r}.")
+    return rule
+
+
+def usage(stats: ExpertStats) -> np.ndarray:
+    """Share of the layer's routing decisions each expert received (sums to 1 when tokens were seen).
+
+    Without routed tokens it falls back to the gate-mass share, then to uniform, so a layer the calibration data
+    never reached still gets a usable distribution.
+    """
+    for values in (stats.counts.double(), stats.gate_mass.double()):
+        total = float(values.sum())
+        if total > 0:
+            return (values / total).numpy()
+    return np.full(stats.num_experts, 1.0 / stats.num_experts)
+
+
+def merge_weights(stats: ExpertStats, group: Sequence[int]) -> list[float]:
+    """Members' routing counts normalized over the group; uniform when none of them was ever routed."""
+    counts = [float(stats.counts[i]) for i in group]
+    total = sum(counts)
+    if total <= 0:
+        return [1.0 / len(group)] * len(group)
+    return [c / total for c in counts]
+
+
+def order_by_usage(stats: ExpertStats, group: Sequence[int]) -> list[int]:
+    """``group`` sorted most-routed first: the first member is the group's anchor."""
+    rank = {e: r for r, e in enumerate(rank_by_frequency(stats))}
+    return sorted(group, key=rank.__getitem__)
+
+
+PROFILES = ("raw", "centered", "pearson")
+
+
+def logit_profiles(stats: ExpertStats, router_weight: torch.Tensor, kind: str = "centered") -> np.ndarray:
+    """``[E, S]``: each expert's router logit on each sampled calibration token, normalized as ``kind`` says.
+
+    * ``"raw"``: the logits as the router computes them (M-SMoE);
+    * ``"centered"``: minus every token's mean logit over experts. Softmax routing is blind to that shared offset,
+      which otherwise makes every pair of experts look alike;
+    * ``"pearson"``: centred per token, then minus each expert's mean over tokens, so the cosine is the Pearson
+      correlation of two experts' (routing-relevant) preferences across tokens: how *interchangeable* the router
+      finds them, regardless of how popular each one is overall.
+
+    A layer with no sampled tokens falls back to the router rows themselves (the profile over isotropic inputs).
+    """
+    if kind not in PROFILES:
+        raise UncurlError(f"Unknown logit profile {kind!r}; use one of {', '.join(PROFILES)}.")
+    logits = stats.logit_sample.double()
+    if logits.numel() == 0:
+        logger.warning("%s: no sampled calibration tokens; comparing experts by their router rows", stats.layer)
+        logits = router_weight.detach().double().cpu().T  # [D, E]: "tokens" = input dimensions
+    if kind in ("centered", "pearson"):
+        logits = logits - logits.mean(dim=1, keepdim=True)
+    if kind == "pearson":
+        logits = logits - logits.mean(dim=0, keepdim=True)
+    return logits.T.numpy()
+
+
+def cosine_similarity(profiles: np.ndarray) -> np.ndarray:
+    """``[E, E]`` cosine similarity of the rows; a zero row has similarity 0 to others and 1 to itself."""
+    profiles = np.nan_to_num(np.asarray(profiles, dtype=np.float64))
+    norms = np.linalg.norm(profiles, axis=1)
+    safe = np.where(norms > 0, norms, 1.0)
+    unit = profiles / safe[:, None]
+    cos = np.clip(unit @ unit.T, -1.0, 1.0)
+    np.fill_diagonal(cos, 1.0)
+    return cos
+
+
+def cosine_affinity(profiles: np.ndarray) -> np.ndarray:
+    """``(cos + 1) / 2`` in ``[0, 1]``: M-SMoE's similarity, usable as a spectral-clustering affinity."""
+    return (cosine_similarity(profiles) + 1.0) / 2.0
+
+
+def neuron_features(tensors: Mapping[str, torch.Tensor], neuron_axes: Mapping[str, int]) -> torch.Tensor:
+    """``[n, F]``: every tensor of one expert with its hidden-neuron axis first, flattened and concatenated.
+
+    For Switch (``wi [n, D]``, ``wo [D, n]``) a neuron's feature is its ``wi`` row and its ``wo`` column, so
+    ``F_a @ F_m.T = Wi_a Wi_m^T + Wo_a^T Wo_m`` (the weight-matching similarity of M-SMoE / Git Re-Basin).
+    """
+    parts = []
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().float().cpu().movedim(neuron_axes[name], 0)
+        parts.append(tensor.reshape(tensor.shape[0], -1))
+    return torch.cat(parts, dim=1)
+
+
+def match_neurons(anchor: torch.Tensor, member: torch.Tensor) -> Permutation:
+    """Permutation ``p`` maximizing ``sum_i <anchor_i, member_p[i]>``; ``None`` when it is the identity.
+
+    ``apply`` takes ``W[p]`` along the neuron axis, so member neuron ``p[i]`` lands on anchor neuron ``i``.
+    """
+    from scipy.optimize import linear_sum_assignment  # lazy: keeps `import uncurl_hf` light
+
+    similarity = (anchor.double() @ member.double().T).numpy()
+    rows, cols = linear_sum_assignment(similarity, maximize=True)
+    perm = cols[np.argsort(rows)]
+    if np.array_equal(perm, np.arange(len(perm))):
+        return None
+    return [int(i) for i in perm]
+
+
+def align_group(
+    family: MoEFamily, layer: MoELayer, group: Sequence[int], weights: Sequence[float]
+) -> list[Permutation]:
+    """Per member, the permutation aligning its hidden neurons to the anchor ``group[0]`` (anchor: ``None``).
+
+    Members with merge weight 0 contribute nothing, so they are not aligned (``linear_sum_assignment`` on
+    ``d_ff x d_ff`` is the expensive step of a merge).
+    """
+    anchor = neuron_features(family.expert_tensors(layer, group[0]), family.neuron_axes)
+    perms: list[Permutation] = [None]
+    for member, weight in zip(group[1:], weights[1:]):
+        if weight <= 0:
+            perms.append(None)
+            continue
+        perms.append(match_neurons(anchor, neuron_features(family.expert_tensors(layer, member), family.neuron_axes)))
+    return perms
+
+
+def merged_layer_plan(
+    name: str,
+    num_experts: int,
+    groups: Sequence[Sequence[int]],
+    stats: ExpertStats,
+    router: str,
+    family: MoEFamily | None = None,
+    layer: MoELayer | None = None,
+    extras: Mapping[str, object] | None = None,
+) -> LayerPlan:
+    """A :class:`LayerPlan` from groups: anchor (most routed) first, usage weights, optional neuron alignment.
+
+    Neurons are aligned when ``family`` and ``layer`` are given. Groups are ordered by their anchor's index, so the
+    plan does not depend on the label order a clustering algorithm happened to produce.
+    """
+    ordered = sorted((order_by_usage(stats, g) for g in groups if g), key=lambda g: g[0])
+    weights = [merge_weights(stats, g) for g in ordered]
+    plan_extras = dict(extras or {})
+    if family is not None and layer is not None and any(len(g) > 1 for g in ordered):
+        plan_extras["permutations"] = [
+            align_group(family, layer, g, w) if len(g) > 1 else None for g, w in zip(ordered, weights)
+        ]
+    return LayerPlan(
+        name=name,
+        num_experts=num_experts,
+        groups=[list(g) for g in ordered],
+        weights=weights,
+        router=router,
+        extras=plan_extras,
+    )
+
+
+def allocate_by_pooled_usage(stats: "CalibrationStats", total: int, names: Sequence[str]) -> dict[str, int]:
+    """Per-layer counts from ONE usage threshold across layers (M-SMoE): the ``total`` most-used experts of the
+    whole model, pooled over layers by their per-layer usage share, with at least one expert per layer.
+
+    Every layer first gets its most-used expert; the remaining ``total - L`` seats go to the experts with the largest
+    usage share anywhere (ties: gate-mass share, then layer order, then expert rank). This maximizes the routing
+    mass kept by the centres summed over layers: a layer whose task tokens go to a few experts keeps all of them,
+    while a layer spreading its tokens thinly gives up experts that each carry little of its traffic.
+    """
+    if total < len(names):
+        raise ValueError(f"a budget of {total} experts cannot give {len(names)} layers one expert each")
+    counts = dict.fromkeys(names, 1)
+    candidates: list[tuple[float, float, int, int]] = []
+    for li, name in enumerate(names):
+        layer_stats = stats[name]
+        share = usage(layer_stats)
+        mass = layer_stats.gate_mass.double()
+        gate = (mass / mass.sum()).numpy() if float(mass.sum()) > 0 else share
+        for rank, expert in enumerate(rank_by_frequency(layer_stats)[1:], start=1):
+            candidates.append((-float(share[expert]), -float(gate[expert]), li, rank))
+    candidates.sort()
+    for _, _, li, _ in candidates[: total - len(names)]:
+        counts[names[li]] += 1
+    return counts
+
+
+def effective_experts(stats: ExpertStats) -> float:
+    """``exp(H(u))`` of the layer's usage distribution: how many experts the task really uses (1 to E)."""
+    share = usage(stats)
+    share = share[share > 0]
+    return float(np.exp(-(share * np.log(share)).sum()))
+
+
+def allocate_by_effective_experts(stats: "CalibrationStats", total: int, names: Sequence[str]) -> dict[str, int]:
+    """Per-layer counts proportional to each layer's effective number of experts, ``1 <= k_l <= E_l``.
+
+    Target ``t_l = total * n_l / sum n``; seats are handed out one at a time to the layer furthest below its target
+    (ties: layer order), never above ``E_l``. A layer that spreads its tokens over many experts keeps more groups.
+    """
+    if total < len(names):
+        raise ValueError(f"a budget of {total} experts cannot give {len(names)} layers one expert each")
+    sizes = {name: stats[name].num_experts for name in names}
+    if total > sum(sizes.values()):
+        raise ValueError(f"a budget of {total} experts exceeds the {sum(sizes.values())} experts of the model")
+    need = {name: effective_experts(stats[name]) for name in names}
+    targets = {name: total * need[name] / sum(need.values()) for name in names}
+    counts = dict.fromkeys(names, 1)
+    for _ in range(total - len(names)):
+        open_layers = [name for name in names if counts[name] < sizes[name]]
+        best = max(open_layers, key=lambda n: (targets[n] - counts[n], -names.index(n)))
+        counts[best] += 1
+    return counts
+
+
+ALLOCATION_RULES = {"usage": allocate_by_pooled_usage, "entropy": allocate_by_effective_experts}
+
+
+def adaptive_budget(
+    stats: "CalibrationStats", budget: Mapping[str, int], config: "PruningConfig", uniform: bool, rule: str = "usage"
+) -> dict[str, int]:
+    """The per-layer counts of an adaptive method: ``rule`` re-splits the total of ``budget`` across layers.
+
+    ``rule`` is ``"usage"`` (:func:`allocate_by_pooled_usage`) or ``"entropy"`` (:func:`allocate_by_effective_experts`).
+    Explicit per-layer counts (``config.num_experts_per_layer``), ``uniform``, or missing statistics keep ``budget``.
+    """
+    if rule not in ALLOCATION_RULES:
+        raise UncurlError(f"Unknown adaptive rule {rule!r}; use one of {', '.join(ALLOCATION_RULES)}.")
+    if uniform or config.num_experts_per_layer is not None or not stats:
+        return dict(budget)
+    counts = ALLOCATION_RULES[rule](stats, sum(budget.values()), list(budget))
+    logger.info("adaptive per-layer expert counts (%s): %s", rule, counts)
+    return counts

@@ -1,0 +1,73 @@
+"""``reap``: Router-weighted Expert Activation Pruning (Cerebras, Lasby et al., "REAP the Experts: Why Pruning
+Prevails for One-Shot MoE Compression", arXiv 2510.13999).
+
+Per sparse layer, keep the ``k = floor(E / factor)`` experts with the largest saliency
+
+    S_j = 1/|X_j| * sum_{x in X_j} g_j(x) * ||E_j(x)||_2
+
+where ``X_j`` are the calibration tokens routed to ``j`` (``j`` in the token's top-k; padding masked) and ``g_j`` the
+gate that scales ``E_j``'s output. Experts never routed score 0. Ties: routing count, gate mass, lower index.
+
+Which gate: REAP uses the gate the model applies. For Switch (top-1, no renormalization) that is the winning softmax
+probability, which calibration accumulates as ``weighted_output_norm_sum``: ``gate="applied"`` (default). The
+paper's formula written for renormalized top-k routers (Qwen3, Mixtral) gives ``g = 1`` for top-1, so
+``S_j`` = mean output norm: ``gate="renormalized"`` (only defined here for top-1 layers, because calibration records
+softmax gates). The applied gate is the faithful reading for Switch: an expert the router picks with low
+confidence contributes little to the residual stream, which is exactly what REAP measures.
+
+Expert outputs are computed by calibration for routed tokens only (not every expert on every token, unlike the
+reference code), so the cost is one expert pass per routed token.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from uncurl_hf.calibration import ExpertStats
+from uncurl_hf.errors import UncurlError
+from uncurl_hf.methods import register_method
+from uncurl_hf.methods.base import PruningMethod, method_options
+from uncurl_hf.plan import LayerPlan
+
+GATES = ("applied", "renormalized")
+# ``uniform`` is accepted (and always true) so that `uncurl prune --uniform` works with every method.
+DEFAULTS: dict[str, Any] = {"gate": "applied", "uniform": True}
+
+
+def reap_scores(stats: ExpertStats, gate: str = "applied") -> torch.Tensor:
+    """``[E]`` REAP saliency: mean of ``gate * ||expert output||`` over the tokens routed to each expert."""
+    if gate == "applied":
+        return stats.mean_weighted_output_norm
+    if gate == "renormalized":
+        if stats.top_k != 1:
+            raise UncurlError(
+                f"reap gate='renormalized' needs top-1 routing ({stats.layer} routes top-{stats.top_k}); "
+                "use gate='applied'."
+            )
+        return stats.mean_output_norm
+    raise UncurlError(f"reap option gate must be one of {', '.join(GATES)}, got {gate!r}.")
+
+
+def rank_by_reap(stats: ExpertStats, gate: str = "applied") -> list[int]:
+    """Experts by REAP saliency, highest first (ties: routing count, gate mass, lower index)."""
+    scores = reap_scores(stats, gate).tolist()
+    counts = stats.counts.tolist()
+    mass = stats.gate_mass.tolist()
+    return sorted(range(stats.num_experts), key=lambda e: (-scores[e], -counts[e], -mass[e], e))
+
+
+@register_method
+class ReapPruning(PruningMethod):
+    """REAP; the formula and the choice of gate are in the module docstring."""
+
+    name = "reap"
+    description = "REAP: keep the k experts with the largest mean gate * ||expert output|| over their routed tokens."
+
+    def plan_layer(
+        self, name: str, num_experts: int, stats: ExpertStats, k: int, model: nn.Module, family: Any, config: Any
+    ) -> LayerPlan:
+        gate = method_options(config, self.name, DEFAULTS)["gate"]
+        return LayerPlan.keep(name, num_experts, rank_by_reap(stats, gate)[:k])

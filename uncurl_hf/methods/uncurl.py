@@ -1,0 +1,145 @@
+"""``uncurl``: task-specific expert merging by spectral clustering of router-logit profiles.
+
+UNCURL (Sarkar et al., "Revisiting SMoE Language Models by Evaluating Inefficiencies with Task Specific Expert
+Pruning", arXiv 2409.01483), as read in DESIGN.md. Per sparse layer, on the task's calibration tokens:
+
+1. profile: expert ``e`` is the column ``L[:, e]`` of the sampled router logits ``L [S, E]``, double-centred
+   (``profile="pearson"``: minus each token's mean over experts, which softmax routing ignores, then minus each
+   expert's mean over tokens, its overall popularity); affinity ``A[a, b] = (cos(L[:, a], L[:, b]) + 1) / 2``
+   in ``[0, 1]``, i.e. ``(Pearson correlation + 1) / 2`` of two experts' routing preferences across the tokens;
+2. spectral clustering of the ``E`` experts into ``k`` groups on ``A``
+   (``SpectralClustering(affinity="precomputed", random_state=seed)``; ``k == E`` keeps every expert, ``k == 1`` is
+   one group; a degenerate affinity never fails: missing groups are split off the least coherent clusters);
+3. anchor = most-routed member; every other member's hidden neurons are aligned to the anchor by weight matching,
+   ``p = argmax_perm sum_i <Wi_a[i], Wi_m[p_i]> + <Wo_a[:, i], Wo_m[:, p_i]>`` (``linear_sum_assignment``);
+4. merged expert ``sum_m f_m P_m(W_m) / sum_m f_m`` with ``f_m`` the member's routing count on the task (uniform if the
+   group was never routed);
+5. router row of the group: ``"weighted"`` = ``sum_m w_m r_m`` (default) or ``"anchor"`` = ``r_anchor``;
+6. adaptive per-layer ``k``: the factor fixes the total ``sum_l floor(E_l / factor)``; ``adaptive="usage"``
+   (default) re-splits it by ONE usage threshold over all layers (the most-used experts of the whole model, each
+   layer keeping at least one; M-SMoE's rule); ``adaptive="entropy"`` splits it in proportion to each layer's
+   effective number of experts ``exp(H(usage))``. ``uniform=True`` (CLI ``--uniform``) keeps ``floor(E_l / factor)``.
+
+Options (``--method-arg KEY=VALUE``): ``router`` (weighted|anchor), ``uniform`` (bool), ``adaptive``
+(usage|entropy), ``profile`` (pearson|centered|raw), ``align`` (bool).
+
+Why these defaults. Measured with ``benchmarks/quality.py``-style runs on a proxy (a 64-d Switch with 8 experts
+trained from scratch on the sentiment task; the zoo model was not built yet), as KL(unpruned || pruned) of the
+decoder's next-token distributions on dev sentences, factors 2 / 4 (factor 8 = one group: all variants equal):
+profile pearson 0.0002 / 0.0029, centered 0.0004 / 0.0043, raw 0.0003 / 0.0036; router (pearson) weighted
+0.0002 / 0.0029, anchor 0.0002 / 0.0033. With per-token centring alone, the busiest experts look alike (they all
+score high on most tokens) and get merged together, which costs the most; correlation compares *which* tokens each
+expert prefers. The weighted row keeps the merged expert reachable by the tokens of every member. Re-check both
+choices on the zoo models (``--methods uncurl,uncurl:router=anchor,uncurl:profile=centered``).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from uncurl_hf.calibration import ExpertStats
+from uncurl_hf.methods import register_method
+from uncurl_hf.methods._merging import (
+    adaptive_budget,
+    check_router_rule,
+    cosine_affinity,
+    find_layer,
+    logit_profiles,
+    merged_layer_plan,
+)
+from uncurl_hf.methods.base import PruningMethod, method_options
+from uncurl_hf.plan import LayerPlan
+from uncurl_hf.seeding import stable_seed
+
+logger = logging.getLogger(__name__)
+
+DEFAULTS: dict[str, Any] = {
+    "router": "weighted",
+    "uniform": False,
+    "adaptive": "usage",
+    "profile": "pearson",
+    "align": True,
+}
+
+
+def spectral_groups(affinity: np.ndarray, k: int, seed: int) -> list[list[int]]:
+    """Exactly ``k`` non-empty groups of ``range(E)`` from spectral clustering on ``affinity`` ``[E, E]``.
+
+    The affinity is sanitized first (NaN -> 0, clipped to ``[0, 1]``, symmetrized, unit diagonal). When the
+    clustering fails or returns fewer than ``k`` clusters (e.g. all experts look alike), the least coherent
+    members are split off into their own groups until there are ``k``.
+    """
+    from sklearn.cluster import SpectralClustering  # lazy: sklearn adds seconds to every `uncurl` start-up
+
+    e = affinity.shape[0]
+    if k >= e:
+        return [[i] for i in range(e)]
+    if k <= 1:
+        return [list(range(e))]
+    clean = np.clip(np.nan_to_num(np.asarray(affinity, dtype=np.float64)), 0.0, 1.0)
+    clean = (clean + clean.T) / 2.0
+    np.fill_diagonal(clean, 1.0)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "graph not fully connected", k-means convergence on ties
+            labels = SpectralClustering(
+                n_clusters=k, affinity="precomputed", random_state=seed % (2**32), n_init=10
+            ).fit_predict(clean)
+    except (ValueError, np.linalg.LinAlgError) as exc:  # degenerate spectrum
+        logger.warning("spectral clustering failed (%s); starting from a single group", exc)
+        labels = np.zeros(e, dtype=int)
+    groups = [sorted(int(i) for i in np.flatnonzero(labels == label)) for label in np.unique(labels)]
+    return _split_to_k(groups, k, clean)
+
+
+def _split_to_k(groups: list[list[int]], k: int, affinity: np.ndarray) -> list[list[int]]:
+    """Split off, one at a time, the member with the lowest mean affinity to the rest of its (largest) group."""
+    groups = [list(g) for g in groups if g]
+    while len(groups) < k:
+        largest = max(range(len(groups)), key=lambda g: (len(groups[g]), -min(groups[g])))
+        group = groups[largest]
+        cohesion = [(affinity[i, [j for j in group if j != i]].mean(), i) for i in group]
+        _, outlier = min(cohesion)
+        group.remove(outlier)
+        groups.append([outlier])
+    return groups
+
+
+@register_method
+class UncurlMerging(PruningMethod):
+    """UNCURL; the formula and the reading of the paper are in the module docstring."""
+
+    name = "uncurl"
+    description = (
+        "UNCURL: spectral clustering of router-logit profiles, neuron alignment, usage-weighted merge; "
+        "adaptive per-layer counts (--uniform to disable)."
+    )
+    merges = True
+
+    def allocate(self, stats: Any, budget: Mapping[str, int], config: Any) -> dict[str, int]:
+        options = self.options(config)
+        return adaptive_budget(stats, budget, config, uniform=options["uniform"], rule=options["adaptive"])
+
+    def options(self, config: Any) -> dict[str, Any]:
+        options = method_options(config, self.name, DEFAULTS)
+        check_router_rule(self.name, options["router"])
+        return options
+
+    def plan_layer(
+        self, name: str, num_experts: int, stats: ExpertStats, k: int, model: nn.Module, family: Any, config: Any
+    ) -> LayerPlan:
+        options = self.options(config)
+        if k >= num_experts:
+            return LayerPlan.keep(name, num_experts, range(num_experts))
+        layer = find_layer(model, family, name)
+        affinity = cosine_affinity(logit_profiles(stats, layer.router.weight, options["profile"]))
+        groups = spectral_groups(affinity, k, stable_seed(config.seed, self.name, name))
+        logger.debug("%s: groups %s", name, groups)
+        aligned = (family, layer) if options["align"] else (None, None)
+        return merged_layer_plan(name, num_experts, groups, stats, options["router"], *aligned)
