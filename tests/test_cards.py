@@ -1,0 +1,134 @@
+"""Model cards: metadata that round-trips through huggingface_hub, and numbers equal to the run's measurements."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import pytest
+from helpers import CALIBRATION_TARGETS, CALIBRATION_TEXTS
+from hub_server import validate_card_metadata
+from huggingface_hub import ModelCard, ModelCardData
+
+import uncurl_hf
+from uncurl_hf.cards import BASE_MODEL_RELATION, format_ms, format_score, hub_model_id, prune_command
+from uncurl_hf.config import PruningConfig
+from uncurl_hf.errors import UncurlError
+from uncurl_hf.evaluation import evaluate_checkpoint
+from uncurl_hf.tasks import Example, Task, register_task
+
+TASK = "tiny-sentiment-cards"
+EXAMPLES = [Example(text, label) for text, label in zip(CALIBRATION_TEXTS, CALIBRATION_TARGETS)]
+
+
+@register_task(TASK)
+def _tiny_task() -> Task:
+    return Task(
+        name=TASK,
+        description="twelve tiny sentiment sentences",
+        load_split=lambda split: list(EXAMPLES),
+        labels=("negative", "positive"),
+    )
+
+
+@pytest.fixture(scope="module")
+def evaluated(switch_dir, tmp_path_factory):
+    """One pruning run with evaluation (the expensive part, shared by the tests below)."""
+    out = tmp_path_factory.mktemp("cards") / "evaluated"
+    result = uncurl_hf.prune(
+        switch_dir, output_dir=out, factor=2, task=TASK, num_calibration_examples=8, seed=3, progress=False,
+        evaluate=True, eval_limit=6, base_model_id="google/switch-base-8",
+    )
+    return result
+
+
+def test_card_metadata_round_trips_and_validates(evaluated):
+    text = (evaluated.output_dir / "README.md").read_text(encoding="utf-8")
+    card = ModelCard.load(evaluated.output_dir / "README.md")
+    data = card.data.to_dict()
+    assert ModelCardData(**data).to_dict() == data  # ModelCardData round trip (model-index included)
+    assert data["base_model"] == "google/switch-base-8"
+    assert data["base_model_relation"] == BASE_MODEL_RELATION == "finetune"
+    assert data["library_name"] == "transformers" and data["pipeline_tag"] == "text2text-generation"
+    assert {"moe", "pruning", "uncurl", TASK, "frequency", "custom_code"} <= set(data["tags"])
+    assert validate_card_metadata(text) == []  # what the Hub checks on push
+
+
+def test_card_numbers_are_the_runs_measurements(evaluated):
+    card = ModelCard.load(evaluated.output_dir / "README.md")
+    original, pruned = evaluated.eval_original, evaluated.eval_pruned
+    assert original.num_examples == pruned.num_examples == 6 and pruned.split == "test"
+    values = {r.metric_name: r.metric_value for r in card.data.eval_results}
+    assert values == {"accuracy": pruned.score, "accuracy (original, before pruning)": original.score}
+    assert all(r.dataset_split == "test" and r.metric_type == "accuracy" for r in card.data.eval_results)
+    # The scores are those of exactly the files in the folder: re-evaluating the final folder gives the same.
+    again = evaluate_checkpoint(evaluated.output_dir, TASK, limit=6, latency_examples=1, progress=False)
+    assert again.score == pruned.score
+    body = card.text
+    assert f"| accuracy | {format_score(original.score)} | {format_score(pruned.score)} |" in body
+    assert (
+        f"| Latency, ms per example (batch 1) | {format_ms(original.ms_per_example_batch1)} | "
+        f"{format_ms(pruned.ms_per_example_batch1)} |" in body
+    )
+    assert f"| Parameters | {evaluated.params_before:,} | {evaluated.params_after:,} |" in body
+    assert f"| {evaluated.disk_bytes_before / 1e6:.2f} | {evaluated.disk_bytes_after / 1e6:.2f} |" in body
+    for name, before in evaluated.experts_before.items():
+        assert f"| `{name}` | {before} | {evaluated.experts_after[name]} |" in body
+    assert "| Calibration examples | 8 (at most 128 tokens each) |" in body
+    assert "uncurl prune switch --task tiny-sentiment-cards --factor 2 --method frequency -o OUTPUT_DIR" in body
+    assert "--evaluate --eval-limit 6" in body
+    assert "trust_remote_code=True" in body and "No evaluation was run" not in body
+    assert str(evaluated.output_dir.parent) not in body  # no absolute paths in a public card
+    summary = evaluated.summary_table()
+    assert f"{original.score:.4f} -> {pruned.score:.4f}" in summary
+
+
+def test_card_without_evaluation_says_so(switch_dir, calibration_jsonl, tmp_path):
+    result = uncurl_hf.prune(
+        switch_dir, output_dir=tmp_path / "plain", factor=4, calibration_file=calibration_jsonl, progress=False
+    )
+    card = ModelCard.load(result.output_dir / "README.md")
+    data = card.data.to_dict()
+    assert "model-index" not in data and "base_model" not in data  # a local path is not a Hub id
+    assert "No evaluation was run" in card.text and "quality on the task is **unknown**" in card.text
+    assert "--calibration-file calibration.jsonl --factor 4" in card.text
+    assert validate_card_metadata((result.output_dir / "README.md").read_text()) == []
+    assert result.eval_original is None and result.eval_pruned is None
+
+    no_card = uncurl_hf.prune(
+        switch_dir, output_dir=tmp_path / "nocard", factor=4, calibration_file=calibration_jsonl, progress=False,
+        card=False,
+    )
+    assert not (no_card.output_dir / "README.md").exists()
+
+
+def test_evaluate_needs_a_task_and_fails_before_any_work(switch_dir, calibration_jsonl, tmp_path):
+    with pytest.raises(UncurlError, match="--evaluate needs --task"):
+        uncurl_hf.prune(
+            switch_dir, output_dir=tmp_path / "x", factor=2, calibration_file=calibration_jsonl, evaluate=True
+        )
+    with pytest.raises(UncurlError, match="not a Hub model id"):
+        uncurl_hf.prune(
+            switch_dir, output_dir=tmp_path / "x", factor=2, calibration_file=calibration_jsonl,
+            base_model_id="/some/local/path",
+        )
+    assert not (tmp_path / "x").exists()
+
+
+def test_base_model_id_from_the_hub_cache_layout(tmp_path):
+    snapshot = tmp_path / "hub" / "models--google--switch-base-8" / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    assert hub_model_id(snapshot) == "google/switch-base-8"
+    assert hub_model_id(tmp_path) is None
+
+
+def test_prune_command_for_per_layer_counts_is_a_python_call():
+    config = PruningConfig(num_experts_per_layer={"encoder.block.1": 2}, method="random", seed=1)
+    command = prune_command(Path("/home/someone/models/switch"), config=config, task="sentiment",
+                            calibration_file=None)
+    argv = shlex.split(command)
+    assert argv[:2] == ["python", "-c"]
+    compile(argv[2], "<card command>", "exec")  # a valid, copy-pasteable call
+    assert "uncurl_hf.prune('switch', output_dir='OUTPUT_DIR'" in argv[2]
+    assert "num_experts_per_layer={'encoder.block.1': 2}" in argv[2]
+    assert "/home/someone" not in command
