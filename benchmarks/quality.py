@@ -44,6 +44,8 @@ class Cell:
     baseline: float
     plan_s: float
     counts: dict[str, int] = field(default_factory=dict)
+    agreement: float = float("nan")  # % of test examples where pruned and original predict the same label
+    kl: float = float("nan")  # mean KL(original || pruned) of the label distribution, in nats
 
     @property
     def relative(self) -> float:
@@ -103,7 +105,7 @@ def run_task(
     from uncurl_hf.budget import expert_budget
     from uncurl_hf.checkpoint import load_tokenizer
     from uncurl_hf.errors import InvalidFactorError
-    from uncurl_hf.evaluation import task_score
+    from uncurl_hf.evaluation import label_distribution, task_score
     from uncurl_hf.methods import get_method
     from uncurl_hf.tasks import get_task
 
@@ -114,6 +116,7 @@ def run_task(
     sizes = family.layer_sizes(model)
     test = task.load_split("test")[:limit] if limit else task.load_split("test")
     baseline = task_score(model, tokenizer, task, test)
+    reference = label_distribution(model, tokenizer, task, test)
     defaults = PruningConfig(factor=2.0, num_calibration_examples=num_calibration, seed=seed)  # batch/length defaults
     examples = task.calibration_examples(num_calibration, seed)
     start = time.perf_counter()
@@ -141,11 +144,19 @@ def run_task(
             if from_disk:
                 pruned = _reload(pruned, plan, model_dir)
             score = task_score(pruned, tokenizer, task, test)
-            cells.append(Cell(task_name, spec, factor, score, baseline, plan_s, plan.counts))
+            agreement, kl = _divergence(reference, label_distribution(pruned, tokenizer, task, test))
+            cells.append(Cell(task_name, spec, factor, score, baseline, plan_s, plan.counts, agreement, kl))
             logger.info(
                 "%s  %-24s x%g  %.4f (%.1f%%)  %.2f s", task_name, spec, factor, score, cells[-1].relative, plan_s
             )
     return info, cells
+
+
+def _divergence(reference: Any, pruned: Any) -> tuple[float, float]:
+    """(% same argmax, mean KL(reference || pruned)) of two [N, L] label log-probability tensors."""
+    agreement = 100.0 * float((reference.argmax(-1) == pruned.argmax(-1)).double().mean())
+    kl = float((reference.exp() * (reference - pruned)).sum(-1).mean())
+    return agreement, kl
 
 
 def _reload(pruned: Any, plan: Any, source: Path) -> Any:
@@ -162,13 +173,21 @@ def format_table(infos: Sequence[TaskInfo], cells: Sequence[Cell]) -> str:
     tasks = [info.task for info in infos]
     by_key = {(c.method, c.factor, c.task): c for c in cells}
     rows = sorted({(c.method, c.factor) for c in cells}, key=lambda r: (r[1], _method_order(cells, r[0])))
-    header = ["method", "factor"] + [f"{t} %" for t in tasks] + [f"{t} plan s" for t in tasks]
+    header = (
+        ["method", "factor"]
+        + [f"{t} %" for t in tasks]
+        + [f"{t} agree %" for t in tasks]
+        + [f"{t} KL e-3" for t in tasks]
+        + [f"{t} plan s" for t in tasks]
+    )
     lines = [header]
     for method, factor in rows:
         found = [by_key.get((method, factor, t)) for t in tasks]
         lines.append(
             [method, f"{factor:g}"]
             + [f"{c.relative:.1f}" if c else "-" for c in found]
+            + [f"{c.agreement:.1f}" if c else "-" for c in found]
+            + [f"{1000 * c.kl:.2f}" if c else "-" for c in found]
             + [f"{c.plan_s:.2f}" if c else "-" for c in found]
         )
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]

@@ -74,6 +74,27 @@ def label_logprobs(
     return torch.stack(scores, dim=-1)
 
 
+@torch.no_grad()
+def label_distribution(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    task: Task,
+    examples: Sequence[Example],
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """[N, L] log-probabilities over the task's labels (softmax of the label sequence log-likelihoods).
+
+    Finer than accuracy for comparing a pruned model with its original: two models can agree on every
+    argmax and still differ in confidence (measured as KL divergence).
+    """
+    model.eval()
+    chunks = [
+        label_logprobs(model, tokenizer, [e.source for e in examples[i : i + batch_size]], task.labels, task.max_source_tokens)
+        for i in range(0, len(examples), batch_size)
+    ]
+    return torch.log_softmax(torch.cat(chunks), dim=-1)
+
+
 def predict_labels(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,

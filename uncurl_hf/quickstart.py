@@ -52,6 +52,7 @@ def run_demo(
         num_calibration_examples=num_calibration_examples,
         seed=seed,
         overwrite=True,
+        progress=progress,
     )
     seconds = time.perf_counter() - t0
     original = evaluate_checkpoint(src, task, limit=limit, progress=progress)
