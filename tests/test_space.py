@@ -1,0 +1,274 @@
+"""The Gradio Space (uncurl_hf/space.py): the pure functions, the running server through gradio_client, and the page
+in a real browser (Debian's Chromium through Playwright), on tiny random models so nothing waits for the zoo model.
+
+Browser tests check that what the page shows equals what :func:`uncurl_hf.space.compare` returns for the same input.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+from browser import RESULT_TIMEOUT_MS, chromium_page, chromium_path, open_app, run_compare
+
+from uncurl_hf import space
+from uncurl_hf.errors import ModelNotFoundError
+from uncurl_hf.pruning import prune
+from uncurl_hf.tasks import get_task
+
+REPO = Path(__file__).resolve().parents[1]
+LATENCY = re.compile(r"^\d+\.\d{2} ms$")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _stable(side: dict[str, Any]) -> dict[str, Any]:
+    """The parts of one model's result that do not depend on timing."""
+    keys = ("model", "label", "probabilities", "generated", "new_tokens", "input_tokens", "params", "disk_mb",
+            "experts", "expert_usage")
+    return {key: side[key] for key in keys}
+
+
+@pytest.fixture(autouse=True)
+def _one_timing_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Time each call once instead of taking a median: the tests check values, not speed."""
+    monkeypatch.setattr(space, "LATENCY_REPEATS", 1)
+
+
+@pytest.fixture(scope="module")
+def models(switch_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The tiny random Switch model and a frequency x2 pruned copy calibrated on the sentiment task."""
+    pruned = tmp_path_factory.mktemp("space") / "switch-frequency-x2"
+    prune(str(switch_dir), output_dir=pruned, factor=2, method="frequency", task="sentiment",
+          num_calibration_examples=16, progress=False)
+    return switch_dir, pruned
+
+
+@pytest.fixture(scope="module")
+def example_text() -> str:
+    task = get_task("sentiment")
+    return space.display_text(task, task.load_split("test")[0].source)
+
+
+@pytest.fixture(scope="module")
+def app_url(models: tuple[Path, Path]) -> Any:
+    base, pruned = models
+    demo = space.build_demo(str(base), {"tiny switch · frequency ×2": str(pruned)}, num_examples=4)
+    url = space.launch_demo(demo, host="127.0.0.1", port=_free_port(), prevent_thread_lock=True, quiet=True)
+    yield url
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def page(app_url: str) -> Any:
+    if chromium_path() is None:
+        pytest.skip("chromium is not on PATH after scripts/install_browser.sh (needs root and apt-get); "
+                    "browser tests skipped")
+    with chromium_page() as browser_page:
+        open_app(browser_page, app_url)
+        yield browser_page
+
+
+# ---------------------------------------------------------------------------------------------- pure functions
+
+
+def test_input_checks() -> None:
+    for empty in ("", "   \n", None):
+        with pytest.raises(space.SpaceInputError, match="The input is empty"):
+            space.check_text(empty)
+    assert space.check_text("  fine  ") == "fine"
+    assert space.check_text("x" * space.MAX_INPUT_CHARS) == "x" * space.MAX_INPUT_CHARS
+    with pytest.raises(space.SpaceInputError, match=f"limit is {space.MAX_INPUT_CHARS} characters"):
+        space.check_text("x" * (space.MAX_INPUT_CHARS + 1))
+    assert space.check_batch_size(4.0) == 4
+    for bad in (0, space.MAX_BATCH + 1, 2.5, None, "x", float("nan")):
+        with pytest.raises(space.SpaceInputError, match="whole number"):
+            space.check_batch_size(bad)
+
+
+def test_compare_result(models: tuple[Path, Path], example_text: str) -> None:
+    base, pruned = models
+    result = space.compare(example_text, base, pruned)
+    task = get_task("sentiment")
+    assert result["model_input"] == task.format(example_text)
+    assert space.model_input(task, "Sentiment: " + example_text) == "Sentiment: " + example_text  # no double prefix
+    for side in ("original", "pruned"):
+        out = result[side]
+        assert set(out["probabilities"]) == set(task.labels)
+        assert sum(out["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+        assert out["label"] == max(out["probabilities"], key=out["probabilities"].get)
+        assert out["latency_ms"] > 0 and out["generate_ms"] > 0 and out["tokens_per_s"] > 0
+        assert out["new_tokens"] >= 1 and out["input_tokens"] >= 2
+        for layer, usage in out["expert_usage"].items():
+            assert len(usage["counts"]) == out["experts"][layer]
+            assert sum(usage["counts"]) == usage["tokens"] > 0  # top-1 routing: one expert per token
+    assert sum(result["pruned"]["experts"].values()) * 2 == sum(result["original"]["experts"].values())
+    assert 0 < result["ratios"]["params"] < 1 and 0 < result["ratios"]["disk_mb"] < 1
+    assert result["agree"] == (result["original"]["label"] == result["pruned"]["label"])
+    # pruned experts are mapped back to original ids through the plan written beside the weights
+    usage = result["pruned"]["expert_usage"]["encoder.block.1"]
+    assert usage["source_experts"] == 8 and len(usage["groups"]) == 4
+    again = space.compare(example_text, base, pruned)
+    assert _stable(again["original"]) == _stable(result["original"])
+    assert _stable(again["pruned"]) == _stable(result["pruned"])
+    figure = space.expert_usage_figure(result)
+    assert len(figure.axes) == 3  # original, pruned, colour bar
+    html = space.side_html(result["pruned"], "pruned")
+    assert result["pruned"]["label"] in html and "ms" in html and "tokens/s" in html
+
+
+def test_compare_batch(models: tuple[Path, Path]) -> None:
+    base, pruned = models
+    batch = space.compare_batch(4, base, pruned)
+    assert batch["n"] == 4 and len(batch["rows"]) == 4
+    rows = batch["rows"]
+    assert batch["agreement"] == sum(r["original"] == r["pruned"] for r in rows) / 4
+    for side in ("original", "pruned"):
+        assert batch["scores"][side] == sum(r[side] == r["gold"] for r in rows) / 4  # accuracy
+        assert len(batch["latency_ms"][side]) == 4 and min(batch["latency_ms"][side]) > 0
+    assert space.latency_figure(batch).axes
+    with pytest.raises(space.SpaceInputError):
+        space.compare_batch(0, base, pruned)
+
+
+def test_resolve_model_is_offline(models: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    from huggingface_hub import constants
+
+    base, _ = models
+    assert space.resolve_model(str(base)) == base.resolve()
+    with pytest.raises(ModelNotFoundError, match="neither an existing folder"):
+        space.resolve_model(str(tmp_path / "missing"))
+    with pytest.raises(space.SpaceInputError):
+        space.resolve_model("  ")
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    with pytest.raises(ModelNotFoundError, match="not in the local Hugging Face cache"):
+        space.resolve_model("someone/not-cached")
+    # a Hub id that is in the cache resolves to its snapshot folder, with no network involved
+    repo = cache / "models--someone--tiny-switch"
+    snapshot = repo / "snapshots" / ("a" * 40)
+    shutil.copytree(base, snapshot)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("a" * 40)
+    assert space.resolve_model("someone/tiny-switch") == snapshot
+
+
+def test_default_models_prunes_once(switch_dir: Path, tmp_path: Path) -> None:
+    root = tmp_path / "space-cache"
+    base, pruned = space.default_models(str(switch_dir), factors=(4,), cache_root=root, progress=False,
+                                        num_calibration_examples=8)
+    assert base == switch_dir.resolve() and len(pruned) == 1
+    (label, folder), = pruned.items()
+    assert "×4" in label and Path(folder).parent == root and (Path(folder) / "config.json").is_file()
+    stamp = (Path(folder) / "config.json").stat().st_mtime_ns
+    assert space.default_models(str(switch_dir), factors=(4,), cache_root=root, progress=False)[1] == pruned
+    assert (Path(folder) / "config.json").stat().st_mtime_ns == stamp  # reused, not pruned again
+
+
+def test_cli_demo_forwards_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
+    from uncurl_hf.cli import main
+
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr(space, "launch", lambda **kwargs: calls.append(kwargs))
+    assert main(["demo", "--share", "false", "--port", "7999", "--host", "127.0.0.1", "--base", "B",
+                 "--pruned", "P1", "--pruned", "P2", "--no-progress"]) == 0
+    assert calls == [{"base": "B", "pruned": ["P1", "P2"], "host": "127.0.0.1", "port": 7999, "share": False,
+                      "task": "sentiment", "progress": False}]
+    assert main(["demo", "--share", "maybe"]) == 2
+
+
+def test_spaces_folder_can_be_pushed() -> None:
+    import gradio
+    import yaml
+
+    readme = (REPO / "spaces" / "README.md").read_text(encoding="utf-8")
+    front = yaml.safe_load(readme.split("---\n")[1])
+    assert front["sdk"] == "gradio" and front["sdk_version"] == gradio.__version__
+    assert front["app_file"] == "app.py" and (REPO / "spaces" / front["app_file"]).is_file()
+    assert front["title"] and front["emoji"] and front["license"] and front["models"]
+    requirements = (REPO / "spaces" / "requirements.txt").read_text(encoding="utf-8")
+    assert "torch==2.13.0" in requirements and "uncurl-hf[space]" in requirements
+    pyproject = (REPO / "pyproject.toml").read_text(encoding="utf-8")
+    assert f'"gradio=={gradio.__version__}"' in pyproject
+
+
+# ---------------------------------------------------------------------------------------------- running server
+
+
+def test_gradio_client(app_url: str, models: tuple[Path, Path], example_text: str) -> None:
+    from gradio_client import Client
+
+    base, pruned = models
+    client = Client(app_url, verbose=False)
+    remote = client.predict(example_text, str(base), str(pruned), api_name="/compare_json")
+    local = space.compare(example_text, base, pruned)
+    for side in ("original", "pruned"):
+        assert _stable(remote[side]) == _stable(local[side])
+    with pytest.raises(Exception, match="The input is empty"):
+        client.predict("", str(base), str(pruned), api_name="/compare_json")
+    batch = client.predict(3, str(base), str(pruned), api_name="/compare_batch_json")
+    assert batch["rows"] == space.compare_batch(3, base, pruned)["rows"]
+    status, original_html, *_ = client.predict(example_text, str(base), str(pruned), api_name="/compare")
+    assert status.startswith("Compared in") and local["original"]["label"] in original_html
+    status, original_html, *_ = client.predict("x" * 1001, str(base), str(pruned), api_name="/compare")
+    assert "limit is 1000 characters" in status and original_html == ""
+
+
+# ---------------------------------------------------------------------------------------------- real browser
+
+
+def test_browser_compare_matches_python_api(
+    page: Any, models: tuple[Path, Path], example_text: str, tmp_path: Path
+) -> None:
+    base, pruned = models
+    shown = run_compare(page, example_text)
+    assert shown["status"].startswith("Compared in"), shown["status"]
+    expected = space.compare(example_text, base, pruned)
+    for side in ("original", "pruned"):
+        assert shown[side]["label"] == expected[side]["label"]
+        assert shown[side]["probabilities"] == {
+            label: space.format_probability(p) for label, p in expected[side]["probabilities"].items()
+        }
+        assert shown[side]["generated"] == (expected[side]["generated"] or "(empty)")
+        assert LATENCY.match(shown[side]["latency"]), shown[side]["latency"]
+        assert shown[side]["tokens_per_s"].endswith("tokens/s")
+    assert "pruned / original" in page.locator("#ratios").inner_text()
+    page.locator("#heatmap img").first.wait_for(state="visible")
+    screenshot = tmp_path / "space.png"
+    page.screenshot(path=str(screenshot), full_page=True)
+    assert screenshot.stat().st_size > 10_000
+
+
+def test_browser_input_messages(page: Any) -> None:
+    shown = run_compare(page, "")
+    assert space.EMPTY_INPUT_MESSAGE in shown["status"]
+    assert shown["original"] is None and shown["pruned"] is None
+    shown = run_compare(page, "a fine film. " * 100)
+    assert space.too_long_message(len(("a fine film. " * 100).strip())) in shown["status"]
+    assert shown["original"] is None and shown["pruned"] is None
+
+
+def test_browser_batch_tab(page: Any, models: tuple[Path, Path]) -> None:
+    from playwright.sync_api import expect
+
+    base, pruned = models
+    page.get_by_role("tab", name="Batch").click()
+    number = page.locator("#batch-n input[type=number]")
+    number.fill("3")
+    number.press("Enter")
+    page.click("#batch-button")
+    expect(page.locator("#batch-status")).to_contain_text("Ran 3 examples", timeout=RESULT_TIMEOUT_MS)
+    expected = space.compare_batch(3, base, pruned)
+    assert page.locator("#batch-summary .agreement").inner_text() == f"{expected['agreement']:.1%}"
+    assert page.locator("#batch-summary .score-pruned").inner_text() == f"{expected['scores']['pruned']:.4f}"
+    page.locator("#latency-plot img").first.wait_for(state="visible")
+    page.get_by_role("tab", name="Compare").click()
