@@ -66,3 +66,16 @@ def calibration_jsonl(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def calibration_txt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The same 12 inputs as plain text, one per line (no targets)."""
     return write_calibration_file(tmp_path_factory.mktemp("data") / "calibration.txt", CALIBRATION_TEXTS)
+
+
+@pytest.fixture(scope="session")
+def hub_server(tmp_path_factory: pytest.TempPathFactory):
+    """A Hub-compatible HTTP server on 127.0.0.1 and a free port (``tests/hub_server.py``), repos kept on disk.
+
+    Tokens: ``hf_test_token`` is user ``tester``, ``hf_other_token`` is user ``other``. Clients reach it through
+    ``HF_ENDPOINT=hub_server.url`` (subprocesses) or ``endpoint=`` / the ``hub_env`` fixture of ``test_hub.py``.
+    """
+    from hub_server import HubServer
+
+    with HubServer(tmp_path_factory.mktemp("hub"), tokens={"hf_test_token": "tester", "hf_other_token": "other"}) as hub:
+        yield hub

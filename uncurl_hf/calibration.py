@@ -78,13 +78,19 @@ class ExpertStats:
         """Mean ``gate * ||expert(x)||`` over routed tokens (REAP's router-weighted activation norm)."""
         return self.weighted_output_norm_sum / self.counts.double().clamp(min=1)
 
-    def summary(self) -> dict[str, Any]:
-        """JSON-able digest (counts and gate mass), e.g. for plan metadata and the CLI."""
-        return {
-            "num_tokens": int(self.num_tokens),
-            "counts": [int(c) for c in self.counts.tolist()],
-            "gate_mass": [round(float(g), 6) for g in self.gate_mass.tolist()],
-        }
+    def summary(self, exact_only: bool = False) -> dict[str, Any]:
+        """JSON-able digest (counts and gate mass), e.g. for plan metadata and the CLI.
+
+        ``exact_only`` leaves out the float gate mass. Integer counts are the same with any number of torch threads,
+        but float statistics are not bit-stable across thread counts (some CPU GEMM kernels, e.g. MKL's for matrices
+        of a few rows, round differently with 1 and 2 threads), and a rounded float still flips its last printed
+        digit when it sits near a rounding boundary. The plan file stores only the exact digest, so that it is
+        byte-identical whatever the thread count; rounding would only move the flip points, not remove them.
+        """
+        digest: dict[str, Any] = {"num_tokens": int(self.num_tokens), "counts": [int(c) for c in self.counts.tolist()]}
+        if not exact_only:
+            digest["gate_mass"] = [round(float(g), 6) for g in self.gate_mass.tolist()]
+        return digest
 
 
 @dataclass
@@ -103,8 +109,8 @@ class CalibrationStats(Mapping[str, ExpertStats]):
     def __len__(self) -> int:
         return len(self.layers)
 
-    def summary(self) -> dict[str, Any]:
-        return {name: stats.summary() for name, stats in self.layers.items()}
+    def summary(self, exact_only: bool = False) -> dict[str, Any]:
+        return {name: stats.summary(exact_only) for name, stats in self.layers.items()}
 
 
 class _CalibrationContext:
@@ -155,13 +161,14 @@ class _LayerCollector:
         probs, selected = self.family.routing(logits, self.layer.top_k)
         stats.num_tokens += hidden.shape[0]
         stats.counts += torch.bincount(selected.reshape(-1).cpu(), minlength=stats.num_experts)
-        stats.gate_mass += probs.sum(dim=0).double().cpu()
+        # sums in float64: a float32 sum over many tokens depends on how the reduction is split across threads
+        stats.gate_mass += probs.double().sum(dim=0).cpu()
         for expert in selected.unique().tolist():
             rows = (selected == expert).any(dim=-1)
             out = self.family.run_expert(self.layer, expert, hidden[rows])
-            norms = out.float().norm(dim=-1)
-            stats.output_norm_sum[expert] += norms.sum().double().cpu()
-            stats.weighted_output_norm_sum[expert] += (norms * probs[rows, expert]).sum().double().cpu()
+            norms = out.float().norm(dim=-1).double()
+            stats.output_norm_sum[expert] += norms.sum().cpu()
+            stats.weighted_output_norm_sum[expert] += (norms * probs[rows, expert].double()).sum().cpu()
         self._update_sample(logits.float().cpu(), hidden.float().cpu())
 
     def _update_sample(self, logits: torch.Tensor, hidden: torch.Tensor) -> None:
@@ -289,11 +296,46 @@ def load_calibration_file(path: str | Path) -> list[Example]:
         raise CalibrationDataError(f"Calibration file {path} is not UTF-8 text ({exc.reason}); re-encode it.") from exc
     except OSError as exc:
         raise CalibrationDataError(f"Cannot read calibration file {path}: {exc.strerror or exc}.") from exc
+    if _looks_binary(text):
+        raise CalibrationDataError(
+            f"Calibration file {path} looks binary (NUL or control characters), not text; give a UTF-8 .txt file "
+            "with one example per line or a .jsonl file with a 'text' field per line."
+        )
     examples = _parse_jsonl(path, text) if suffix == ".jsonl" else _parse_txt(text)
     if not examples:
         raise CalibrationDataError(f"Calibration file {path} holds no examples; add at least one non-empty line.")
     logger.info("read %d calibration examples from %s", len(examples), path)
     return examples
+
+
+def check_coverage(stats: CalibrationStats, min_tokens_per_expert: float = 1.0) -> None:
+    """Refuse statistics too thin to rank experts: every layer must see ``min_tokens_per_expert * E`` tokens.
+
+    With fewer routed tokens than experts, most experts are never seen and every method ranks them by noise (ties),
+    so the "task-specific" plan would be arbitrary. Decoder layers see only target tokens (or just the start token
+    when the data has no targets), so they run out first.
+    """
+    thin = {
+        name: (s.num_tokens, s.num_experts)
+        for name, s in stats.items()
+        if s.num_tokens < min_tokens_per_expert * s.num_experts
+    }
+    if thin:
+        name, (tokens, experts) = next(iter(thin.items()))
+        raise CalibrationDataError(
+            f"Calibration data too small: layer {name} saw {tokens} token(s) for {experts} experts "
+            f"({len(thin)} layer(s) below {min_tokens_per_expert:g} token per expert). Give more examples "
+            "(--num-calibration, a longer file), or a .jsonl file with 'target' fields so decoder layers see "
+            "target tokens."
+        )
+
+
+def _looks_binary(text: str) -> bool:
+    """NUL bytes, or more than 10% control characters other than whitespace: not natural-language text."""
+    if "\x00" in text:
+        return True
+    control = sum(1 for ch in text if ord(ch) < 32 and ch not in "\t\n\r\f\v")
+    return control > 0.1 * max(len(text), 1)
 
 
 def _parse_txt(text: str) -> list[Example]:
@@ -308,7 +350,9 @@ def _parse_jsonl(path: Path, text: str) -> list[Example]:
         try:
             row = json.loads(line)
         except ValueError as exc:
-            raise CalibrationDataError(f"{path}, line {number}: not valid JSON ({exc}).") from exc
+            raise CalibrationDataError(
+                f"{path}, line {number}: not valid JSON ({exc}); fix or remove that line (one JSON object per line)."
+            ) from exc
         if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"].strip():
             raise CalibrationDataError(
                 f"{path}, line {number}: each line must be a JSON object with a non-empty string field 'text'."

@@ -1,10 +1,12 @@
 """Reading and writing checkpoints safely.
 
-Loading accepts only local folders with ``config.json`` + safetensors weights (pickle ``.bin`` files can execute
-code and are refused) and never runs remote code. Writing goes to a hidden temporary folder next to the output
-(same filesystem), is reloaded and checked against the in-memory model, and only then renamed into place — a
-crash or a kill never leaves a half-written output folder, and leftovers of killed runs are swept on the next
-write. Output files are deterministic: same model + plan -> byte-identical folder.
+Loading accepts only local folders with ``config.json`` + safetensors weights; pickle ``.bin`` files can execute
+code and are refused unless ``allow_pickle`` (then read with ``torch.load(weights_only=True)``), and code shipped
+with a checkpoint (``auto_map``) runs only with ``trust_remote_code``. Writing goes to a hidden temporary folder
+next to the output (same filesystem), is reloaded and checked against the in-memory model, gets an integrity
+manifest (:mod:`uncurl_hf.manifest`, checked by ``uncurl verify``) and only then is renamed into place — a crash
+or a kill never leaves a half-written output folder, and leftovers of killed runs are swept on the next write.
+Output files are deterministic: same model + plan -> byte-identical folder.
 """
 
 from __future__ import annotations
@@ -12,18 +14,27 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from uncurl_hf.errors import CheckpointError, ModelNotFoundError, OutputExistsError, UnsupportedModelError
+from uncurl_hf.errors import (
+    CheckpointError,
+    ModelNotFoundError,
+    OutputExistsError,
+    RemoteCodeError,
+    UncurlError,
+    UnsupportedModelError,
+)
 from uncurl_hf.families import get_family
 from uncurl_hf.families.base import MoEFamily
+from uncurl_hf.manifest import fsync_dir, write_manifest
 from uncurl_hf.plan import PLAN_FILENAME, PruningPlan
 
 logger = logging.getLogger(__name__)
@@ -46,6 +57,15 @@ TOKENIZER_FILES = (
     "chat_template.json",
 )
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Tokenizer files that hold a vocabulary; without one, AutoTokenizer silently builds an untrained tokenizer.
+VOCABULARY_FILES = (
+    "tokenizer.json",
+    "spiece.model",
+    "vocab.json",
+    "vocab.txt",
+    "tokenizer.model",
+    "sentencepiece.bpe.model",
+)
 
 
 def weight_files(path: str | Path) -> list[Path]:
@@ -69,11 +89,13 @@ def count_parameters(model: nn.Module) -> int:
     return total
 
 
-def inspect_checkpoint(path: str | Path) -> MoEFamily:
+def inspect_checkpoint(path: str | Path, *, allow_pickle: bool = False, trust_remote_code: bool = False) -> MoEFamily:
     """Cheap checks of a checkpoint folder without loading weights; returns its family.
 
-    Raises :class:`ModelNotFoundError` (no folder / no config.json / no weights), :class:`UnsupportedModelError`
-    (not an MoE family uncurl-hf supports) or :class:`CheckpointError` (pickle-only weights, corrupt files).
+    Raises :class:`ModelNotFoundError` (no folder / no config.json / no weights), :class:`RemoteCodeError`
+    (``auto_map`` to code shipped with the checkpoint, without ``trust_remote_code``), :class:`UnsupportedModelError`
+    (not an MoE family uncurl-hf supports) or :class:`CheckpointError` (pickle-only weights without
+    ``allow_pickle``, corrupt files, an index naming a missing shard).
     """
     folder = Path(path)
     if not folder.exists():
@@ -95,31 +117,70 @@ def inspect_checkpoint(path: str | Path) -> MoEFamily:
         raise CheckpointError(f"Cannot read {config_path}: {exc}. Restore a valid config.json.") from exc
     if not isinstance(config_dict, dict):
         raise CheckpointError(f"{config_path} is not a JSON object; restore a valid config.json.")
+    if not trust_remote_code:
+        _refuse_remote_code(config_dict, config_path)
     family = get_family(config_dict)
-    _check_weights(folder)
+    _check_config_values(folder, trust_remote_code)
+    _check_weights(folder, allow_pickle)
     return family
 
 
-def load_model(path: str | Path, dtype: Any = None) -> nn.Module:
-    """Load a local sparse-MoE checkpoint for pruning (eval mode, safetensors only, no remote code).
+def _check_config_values(folder: Path, trust_remote_code: bool) -> None:
+    """Build the config object (cheap): wrong field types or values fail here, named, before anything is loaded."""
+    from transformers import AutoConfig
 
+    try:
+        AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # transformers raises ValueError, TypeError, strict-dataclass errors, ...
+        raise CheckpointError(
+            f"{folder / 'config.json'} has invalid values ({type(exc).__name__}: {exc}). Restore the config.json "
+            "that came with the weights."
+        ) from exc
+
+
+def load_model(
+    path: str | Path, dtype: Any = None, *, allow_pickle: bool = False, trust_remote_code: bool = False
+) -> nn.Module:
+    """Load a local sparse-MoE checkpoint for pruning (eval mode).
+
+    Safetensors weights are preferred. Pickle weights (``pytorch_model*.bin``) are read only with ``allow_pickle``,
+    and then through ``torch.load(weights_only=True)``, which rebuilds tensors and containers but refuses to call
+    arbitrary functions. Code shipped with the checkpoint runs only with ``trust_remote_code``. A checkpoint that
+    loads with missing, unexpected or mis-shaped tensors is refused (transformers would silently random-init them).
     Raises the errors of :func:`inspect_checkpoint`, and :class:`CheckpointError` when transformers cannot load it.
     """
     folder = Path(path)
-    family = inspect_checkpoint(folder)
+    family = inspect_checkpoint(folder, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    use_safetensors = bool(weight_files(folder))
     try:
-        model = family.auto_model_class().from_pretrained(
+        model, info = family.auto_model_class().from_pretrained(
             str(folder),
-            use_safetensors=True,
+            use_safetensors=use_safetensors,
+            weights_only=True,
             local_files_only=True,
-            trust_remote_code=False,
+            trust_remote_code=trust_remote_code,
+            output_loading_info=True,
             **({"dtype": dtype} if dtype is not None else {}),
         )
+    except pickle.UnpicklingError as exc:  # weights_only=True met something that is not a tensor or a container
+        lines = str(exc).splitlines() or [type(exc).__name__]
+        first_line = next((line for line in lines if "GLOBAL" in line), lines[0])
+        raise CheckpointError(
+            f"The pickle weights in {folder} hold more than tensors, and torch.load(weights_only=True) refused them "
+            f"({first_line.strip()}). Such a file can run code when unpickled: do not load it with other tools "
+            "either; get safetensors weights from a source you trust."
+        ) from exc
     except Exception as exc:  # transformers raises many types (OSError, ValueError, SafetensorError, ...)
         raise CheckpointError(
             f"Could not load the checkpoint in {folder}: {type(exc).__name__}: {exc}. Check that the folder is a "
             "complete save_pretrained output."
         ) from exc
+    problems = {k: sorted(v)[:5] for k, v in info.items() if k != "error_msgs" and v}
+    if problems or info.get("error_msgs"):
+        raise CheckpointError(
+            f"The weights in {folder} do not match its config.json ({problems or info['error_msgs']}); transformers "
+            "would fill the gaps with random values. Re-download or re-save the checkpoint."
+        )
     model.eval()
     if not family.sparse_layers(model):
         raise UnsupportedModelError(f"{folder} has no sparse MoE layers (num_sparse_*_layers = 0); nothing to prune.")
@@ -127,17 +188,44 @@ def load_model(path: str | Path, dtype: Any = None) -> nn.Module:
     return model
 
 
-def _check_weights(folder: Path) -> None:
+def _refuse_remote_code(config_dict: dict[str, Any], config_path: Path) -> None:
+    """Refuse a config whose model type exists only as code shipped with the checkpoint (``auto_map``).
+
+    A model type known to transformers (or registered by uncurl-hf) loads with the installed code even when the
+    config also carries an ``auto_map`` (our own pruned outputs do), so only unknown types need remote code.
+    """
+    auto_map = config_dict.get("auto_map")
+    if not auto_map:
+        return
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = config_dict.get("model_type")
+    if isinstance(model_type, str) and model_type in CONFIG_MAPPING:
+        return
+    modules = sorted({str(v).split(".", 1)[0] for v in auto_map.values()}) if isinstance(auto_map, dict) else []
+    raise RemoteCodeError(
+        f"{config_path} needs Python code shipped with the checkpoint (model_type {model_type!r} is unknown to "
+        f"transformers; auto_map points at {', '.join(f'{m}.py' for m in modules) or auto_map!r}). uncurl-hf does not "
+        "run code from a checkpoint unless you pass --trust-remote-code (trust_remote_code=True) after reviewing it."
+    )
+
+
+def _check_weights(folder: Path, allow_pickle: bool = False) -> None:
     files = weight_files(folder)
     if not files:
         pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
-        if pickles:
+        if pickles and not allow_pickle:
             raise CheckpointError(
-                f"{folder} holds only pickle weights ({', '.join(pickles)}). uncurl-hf loads safetensors only, "
-                "because unpickling can run arbitrary code. If you trust the file, convert it once: "
-                "load it with transformers and call save_pretrained (which writes model.safetensors)."
+                f"{folder} holds only pickle weights ({', '.join(pickles)}). uncurl-hf loads safetensors by default, "
+                "because unpickling can run arbitrary code. If you trust the file, pass --allow-pickle "
+                "(allow_pickle=True: loaded with torch.load(weights_only=True)), or convert it once with "
+                "transformers' save_pretrained (which writes model.safetensors)."
             )
+        if pickles:
+            _check_index(folder, "pytorch_model.bin.index.json")
+            return
         raise ModelNotFoundError(f"{folder} has a config.json but no *.safetensors weights; copy the weights in.")
+    _check_index(folder, "model.safetensors.index.json")
     from safetensors import SafetensorError, safe_open
 
     for file in files:
@@ -150,6 +238,27 @@ def _check_weights(folder: Path) -> None:
             ) from exc
 
 
+def _check_index(folder: Path, name: str) -> None:
+    """A sharded checkpoint's index must parse and every shard it names must exist in the folder."""
+    index = folder / name
+    if not index.exists():
+        return
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(
+            f"The shard index {index} is unreadable ({type(exc).__name__}: {exc}); re-download or re-save the "
+            "checkpoint."
+        ) from exc
+    missing = [shard for shard in shards if not (folder / str(shard)).is_file()]
+    if missing:
+        raise CheckpointError(
+            f"The shard index {index} names {len(missing)} missing shard(s) ({', '.join(map(str, missing[:3]))}); "
+            "the download or copy is incomplete. Re-download the checkpoint."
+        )
+
+
 def write_checkpoint(
     model: nn.Module,
     output_dir: str | Path,
@@ -158,21 +267,31 @@ def write_checkpoint(
     overwrite: bool = False,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     validate: bool = True,
+    finalize: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write ``model`` + ``plan`` (+ the source's tokenizer files) to ``output_dir`` atomically; return its path.
 
     The folder is assembled under a ``.uncurl-tmp-*`` sibling, reloaded with the family's Auto class and run on a
     dummy batch (must reproduce the in-memory logits, with no missing/unexpected keys), then renamed into place.
+    ``finalize(temp_folder)``, if given, runs after validation and before the rename: what it adds (the model card,
+    evaluated on the written files) is part of the atomic output, and if it fails nothing is written. Last,
+    ``uncurl_manifest.json`` records the sha256 of every file (all fsynced) for ``uncurl verify``.
     Raises :class:`OutputExistsError` when the output is the source (or contains it, or is inside it) or exists
     without ``overwrite``; :class:`CheckpointError` when writing or validation fails.
     """
     output = Path(output_dir).expanduser().resolve()
     source = Path(source_dir).expanduser().resolve() if source_dir is not None else None
+    sweep_stale_temp_dirs(output)  # first: it may restore an output that an interrupted overwrite moved aside
     check_output_dir(output, source, overwrite)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    sweep_stale_temp_dirs(output)
-    temp = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{output.name}-{os.getpid()}-", dir=output.parent))
-    os.chmod(temp, 0o777 & ~_current_umask())  # mkdtemp makes it 0700; the final folder should look normal
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        temp = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{output.name}-{os.getpid()}-", dir=output.parent))
+        os.chmod(temp, 0o777 & ~_current_umask())  # mkdtemp makes it 0700; the final folder should look normal
+    except OSError as exc:
+        raise CheckpointError(
+            f"Cannot create the output folder next to {output} ({type(exc).__name__}: {exc}). Choose an -o whose "
+            "parent is a writable directory."
+        ) from exc
     try:
         model.save_pretrained(str(temp), max_shard_size=max_shard_size)
         plan.save(temp / PLAN_FILENAME)
@@ -180,12 +299,19 @@ def write_checkpoint(
             _copy_side_files(source, temp)
         if validate:
             _validate_written(model, temp)
+        if finalize is not None:
+            finalize(temp)
+        write_manifest(temp)  # last: hashes exactly the validated files (and the card); fsyncs them
         _move_into_place(temp, output)
+        fsync_dir(output.parent)
     except BaseException as exc:
         shutil.rmtree(temp, ignore_errors=True)
-        if isinstance(exc, (OutputExistsError, CheckpointError)) or not isinstance(exc, Exception):
+        if isinstance(exc, UncurlError) or not isinstance(exc, Exception):
             raise
-        raise CheckpointError(f"Writing the checkpoint to {output} failed: {type(exc).__name__}: {exc}") from exc
+        raise CheckpointError(
+            f"Writing the checkpoint to {output} failed: {type(exc).__name__}: {exc}. Nothing was written to "
+            f"{output}; check free disk space, quotas and write permission for {output.parent}, then rerun."
+        ) from exc
     logger.info("wrote %s (%.2f MB of weights)", output, weights_size(output) / 1e6)
     return output
 
@@ -213,17 +339,26 @@ def check_output_dir(output: Path, source: Path | None, overwrite: bool) -> None
 
 
 def sweep_stale_temp_dirs(output: Path) -> list[Path]:
-    """Remove ``.uncurl-tmp-<name>-<pid>-*`` / ``.uncurl-old-*`` siblings left by runs that no longer exist."""
+    """Clean up after runs of ``output`` that no longer exist; return the leftover folders handled.
+
+    ``.uncurl-tmp-<name>-<pid>-*`` (a write that never finished) is removed. ``.uncurl-old-<name>-<pid>-*`` is the
+    previous output moved aside by an overwrite: if the run died between the two renames, ``output`` is missing and
+    the old folder (complete: it was the output) is renamed back, otherwise it is removed.
+    """
     removed = []
     if not output.parent.is_dir():
         return removed
-    pattern = re.compile(rf"^(?:{re.escape(TEMP_PREFIX)}|{re.escape(OLD_PREFIX)}){re.escape(output.name)}-(\d+)-")
-    for entry in output.parent.iterdir():
+    pattern = re.compile(rf"^({re.escape(TEMP_PREFIX)}|{re.escape(OLD_PREFIX)}){re.escape(output.name)}-(\d+)-")
+    for entry in sorted(output.parent.iterdir()):
         match = pattern.match(entry.name)
-        if match and entry.is_dir() and not _pid_alive(int(match.group(1))):
-            shutil.rmtree(entry, ignore_errors=True)
+        if match and entry.is_dir() and not _pid_alive(int(match.group(2))):
+            if match.group(1) == OLD_PREFIX and not output.exists():
+                os.replace(entry, output)
+                logger.info("restored %s from %s, left by an interrupted overwrite", output, entry)
+            else:
+                shutil.rmtree(entry, ignore_errors=True)
+                logger.info("removed leftover temporary folder %s", entry)
             removed.append(entry)
-            logger.info("removed leftover temporary folder %s", entry)
     return removed
 
 
@@ -294,12 +429,18 @@ def _move_into_place(temp: Path, output: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_tokenizer(path: str | Path) -> Any:
-    """The tokenizer saved in a checkpoint folder (local files only, never remote code)."""
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> Any:
+    """The tokenizer saved in a checkpoint folder (local files only; remote code only with ``trust_remote_code``)."""
     from transformers import AutoTokenizer
 
+    if not any((Path(path) / name).is_file() for name in VOCABULARY_FILES):
+        raise CheckpointError(
+            f"{path} has no tokenizer vocabulary ({', '.join(VOCABULARY_FILES[:3])}, ...): transformers would build "
+            "an untrained tokenizer that maps every word to <unk>, and calibration would see only that. Copy the "
+            "model's tokenizer files (tokenizer.json, tokenizer_config.json, ...) into the folder."
+        )
     try:
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=trust_remote_code)
     except Exception as exc:
         raise CheckpointError(
             f"Cannot load a tokenizer from {path} ({type(exc).__name__}: {exc}). "

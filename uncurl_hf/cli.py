@@ -20,14 +20,22 @@ logger = logging.getLogger("uncurl_hf")
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    """``uncurl prune SRC (--task T | --calibration-file F) --factor F --method M -o OUT``."""
+    """``uncurl prune SRC (--task T | --calibration-file F) (--factor F | --num-experts-per-layer K,..) -o OUT``,
+    or ``uncurl prune SRC --plan PLAN.json -o OUT`` (apply a saved plan: no method, no calibration data)."""
+    from uncurl_hf.errors import InvalidPlanError
     from uncurl_hf.pruning import prune
 
+    if args.plan is not None and args.method is not None:
+        raise InvalidPlanError("--plan applies a saved plan, so there is no method to run; drop --method.")
     result = prune(
         args.model,
         output_dir=args.output,
-        factor=args.factor,
-        method=args.method,
+        factor=_factor(args.factor),
+        num_experts_per_layer=_counts(args.num_experts_per_layer),
+        plan=args.plan,
+        allow_pickle=args.allow_pickle,
+        trust_remote_code=args.trust_remote_code,
+        method=args.method or "frequency",
         task=args.task,
         calibration_file=args.calibration_file,
         num_calibration_examples=args.num_calibration,
@@ -37,10 +45,32 @@ def cmd_prune(args: argparse.Namespace) -> int:
         max_length=args.max_length,
         plan_out=args.plan_out,
         scale_expert_capacity=not args.keep_expert_capacity,
-        method_kwargs=dict(args.method_arg),
+        method_kwargs={**dict(args.method_arg), **({"uniform": True} if args.uniform else {})},
         progress=not args.no_progress,
+        evaluate=args.evaluate,
+        eval_limit=args.eval_limit,
+        card=not args.no_card,
+        base_model_id=args.base_model_id,
+        export=args.export,
+        push_to_hub=args.push_to_hub,
+        repo_id=args.repo_id,
+        hub_token=args.token,
+        private=args.private,
+        hub_exist_ok=args.hub_exist_ok,
     )
     print(result.summary_table())
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    """``uncurl push OUT --repo-id user/name``: upload a pruned output folder to the Hub (HF_ENDPOINT honoured)."""
+    from uncurl_hf.hub import push_folder
+
+    result = push_folder(
+        args.folder, args.repo_id, token=args.token, private=args.private, exist_ok=args.exist_ok,
+        overwrite=args.overwrite,
+    )
+    print(f"{'created' if result.created else 'updated'} {result.repo_url}\ncommit {result.commit_url}")
     return 0
 
 
@@ -63,6 +93,109 @@ def cmd_families(args: argparse.Namespace) -> int:
         family = family_by_name(name)
         print(f"{name}  (model_type: {', '.join(family.model_types)})\n    {family.description}")
     return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """``uncurl eval SRC --task T``: metric, params, disk MB and ms/example (batch 1 and batched)."""
+    from uncurl_hf.evaluation import evaluate_checkpoint
+
+    result = evaluate_checkpoint(
+        args.model, args.task, split=args.split, limit=args.limit, batch_size=args.batch_size,
+        progress=not args.no_progress,
+    )
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        for key, value in result.to_dict().items():
+            print(f"{key:<24} {value}")
+    return 0
+
+
+def cmd_zoo(args: argparse.Namespace) -> int:
+    """``uncurl zoo list | path NAME | build NAME``: the embedded tiny SMoE models."""
+    from pathlib import Path
+
+    from uncurl_hf.zoo import registry
+
+    if args.zoo_command == "list":
+        for name in registry.available_models():
+            print(name)
+    elif args.zoo_command == "path":
+        print(registry.zoo_path(args.name, progress=not args.no_progress))
+    else:
+        out = Path(args.output) if args.output else registry.sources.cache_dir() / "zoo" / args.name
+        print(registry.build(args.name, out, progress=not args.no_progress))
+    return 0
+
+
+def cmd_demo_run(args: argparse.Namespace) -> int:
+    """``uncurl demo-run``: the README's main command (prune the zoo model, print original vs pruned)."""
+    from uncurl_hf.quickstart import format_table, run_demo
+
+    result = run_demo(
+        model=args.model, task=args.task, method=args.method, factor=args.factor, output_dir=args.output,
+        num_calibration_examples=args.num_calibration, limit=args.limit, progress=not args.no_progress,
+    )
+    print(f"\n{args.model} pruned x{args.factor:g} with {args.method} on {args.task} "
+          f"in {result.prune_seconds:.1f} s -> {result.output_dir}\n")
+    print(format_table(result.original, result.pruned))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """``uncurl demo``: the Gradio Space locally (original vs pruned side by side); offline, blocks until Ctrl-C."""
+    from uncurl_hf.space import launch
+
+    launch(
+        base=args.base, pruned=args.pruned or None, host=args.host, port=args.port, share=args.share == "true",
+        task=args.task, progress=not args.no_progress,
+    )
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """``uncurl verify OUT``: manifest hashes, config/plan/weights agreement, load + one forward pass."""
+    from uncurl_hf.verify import verify_checkpoint
+
+    report = verify_checkpoint(args.folder, forward=not args.no_forward)
+    print(report.format())
+    report.raise_for_failures()
+    return 0
+
+
+def _factor(text: str | None) -> float | None:
+    """``--factor`` as a float; parsed here (not by argparse) so a typo is an ``InvalidFactorError`` like the rest."""
+    from uncurl_hf.errors import InvalidFactorError
+
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise InvalidFactorError(
+            f"--factor expects a number > 1 (2 keeps half of the experts of every layer), got {text!r}."
+        ) from None
+
+
+def _counts(text: str | None) -> list[int] | dict[str, int] | None:
+    """``--num-experts-per-layer``: ``4,4,2,2`` (one count per sparse layer, in order) or ``LAYER=K,...``."""
+    from uncurl_hf.errors import InvalidFactorError
+
+    if text is None:
+        return None
+    items = [item.strip() for item in text.split(",")]
+    named = ["=" in item for item in items]
+    try:
+        if all(named):
+            return {name.strip(): int(k) for name, k in (item.split("=", 1) for item in items)}
+        if not any(named):
+            return [int(item) for item in items]
+    except ValueError:
+        pass
+    raise InvalidFactorError(
+        f"--num-experts-per-layer expects integers, one per sparse layer in order (e.g. 4,4,2,2) or "
+        f"LAYER=K pairs (e.g. encoder.block.1=4,decoder.block.3=2), got {text!r}."
+    )
 
 
 def _method_arg(text: str) -> tuple[str, object]:
@@ -96,11 +229,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", help="prune a sparse MoE checkpoint for a task")
     p.add_argument("model", help="local checkpoint folder (config.json + *.safetensors + tokenizer)")
-    source = p.add_mutually_exclusive_group(required=True)
+    source = p.add_mutually_exclusive_group()
     source.add_argument("--task", help="registered task to calibrate on")
     source.add_argument("--calibration-file", help=".txt (one example per line) or .jsonl ('text', optional 'target')")
-    p.add_argument("--factor", type=_number, required=True, help="keep floor(E / factor) experts per layer")
-    p.add_argument("--method", default="frequency", help="pruning method (see `uncurl methods`)")
+    p.add_argument("--factor", help="keep floor(E / factor) experts per layer (a number > 1)")
+    p.add_argument(
+        "--num-experts-per-layer", metavar="K,K,...",
+        help="explicit counts instead of --factor: one per sparse layer in order (4,4,2,2) or LAYER=K pairs",
+    )
+    p.add_argument(
+        "--plan", metavar="PLAN.json",
+        help="apply a saved plan (uncurl_plan.json, --plan-out) instead of running a method; no calibration data",
+    )
+    p.add_argument("--method", help="pruning method (default frequency; see `uncurl methods`)")
+    p.add_argument(
+        "--allow-pickle", action="store_true",
+        help="read pickle-only (.bin) weights with torch.load(weights_only=True); refused by default",
+    )
+    p.add_argument(
+        "--trust-remote-code", action="store_true",
+        help="let transformers run Python code shipped with the checkpoint (auto_map); refused by default",
+    )
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-calibration", type=int, default=256, help="calibration examples (default 256)")
@@ -113,17 +262,102 @@ def build_parser() -> argparse.ArgumentParser:
         help="method-specific option (repeatable), e.g. --method-arg linkage=average",
     )
     p.add_argument(
+        "--uniform", action="store_true",
+        help="adaptive methods (uncurl, msmoe): keep floor(E / factor) experts in every layer",
+    )
+    p.add_argument(
         "--keep-expert-capacity", action="store_true",
         help="do not raise the per-expert token capacity of pruned layers by E_old/E_new",
     )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument(
+        "--evaluate", action="store_true",
+        help="score the original and the pruned model on the task's test split and put both in the model card",
+    )
+    p.add_argument("--eval-limit", type=int, metavar="N", help="with --evaluate: only the first N test examples")
+    p.add_argument("--no-card", action="store_true", help="do not write README.md (the model card)")
+    p.add_argument("--base-model-id", metavar="NS/NAME", help="Hub id of the source model, for the card's base_model")
+    p.add_argument(
+        "--export", choices=["pruned", "stock"], default="pruned",
+        help="pruned: per-layer counts (custom code); stock: plain switch_transformers (equal counts only)",
+    )
+    p.add_argument("--push-to-hub", action="store_true", help="upload the output folder to --repo-id when done")
+    p.add_argument("--repo-id", metavar="NS/NAME", help="with --push-to-hub: the Hub model repo")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
+    p.add_argument("--token", help="with --push-to-hub: Hub token (default: HF_TOKEN or `hf auth login`)")
+    p.add_argument("--hub-exist-ok", action="store_true", help="with --push-to-hub: upload into an existing repo")
     p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("verify", help="check an output folder: hashes, config/plan/weights agreement, forward pass")
+    p.add_argument("folder", help="output folder written by `uncurl prune`")
+    p.add_argument("--no-forward", action="store_true", help="skip loading the model and the forward pass")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("push", help="upload a pruned output folder to the Hugging Face Hub")
+    p.add_argument("folder", help="output folder written by `uncurl prune`")
+    p.add_argument("--repo-id", required=True, metavar="NS/NAME", help="target model repo, e.g. alice/switch-x4")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--token", help="Hub token (default: HF_TOKEN, then the token saved by `hf auth login`)")
+    existing = p.add_mutually_exclusive_group()
+    existing.add_argument(
+        "--exist-ok", action="store_true", help="upload into an existing repo (same-named files replaced, others kept)"
+    )
+    existing.add_argument(
+        "--overwrite", action="store_true", help="make an existing repo mirror the folder (other remote files deleted)"
+    )
+    p.set_defaults(func=cmd_push)
 
     p = sub.add_parser("methods", help="list pruning methods")
     p.set_defaults(func=cmd_methods)
 
     p = sub.add_parser("families", help="list supported MoE model families")
     p.set_defaults(func=cmd_families)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint on a task (metric, size, latency)")
+    p.add_argument("model", help="checkpoint folder")
+    p.add_argument("--task", required=True, help="registered task")
+    p.add_argument("--split", default="test", choices=["train", "dev", "test"])
+    p.add_argument("--limit", type=int, help="only the first N examples")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("zoo", help="the embedded tiny SMoE models (list, path, build)")
+    zoo = p.add_subparsers(dest="zoo_command", metavar="ZOO_COMMAND")
+    zoo.required = True
+    zoo.add_parser("list", help="list zoo models")
+    zp = zoo.add_parser("path", help="print a zoo model's folder (building it if missing)")
+    zp.add_argument("name")
+    zb = zoo.add_parser("build", help="run a zoo recipe (pretrain + fine-tune) into the cache or -o DIR")
+    zb.add_argument("name")
+    zb.add_argument("-o", "--output", help="output folder (default: the cache)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=cmd_zoo)
+
+    p = sub.add_parser("demo-run", help="prune the embedded tiny-switch-8 and compare it with the original")
+    p.add_argument("--model", default="tiny-switch-8", help="zoo model name")
+    p.add_argument("--task", default="sentiment")
+    p.add_argument("--method", default="frequency")
+    p.add_argument("--factor", type=_number, default=2.0)
+    p.add_argument("-o", "--output", default="outputs/tiny-switch-8-sentiment", help="where the pruned model goes")
+    p.add_argument("--num-calibration", type=int, default=256)
+    p.add_argument("--limit", type=int, help="evaluate on the first N test examples only")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=cmd_demo_run)
+
+    p = sub.add_parser("demo", help="launch the Gradio Space locally: original vs pruned side by side (offline)")
+    p.add_argument("--base", default="tiny-switch-8", help="base model: zoo name, folder, or cached Hub id")
+    p.add_argument(
+        "--pruned", action="append", default=[], metavar="MODEL",
+        help="pruned checkpoint to offer (repeatable); default: prune --base x2/x4/x8 with frequency into the cache",
+    )
+    p.add_argument("--task", default="sentiment", help="classification task whose examples the page offers")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 to expose it)")
+    p.add_argument("--port", type=int, help="port (default: Gradio's first free port from 7860)")
+    p.add_argument("--share", choices=["true", "false"], default="false", help="create a public gradio.live link")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars while preparing models")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 

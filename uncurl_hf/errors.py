@@ -47,3 +47,33 @@ class OutputExistsError(UncurlError):
 
 class CheckpointError(UncurlError):
     """A checkpoint could not be read or written (corrupt shard, missing file, write failure)."""
+
+
+class ExportError(UncurlError):
+    """The requested export format cannot represent the pruned model (e.g. stock export of unequal counts)."""
+
+
+class HubError(UncurlError):
+    """Pushing to (or talking with) a Hugging Face Hub endpoint failed; the local output is left untouched."""
+
+
+class HubAuthError(HubError):
+    """No token was found, or the Hub rejected it."""
+
+
+class RepoExistsError(HubError):
+    """The target Hub repository exists and neither ``exist_ok`` nor ``overwrite`` was given."""
+
+
+class HubConnectionError(HubError):
+    """The Hub endpoint could not be reached (connection refused, DNS failure, timeout, offline mode)."""
+
+
+class RemoteCodeError(UncurlError):
+    """The checkpoint needs Python code shipped with it (``auto_map``) and ``--trust-remote-code`` was not given."""
+
+
+class VerificationError(UncurlError):
+    """``uncurl verify`` found an output folder that does not match what was written (hashes, counts, forward)."""
+
+    exit_code = 1

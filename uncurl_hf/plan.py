@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
+import operator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -41,10 +43,30 @@ class LayerPlan:
     extras: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # Plans come from JSON files users edit or download: check every field's type here, so any malformed plan
+        # is an InvalidPlanError naming the field rather than a TypeError deep inside validate() or apply_plan().
+        where = f"layer {self.name!r}"
+        if not isinstance(self.name, str):
+            raise InvalidPlanError(f"A layer plan's name must be a string, got {self.name!r}.")
+        if not _is_int(self.num_experts) or self.num_experts < 0:
+            raise InvalidPlanError(f"{where}: num_experts must be an integer >= 0, got {self.num_experts!r}.")
+        self.num_experts = int(self.num_experts)
+        if not isinstance(self.router, str) or not isinstance(self.extras, dict):
+            raise InvalidPlanError(f"{where}: router must be a string and extras an object.")
+        if not _is_list_of_lists(self.groups, _is_int_like):
+            raise InvalidPlanError(f"{where}: groups must be a list of lists of expert indices, got {self.groups!r}.")
         self.groups = [[int(i) for i in group] for group in self.groups]
         if not self.weights:
             self.weights = [[1.0 / len(group)] * len(group) if group else [] for group in self.groups]
+        if not _is_list_of_lists(self.weights, _is_number):
+            raise InvalidPlanError(f"{where}: weights must be a list of lists of numbers, got {self.weights!r}.")
         self.weights = [[float(w) for w in ws] for ws in self.weights]
+        permutations = self.extras.get("permutations")
+        if permutations is not None and not (
+            isinstance(permutations, list)
+            and all(perms is None or _is_list_of_lists(perms, _is_int_like, allow_none=True) for perms in permutations)
+        ):
+            raise InvalidPlanError(f"{where}: extras['permutations'] must be a list (per group) of lists (per member).")
 
     @classmethod
     def keep(cls, name: str, num_experts: int, kept: list[int]) -> "LayerPlan":
@@ -127,6 +149,23 @@ class PruningPlan:
     metadata: dict[str, Any] = field(default_factory=dict)
     format_version: int = PLAN_FORMAT_VERSION
 
+    def __post_init__(self) -> None:
+        for key in ("model_type", "family", "method"):
+            if not isinstance(getattr(self, key), str):
+                raise InvalidPlanError(f"The plan's {key} must be a string, got {getattr(self, key)!r}.")
+        if not isinstance(self.layers, list) or not all(isinstance(layer, LayerPlan) for layer in self.layers):
+            raise InvalidPlanError("The plan's layers must be a list of layer plans.")
+        if self.factor is not None and (not _is_number(self.factor) or not math.isfinite(float(self.factor))):
+            raise InvalidPlanError(f"The plan's factor must be a finite number or null, got {self.factor!r}.")
+        if not _is_int(self.seed) or not _is_int(self.format_version):
+            raise InvalidPlanError(f"The plan's seed and format_version must be integers, got {self.seed!r}.")
+        self.seed, self.format_version = int(self.seed), int(self.format_version)
+        self.factor = None if self.factor is None else float(self.factor)
+        if self.base_model is not None and not isinstance(self.base_model, str):
+            raise InvalidPlanError(f"The plan's base_model must be a string or null, got {self.base_model!r}.")
+        if not isinstance(self.metadata, dict):
+            raise InvalidPlanError("The plan's metadata must be an object.")
+
     def layer(self, name: str) -> LayerPlan:
         for layer in self.layers:
             if layer.name == name:
@@ -152,7 +191,8 @@ class PruningPlan:
         unknown = sorted(set(names) - set(sizes))
         if unknown:
             raise InvalidPlanError(
-                f"The plan names layers {unknown} that the model does not have (model layers: {sorted(sizes)})."
+                f"The plan names layers {unknown} that the model does not have (model layers: {sorted(sizes)}); "
+                "it was made for another model: recompute the plan on this one."
             )
         missing = sorted(set(sizes) - set(names))
         if missing:
@@ -178,28 +218,40 @@ class PruningPlan:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "PruningPlan":
         try:
-            version = int(data.get("format_version", PLAN_FORMAT_VERSION))
+            version = data.get("format_version", PLAN_FORMAT_VERSION)
+            if not _is_int(version):
+                raise InvalidPlanError(f"The plan's format_version must be an integer, got {version!r}.")
             if version > PLAN_FORMAT_VERSION:
                 raise InvalidPlanError(
                     f"Plan format version {version} is newer than this uncurl-hf understands "
                     f"({PLAN_FORMAT_VERSION}); upgrade uncurl-hf."
                 )
+            if not isinstance(data["layers"], list) or not all(isinstance(layer, dict) for layer in data["layers"]):
+                raise InvalidPlanError("The plan's layers must be a list of objects (name, num_experts, groups, ...).")
             layers = [LayerPlan(**layer) for layer in data["layers"]]
             fields = {k: v for k, v in data.items() if k not in {"layers", "format_version"}}
             return cls(layers=layers, format_version=version, **fields)
         except InvalidPlanError:
             raise
-        except (KeyError, TypeError, ValueError) as exc:
-            raise InvalidPlanError(f"Malformed pruning plan ({type(exc).__name__}: {exc}).") from exc
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
+            raise InvalidPlanError(
+                f"Malformed pruning plan ({type(exc).__name__}: {exc}); write plans with `uncurl prune --plan-out`."
+            ) from exc
 
     @classmethod
     def from_json(cls, text: str) -> "PruningPlan":
         try:
             data = json.loads(text)
-        except ValueError as exc:
-            raise InvalidPlanError(f"The pruning plan is not valid JSON: {exc}.") from exc
+        except (ValueError, RecursionError) as exc:
+            raise InvalidPlanError(
+                f"The pruning plan is not valid JSON: {exc}. Use an uncurl_plan.json written by `uncurl prune` "
+                "(in its output folder, or --plan-out)."
+            ) from exc
         if not isinstance(data, dict):
-            raise InvalidPlanError("A pruning plan must be a JSON object.")
+            raise InvalidPlanError(
+                "A pruning plan must be a JSON object (an uncurl_plan.json written by `uncurl prune`), not "
+                f"a JSON {type(data).__name__}."
+            )
         return cls.from_dict(data)
 
     @classmethod
@@ -210,7 +262,10 @@ class PruningPlan:
         try:
             text = path.read_text(encoding="utf-8")
         except OSError as exc:
-            raise InvalidPlanError(f"Cannot read the pruning plan {path}: {exc.strerror or exc}.") from exc
+            raise InvalidPlanError(
+                f"Cannot read the pruning plan {path}: {exc.strerror or exc}. Check the path (a plan file, or an "
+                "output folder holding uncurl_plan.json)."
+            ) from exc
         return cls.from_json(text)
 
 
@@ -229,6 +284,41 @@ def _dumps(value: Any, indent: int = 0, width: int = 100) -> str:
         items = [f"{pad}  {_dumps(v, indent + 2, width)}" for v in value]
         return "[\n" + ",\n".join(items) + f"\n{pad}]"
     return json.dumps(value)
+
+
+def _is_int(value: Any) -> bool:
+    """A true integer: ``int``, numpy/torch integer scalars (anything with ``__index__``), never ``bool``."""
+    if isinstance(value, bool):
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
+
+
+def _is_int_like(value: Any) -> bool:
+    """An integer, or a float with an integral value (JSON writers may emit 3.0 for 3)."""
+    return _is_int(value) or (isinstance(value, float) and math.isfinite(value) and value.is_integer())
+
+
+def _is_number(value: Any) -> bool:
+    """A real number (Python, numpy or torch scalar); not ``bool``, not a string."""
+    if isinstance(value, (bool, str, bytes)):
+        return False
+    return isinstance(value, numbers.Real) or hasattr(value, "__float__")
+
+
+def _is_list_of_lists(value: Any, item_ok: Any, allow_none: bool = False) -> bool:
+    """``value`` is a list whose entries are lists (or ``None`` when allowed) of items passing ``item_ok``."""
+    if not isinstance(value, (list, tuple)):
+        return False
+    for row in value:
+        if row is None and allow_none:
+            continue
+        if not isinstance(row, (list, tuple)) or not all(item_ok(item) for item in row):
+            return False
+    return True
 
 
 def _layer_sizes(target: Any) -> dict[str, int]:

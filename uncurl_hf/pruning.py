@@ -1,4 +1,5 @@
-"""The pruning pipeline: load -> calibrate -> plan -> validate -> apply -> write (validated) -> result.
+"""The pruning pipeline: load -> calibrate -> plan -> validate -> apply -> [stock export] -> write (validated; card,
+optionally evaluated, written inside the atomic write) -> [push] -> result.
 
 Cheap checks (factor, method, task, calibration file, output folder) run before the model is loaded, so a typo
 fails in a second rather than after calibration.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
+import shlex
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -16,7 +18,8 @@ from typing import Any
 from uncurl_hf._version import __version__
 from uncurl_hf.apply import apply_plan
 from uncurl_hf.budget import expert_budget
-from uncurl_hf.calibration import build_batches, calibrate, load_calibration_file
+from uncurl_hf.cards import CardFacts, finalize_output, hub_model_id, is_hub_id, prune_command
+from uncurl_hf.calibration import build_batches, calibrate, check_coverage, load_calibration_file
 from uncurl_hf.checkpoint import (
     DEFAULT_MAX_SHARD_SIZE,
     check_output_dir,
@@ -24,11 +27,13 @@ from uncurl_hf.checkpoint import (
     inspect_checkpoint,
     load_model,
     load_tokenizer,
+    sweep_stale_temp_dirs,
     weights_size,
     write_checkpoint,
 )
 from uncurl_hf.config import PruningConfig
-from uncurl_hf.errors import CalibrationDataError, CheckpointError
+from uncurl_hf.errors import CalibrationDataError, CheckpointError, HubError, InvalidPlanError, UncurlError
+from uncurl_hf.export import check_export_format, to_stock, uniform_count
 from uncurl_hf.families import get_family
 from uncurl_hf.methods import get_method
 from uncurl_hf.plan import PruningPlan
@@ -51,6 +56,9 @@ class PruneResult:
     wall_time_s: float
     experts_before: dict[str, int] = field(default_factory=dict)
     experts_after: dict[str, int] = field(default_factory=dict)
+    eval_original: Any = None  # uncurl_hf.evaluation.EvalResult when prune(evaluate=True)
+    eval_pruned: Any = None
+    push: Any = None  # uncurl_hf.hub.PushResult when prune(push_to_hub=True)
 
     def summary_table(self) -> str:
         """A short plain-text table: parameters, weight bytes, experts per layer, wall time."""
@@ -65,8 +73,16 @@ class PruneResult:
         ]
         widths = [max(len(row[i]) for row in rows) for i in range(3)]
         lines = [f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:>{widths[2]}}" for r in rows]
+        if self.eval_original is not None and self.eval_pruned is not None:
+            lines.append(
+                f"{self.eval_pruned.metric} on {self.eval_pruned.task} ({self.eval_pruned.split}, "
+                f"{self.eval_pruned.num_examples} examples): {self.eval_original.score:.4f} -> "
+                f"{self.eval_pruned.score:.4f}"
+            )
         lines.append(f"method {self.plan.method}, factor {self.plan.factor}, seed {self.plan.seed}")
         lines.append(f"wrote {self.output_dir} in {self.wall_time_s:.1f} s")
+        if self.push is not None:
+            lines.append(f"pushed to {self.push.repo_url} ({self.push.commit_url})")
         return "\n".join(lines)
 
 
@@ -85,12 +101,25 @@ def prune(
     max_length: int = 128,
     max_logit_samples: int = 4096,
     scale_expert_capacity: bool = True,
-    num_experts_per_layer: dict[str, int] | None = None,
+    num_experts_per_layer: dict[str, int] | list[int] | None = None,
     method_kwargs: dict[str, Any] | None = None,
     config: PruningConfig | None = None,
+    plan: PruningPlan | str | Path | None = None,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
     plan_out: str | Path | None = None,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     progress: bool = True,
+    evaluate: bool = False,
+    eval_limit: int | None = None,
+    card: bool = True,
+    base_model_id: str | None = None,
+    export: str = "pruned",
+    push_to_hub: bool = False,
+    repo_id: str | None = None,
+    hub_token: str | None = None,
+    private: bool = False,
+    hub_exist_ok: bool = False,
 ) -> PruneResult:
     """Prune the local checkpoint ``model`` for a task and write the result to ``output_dir``.
 
@@ -98,8 +127,25 @@ def prune(
     ``calibration_file`` (``.txt``/``.jsonl``). When ``config`` is given it supplies method, factor, counts,
     calibration size, batch size, max length, seed, sample bound and capacity scaling; the matching keyword
     arguments are then ignored.
+
+    Outputs: ``card`` writes ``README.md`` (:mod:`uncurl_hf.cards`; ``base_model_id`` names the Hub id of the source
+    when its folder does not tell). ``evaluate`` scores the original and the written pruned checkpoint on the task's
+    test split (first ``eval_limit`` examples) before the folder is moved into place, and the card reports them.
+    ``export="stock"`` writes a plain ``switch_transformers`` checkpoint (every layer must keep the same count).
+    ``push_to_hub`` uploads the folder to ``repo_id`` (:func:`uncurl_hf.hub.push_folder`; token and Hub are checked
+    before any heavy work, and a failed push keeps the local folder).
+
+    ``plan`` (a :class:`PruningPlan` or its JSON file) applies a saved plan instead of running a method: no
+    calibration data is needed (a ``task`` is still used by ``evaluate``), and factor / counts / ``config`` must not
+    be given. A plan made for another model (other family, layers or expert counts) raises ``InvalidPlanError``.
+    ``allow_pickle`` reads pickle-only checkpoints with ``torch.load(weights_only=True)``; ``trust_remote_code`` lets
+    transformers run code shipped with the checkpoint (both off by default, see :mod:`uncurl_hf.checkpoint`).
     """
     start = time.perf_counter()
+    saved_plan = _saved_plan(plan, factor, num_experts_per_layer, config)
+    plan_source = plan  # ``plan`` is rebound to the plan actually applied below
+    if saved_plan is not None:
+        num_experts_per_layer = saved_plan.counts
     if config is None:
         config = PruningConfig(
             method=method,
@@ -116,60 +162,215 @@ def prune(
     else:
         config = replace(config)  # re-validate, never mutate the caller's object
     source = Path(model)
-    pruning_method = get_method(config.method)
-    inspect_checkpoint(source)
+    pruning_method = get_method(config.method) if saved_plan is None else None
+    check_export_format(export)
+    source_family = inspect_checkpoint(source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    if saved_plan is not None and saved_plan.family != source_family.name:
+        raise InvalidPlanError(
+            f"The plan was made for a {saved_plan.family!r} model ({saved_plan.model_type!r}), but {source} is a "
+            f"{source_family.name!r} model; compute a plan on this model (uncurl prune --plan-out PLAN ...)."
+        )
+    sweep_stale_temp_dirs(Path(output_dir).expanduser().resolve())  # leftovers of killed runs, before the check
     check_output_dir(Path(output_dir).expanduser().resolve(), source.expanduser().resolve(), overwrite)
-    examples = _calibration_examples(task, calibration_file, config)
+    examples = _calibration_examples(task, calibration_file, config) if saved_plan is None else []
+    if evaluate:
+        _check_evaluable(task)
+    if base_model_id is not None and not is_hub_id(base_model_id):
+        raise UncurlError(f"base_model_id {base_model_id!r} is not a Hub model id; give it as namespace/name.")
+    base_model_id = base_model_id or hub_model_id(source)
+    if push_to_hub:
+        from uncurl_hf.hub import preflight
 
-    loaded = load_model(source)
+        if repo_id is None:
+            raise HubError("push_to_hub needs a repo id (--repo-id namespace/name).")
+        preflight(repo_id, token=hub_token, exist_ok=hub_exist_ok)
+
+    # the tokenizer is cheap and needed only for calibration: a missing one fails before the model is loaded
+    tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code) if saved_plan is None else None
+    loaded = load_model(source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     family = get_family(loaded)
     sizes = family.layer_sizes(loaded)
-    budget = expert_budget(sizes, config.factor, config.num_experts_per_layer)
-    tokenizer = load_tokenizer(source)
+    if saved_plan is not None:
+        saved_plan.validate(sizes)  # layers and expert counts must be this model's
+        budget = saved_plan.counts
+    else:
+        budget = expert_budget(sizes, config.factor, config.num_experts_per_layer)
+        if isinstance(config.num_experts_per_layer, list):  # positional counts (CLI) -> {layer: k} from here on
+            config = replace(config, num_experts_per_layer={name: budget[name] for name in sizes})
+    if export == "stock":
+        uniform_count(budget)  # fail before calibration when the requested counts already differ
 
-    logger.info("calibrating on %d examples", len(examples))
-    batches = build_batches(examples, tokenizer, batch_size=config.batch_size, max_length=config.max_length)
-    stats = calibrate(loaded, family, batches, config.max_logit_samples, config.seed, progress=progress)
+    if saved_plan is not None:
+        plan, stats_summary = saved_plan, {}
+    else:
+        assert pruning_method is not None
+        logger.info("calibrating on %d examples", len(examples))
+        batches = build_batches(examples, tokenizer, batch_size=config.batch_size, max_length=config.max_length)
+        stats = calibrate(loaded, family, batches, config.max_logit_samples, config.seed, progress=progress)
+        if pruning_method.needs_calibration:
+            check_coverage(stats)
+        stats_summary = stats.summary()
 
-    logger.info("planning with %s (budget %s)", pruning_method.name, budget)
-    plan = pruning_method(stats, loaded, family, budget, config)
-    plan.base_model = str(model)
-    plan.metadata.update(
-        {
-            "uncurl_hf_version": __version__,
-            "budget": budget,
-            "calibration": {
-                "task": task,
-                "calibration_file": str(calibration_file) if calibration_file is not None else None,
-                "num_examples": len(examples),
-                "max_length": config.max_length,
-            },
-            "stats": stats.summary(),
-        }
-    )
-    plan.validate(sizes, budget)
+        budget = pruning_method.allocate(stats, budget, config)  # adaptive methods re-split the total across layers
+        logger.info("planning with %s (budget %s)", pruning_method.name, budget)
+        plan = pruning_method(stats, loaded, family, budget, config)
+        plan.base_model = str(model)
+        plan.metadata.update(
+            {
+                "uncurl_hf_version": __version__,
+                "budget": budget,
+                "calibration": {
+                    "task": task,
+                    "calibration_file": str(calibration_file) if calibration_file is not None else None,
+                    "num_examples": len(examples),
+                    "max_length": config.max_length,
+                },
+                "stats": stats.summary(exact_only=True),  # integers only: identical for any thread count
+            }
+        )
+        plan.validate(sizes, budget)
 
     logger.info("applying the plan")
     pruned = apply_plan(loaded, family, plan, scale_expert_capacity=config.scale_expert_capacity)
+    if export == "stock":
+        uniform_count(plan.counts)
+        pruned = to_stock(pruned)
+    params_before, params_after = count_parameters(loaded), count_parameters(pruned)
+    facts = CardFacts(
+        plan=plan,
+        experts_before=sizes,
+        experts_after=plan.counts,
+        params_before=params_before,
+        params_after=params_after,
+        disk_bytes_before=weights_size(source),
+        disk_bytes_after=0,  # measured on the written files by finalize_output
+        command=prune_command(
+            model, config=config, task=task, calibration_file=calibration_file, export=export,
+            evaluate=evaluate, eval_limit=eval_limit,
+        ) if saved_plan is None else _plan_command(model, plan_arg=plan_source, export=export),
+        source_name=source.expanduser().resolve().name,
+        **(
+            dict(
+                task=task,
+                calibration_file=Path(calibration_file).name if calibration_file is not None else None,
+                calibration_size=len(examples),
+                max_length=config.max_length,
+            )
+            if saved_plan is None
+            else _plan_calibration_facts(saved_plan, task)
+        ),
+        export=export,
+        base_model_id=base_model_id,
+        repo_id=repo_id if push_to_hub else None,
+    )
+    measured: list[CardFacts] = []
+
+    def finalize(folder: Path) -> None:
+        measured.append(
+            finalize_output(
+                folder, facts, source=source, evaluate=evaluate, eval_limit=eval_limit, write=card, progress=progress
+            )
+        )
+
     output = write_checkpoint(
-        pruned, output_dir, plan, source_dir=source, overwrite=overwrite, max_shard_size=max_shard_size
+        pruned, output_dir, plan, source_dir=source, overwrite=overwrite, max_shard_size=max_shard_size,
+        finalize=finalize if (card or evaluate) else None,
     )
     if plan_out is not None:
         plan.save(plan_out)
     result = PruneResult(
         output_dir=output,
         plan=plan,
-        stats_summary=stats.summary(),
-        params_before=count_parameters(loaded),
-        params_after=count_parameters(pruned),
-        disk_bytes_before=weights_size(source),
+        stats_summary=stats_summary,
+        params_before=params_before,
+        params_after=params_after,
+        disk_bytes_before=facts.disk_bytes_before,
         disk_bytes_after=weights_size(output),
         wall_time_s=time.perf_counter() - start,
         experts_before=sizes,
         experts_after=plan.counts,
+        eval_original=measured[0].eval_original if measured else None,
+        eval_pruned=measured[0].eval_pruned if measured else None,
     )
     logger.info("done in %.1f s", result.wall_time_s)
+    if push_to_hub:
+        from uncurl_hf.hub import push_folder
+
+        assert repo_id is not None
+        try:
+            result.push = push_folder(
+                output, repo_id, token=hub_token, private=private, exist_ok=hub_exist_ok
+            )
+        except HubError as exc:
+            raise type(exc)(
+                f"{exc} The pruned model is saved in {output}; push it later with "
+                f"`uncurl push {output} --repo-id {repo_id}`."
+            ) from exc
     return result
+
+
+def _saved_plan(
+    plan: PruningPlan | str | Path | None,
+    factor: float | None,
+    num_experts_per_layer: Any,
+    config: PruningConfig | None,
+) -> PruningPlan | None:
+    """The plan to apply instead of running a method (loaded and checked layer by layer), or ``None``."""
+    if plan is None:
+        return None
+    if factor is not None or num_experts_per_layer is not None or config is not None:
+        raise InvalidPlanError(
+            "A saved plan already fixes the experts of every layer; drop --factor / --num-experts-per-layer "
+            "(factor, num_experts_per_layer, config) when you pass --plan."
+        )
+    loaded = PruningPlan.load(plan) if isinstance(plan, (str, Path)) else replace(plan)
+    if not loaded.layers:
+        raise InvalidPlanError("The plan lists no layers; recompute it with `uncurl prune --plan-out PLAN ...`.")
+    for layer in loaded.layers:
+        layer.validate()
+    return loaded
+
+
+def _plan_command(model: str | Path, plan_arg: PruningPlan | str | Path | None, export: str) -> str:
+    """The ``uncurl prune --plan`` command of a run that applied a saved plan (file names only, no paths)."""
+    plan_name = Path(plan_arg).name if isinstance(plan_arg, (str, Path)) else "PLAN.json"
+    args = ["uncurl", "prune", Path(model).name or str(model), "--plan", plan_name, "-o", "OUTPUT_DIR"]
+    if export != "pruned":
+        args += ["--export", export]
+    return shlex.join(args)
+
+
+def _plan_calibration_facts(plan: PruningPlan, task: str | None) -> dict[str, Any]:
+    """Card facts about the data a saved plan was calibrated on, from its metadata (only well-typed values)."""
+    calibration = plan.metadata.get("calibration") if isinstance(plan.metadata, dict) else None
+    calibration = calibration if isinstance(calibration, dict) else {}
+
+    def typed(key: str, kind: type) -> Any:
+        value = calibration.get(key)
+        return value if isinstance(value, kind) and not isinstance(value, bool) else None
+
+    task = task or typed("task", str)
+    file = typed("calibration_file", str)
+    return {
+        "task": task,
+        "calibration_file": Path(file).name if file else None if task else "unknown (saved plan)",
+        "calibration_size": typed("num_examples", int),
+        "max_length": typed("max_length", int),
+    }
+
+
+def _check_evaluable(task: str | None) -> None:
+    """Evaluation scores a registered classification task; say so before any heavy work."""
+    if task is None:
+        raise UncurlError(
+            "--evaluate needs --task: a calibration file has no test split to score. Evaluate the output "
+            "afterwards with `uncurl eval OUT --task TASK`, or drop --evaluate."
+        )
+    if not get_task(task).labels:
+        raise UncurlError(
+            f"--evaluate is only implemented for classification tasks; {task!r} is a generation task. "
+            "Drop --evaluate."
+        )
 
 
 def _calibration_examples(
