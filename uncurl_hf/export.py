@@ -21,19 +21,13 @@ import torch
 from torch import nn
 
 from uncurl_hf.errors import ExportError
+from uncurl_hf.families.switch_transformers import DERIVED_CONFIG_KEYS
 
 logger = logging.getLogger(__name__)
 
 EXPORT_FORMATS = ("pruned", "stock")
 # Config keys that belong to the pruned type (or are derived/set by transformers) and must not reach a stock config.
-_NOT_STOCK_KEYS = (
-    "model_type",
-    "transformers_version",
-    "architectures",
-    "auto_map",
-    "_name_or_path",
-    "encoder_sparse_step",
-    "decoder_sparse_step",
+_NOT_STOCK_KEYS = DERIVED_CONFIG_KEYS + (
     "num_experts_per_encoder_layer",
     "num_experts_per_decoder_layer",
     "expert_capacity_per_encoder_layer",

@@ -21,7 +21,7 @@ from uncurl_hf.families import register_family
 from uncurl_hf.families.base import MoEFamily, MoELayer, ReducedLayer
 
 # Keys of ``config.to_dict()`` that must not be passed to a new config: set by transformers or derived.
-_DERIVED_CONFIG_KEYS = (
+DERIVED_CONFIG_KEYS = (
     "model_type",
     "transformers_version",
     "architectures",
@@ -189,7 +189,7 @@ class SwitchTransformersFamily(MoEFamily):
             capacity = reduced.expert_capacity if reduced and reduced.expert_capacity else None
             capacities[side].append(capacity or int(self.expert_capacity(layer) or config.expert_capacity))
 
-        values = {k: v for k, v in config.to_dict().items() if k not in _DERIVED_CONFIG_KEYS}
+        values = {k: v for k, v in config.to_dict().items() if k not in DERIVED_CONFIG_KEYS}
         all_counts = counts["encoder"] + counts["decoder"]
         values.update(
             num_experts=max(all_counts),
