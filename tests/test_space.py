@@ -272,3 +272,28 @@ def test_browser_batch_tab(page: Any, models: tuple[Path, Path]) -> None:
     assert page.locator("#batch-summary .score-pruned").inner_text() == f"{expected['scores']['pruned']:.4f}"
     page.locator("#latency-plot img").first.wait_for(state="visible")
     page.get_by_role("tab", name="Compare").click()
+
+
+def test_concurrent_requests_are_all_answered_correctly(app_url: str, models: tuple[Path, Path]) -> None:
+    """Bounded load test on 127.0.0.1: 50 requests in flight at once through gradio_client, queued by the app
+    (one model run at a time); every one is answered, and each answer equals the Python API's for its input."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gradio_client import Client
+
+    from uncurl_hf.tasks import get_task
+
+    base, pruned = models
+    texts = [e.source.removeprefix("sentiment: ") for e in get_task("sentiment").load_split("test")[:5]]
+    expected = {t: {side: _stable(space.compare(t, base, pruned)[side]) for side in ("original", "pruned")} for t in texts}
+    client = Client(app_url, verbose=False)
+
+    def ask(i: int) -> tuple[str, dict[str, Any]]:
+        text = texts[i % len(texts)]
+        return text, client.submit(text, str(base), str(pruned), api_name="/compare_json").result(timeout=120)
+
+    with ThreadPoolExecutor(max_workers=50) as pool:
+        answers = list(pool.map(ask, range(50)))
+    assert len(answers) == 50
+    for text, answer in answers:
+        assert {side: _stable(answer[side]) for side in ("original", "pruned")} == expected[text]
