@@ -198,7 +198,7 @@ def test_push_uploads_every_file_with_a_commit_naming_method_and_factor(round_tr
 
 def test_from_pretrained_repo_id_gives_identical_logits(round_trip):
     expected = _expected_logits(round_trip["pruned"].output_dir)
-    logits, report = round_trip["logits"], round_trip["report"]
+    logits = round_trip["logits"]
     torch.testing.assert_close(logits["pruned_repo"], expected, rtol=0, atol=0)
     torch.testing.assert_close(logits["local"], expected, rtol=0, atol=0)
     torch.testing.assert_close(logits["stock_repo"], _expected_logits(round_trip["stock"].output_dir), rtol=0, atol=0)

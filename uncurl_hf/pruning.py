@@ -32,7 +32,7 @@ from uncurl_hf.checkpoint import (
     write_checkpoint,
 )
 from uncurl_hf.config import PruningConfig
-from uncurl_hf.errors import CalibrationDataError, CheckpointError, HubError, InvalidPlanError, UncurlError
+from uncurl_hf.errors import CalibrationDataError, HubError, InvalidPlanError, UncurlError
 from uncurl_hf.export import check_export_format, to_stock, uniform_count
 from uncurl_hf.families import get_family
 from uncurl_hf.methods import get_method
