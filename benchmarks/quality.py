@@ -9,7 +9,7 @@ A method spec may carry options: ``uncurl:router=anchor,uniform=true`` (values p
 
 Per task the model is calibrated ONCE (the same seeded draw of ``--num-calibration`` training examples that
 ``uncurl prune --task`` uses) and every method plans from those statistics; the pruned model is built in memory with
-:func:`uncurl_hf.apply_plan` and scored on the test split with :func:`uncurl_hf.evaluation.task_score`. That is
+:func:`uncurl_hf.apply_plan` and scored on the test split with :func:`uncurl_hf.evaluation.label_distribution`. That is
 ``uncurl prune`` minus the checkpoint writing; ``--from-disk`` also writes every pruned model and scores the
 reloaded checkpoint instead. "plan s" is the wall time of the method alone (calibration is shared and reported once).
 """
@@ -105,7 +105,7 @@ def run_task(
     from uncurl_hf.budget import expert_budget
     from uncurl_hf.checkpoint import load_tokenizer
     from uncurl_hf.errors import InvalidFactorError
-    from uncurl_hf.evaluation import label_distribution, task_score
+    from uncurl_hf.evaluation import label_distribution
     from uncurl_hf.methods import get_method
     from uncurl_hf.tasks import get_task
 
@@ -115,8 +115,8 @@ def run_task(
     family = get_family(model)
     sizes = family.layer_sizes(model)
     test = task.load_split("test")[:limit] if limit else task.load_split("test")
-    baseline = task_score(model, tokenizer, task, test)
     reference = label_distribution(model, tokenizer, task, test)
+    baseline = _score(task, reference, test)
     defaults = PruningConfig(factor=2.0, num_calibration_examples=num_calibration, seed=seed)  # batch/length defaults
     examples = task.calibration_examples(num_calibration, seed)
     start = time.perf_counter()
@@ -143,13 +143,21 @@ def run_task(
             pruned = apply_plan(model, family, plan)
             if from_disk:
                 pruned = _reload(pruned, plan, model_dir)
-            score = task_score(pruned, tokenizer, task, test)
-            agreement, kl = _divergence(reference, label_distribution(pruned, tokenizer, task, test))
+            distribution = label_distribution(pruned, tokenizer, task, test)
+            score = _score(task, distribution, test)
+            agreement, kl = _divergence(reference, distribution)
             cells.append(Cell(task_name, spec, factor, score, baseline, plan_s, plan.counts, agreement, kl))
             logger.info(
                 "%s  %-24s x%g  %.4f (%.1f%%)  %.2f s", task_name, spec, factor, score, cells[-1].relative, plan_s
             )
     return info, cells
+
+
+def _score(task: Any, distribution: Any, examples: Sequence[Any]) -> float:
+    """The task metric of the argmax predictions of an [N, L] label distribution (one forward pass serves both)."""
+    from uncurl_hf.evaluation import metric_score
+
+    return metric_score(task, [task.labels[i] for i in distribution.argmax(-1).tolist()], examples)
 
 
 def _divergence(reference: Any, pruned: Any) -> tuple[float, float]:

@@ -81,16 +81,20 @@ def label_distribution(
     task: Task,
     examples: Sequence[Example],
     batch_size: int = 64,
+    progress: bool = False,
 ) -> torch.Tensor:
     """[N, L] log-probabilities over the task's labels (softmax of the label sequence log-likelihoods).
 
-    Finer than accuracy for comparing a pruned model with its original: two models can agree on every
-    argmax and still differ in confidence (measured as KL divergence).
+    Its argmax is the prediction; it is also finer than accuracy for comparing a pruned model with its
+    original: two models can agree on every argmax and still differ in confidence (measured as KL divergence).
     """
     model.eval()
+    starts = range(0, len(examples), batch_size)
     chunks = [
-        label_logprobs(model, tokenizer, [e.source for e in examples[i : i + batch_size]], task.labels, task.max_source_tokens)
-        for i in range(0, len(examples), batch_size)
+        label_logprobs(
+            model, tokenizer, [e.source for e in examples[i : i + batch_size]], task.labels, task.max_source_tokens
+        )
+        for i in tqdm(starts, desc=f"eval {task.name}", disable=not progress, leave=False)
     ]
     return torch.log_softmax(torch.cat(chunks), dim=-1)
 
@@ -103,14 +107,15 @@ def predict_labels(
     batch_size: int = 64,
     progress: bool = False,
 ) -> list[str]:
-    """Predicted label string per example (argmax of :func:`label_logprobs`)."""
-    preds: list[str] = []
-    starts = range(0, len(examples), batch_size)
-    for start in tqdm(starts, desc=f"eval {task.name}", disable=not progress, leave=False):
-        chunk = examples[start : start + batch_size]
-        scores = label_logprobs(model, tokenizer, [e.source for e in chunk], task.labels, task.max_source_tokens)
-        preds.extend(task.labels[i] for i in scores.argmax(-1).tolist())
-    return preds
+    """Predicted label string per example (argmax of :func:`label_distribution`)."""
+    distribution = label_distribution(model, tokenizer, task, examples, batch_size, progress)
+    return [task.labels[i] for i in distribution.argmax(-1).tolist()]
+
+
+def metric_score(task: Task, predictions: Sequence[str], examples: Sequence[Example]) -> float:
+    """The task metric of ``predictions`` against the examples' targets (the project's `evaluate` module)."""
+    metric = load_metric(task.metric)
+    return float(metric.compute(predictions=list(predictions), references=[e.target for e in examples])[task.metric])
 
 
 def task_score(
@@ -124,10 +129,7 @@ def task_score(
     """The task metric (computed by the project's `evaluate` module) on ``examples``."""
     if not task.labels:
         raise NotImplementedError(f"task {task.name!r} is a generation task; only classification is scored yet")
-    model.eval()
-    preds = predict_labels(model, tokenizer, task, examples, batch_size, progress)
-    metric = load_metric(task.metric)
-    return float(metric.compute(predictions=preds, references=[e.target for e in examples])[task.metric])
+    return metric_score(task, predict_labels(model, tokenizer, task, examples, batch_size, progress), examples)
 
 
 def measure_latency(
