@@ -28,7 +28,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -154,6 +154,19 @@ def make_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
     return Adafactor(model.parameters(), lr=lr, scale_parameter=True, relative_step=False, warmup_init=False)
 
 
+def train_step(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor], lr: float
+) -> Any:
+    """One optimizer step at ``lr`` on ``batch``, with the router z-loss and load-balancing loss on."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    out = model(**batch, output_router_logits=True)
+    out.loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return out
+
+
 def pad_batch(seqs: list[list[int]], pad: int, label_pad: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad if label_pad is None else label_pad, dtype=torch.long)
@@ -268,12 +281,7 @@ def pretrain(recipe: ZooRecipe, workdir: Path, progress: bool = True) -> Path:
     t0 = time.time()
     batches = pretrain_batches(chunks, spec, sentinels, tokenizer.eos_token_id, start, polarity)
     for step, batch in enumerate(batches, start):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, spec.steps, spec.warmup, spec.lr)
-        out_ = model(**batch, output_router_logits=True)
-        out_.loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        out_ = train_step(model, optimizer, batch, lr_at(step, spec.steps, spec.warmup, spec.lr))
         bar.update(1)
         if step % 25 == 0:
             rec = {
@@ -320,12 +328,8 @@ def intermediate(recipe: ZooRecipe, pretrained: Path, workdir: Path, progress: b
         rows = [pairs[i] for i in rng.choice(len(pairs), size=spec.batch_size, replace=False)]
         input_ids, attention_mask = pad_batch([r[0] for r in rows], pad=0)
         labels, _ = pad_batch([r[1] for r in rows], pad=0, label_pad=-100)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, spec.steps, spec.warmup, spec.lr)
-        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, output_router_logits=True).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        loss = train_step(model, optimizer, batch, lr_at(step, spec.steps, spec.warmup, spec.lr)).loss
         if step % 25 == 0:
             with log.open("a") as fh:
                 fh.write(json.dumps({"step": step, "loss": float(loss.detach())}) + "\n")
@@ -372,12 +376,7 @@ def finetune(recipe: ZooRecipe, pretrained: Path, out: Path, progress: bool = Tr
     for epoch in range(spec.epochs):
         model.train()
         for batch in task_batches(tokenizer, train, spec.batch_size, rng):
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total, spec.warmup, spec.lr)
-            loss = model(**batch, output_router_logits=True).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss = train_step(model, optimizer, batch, lr_at(step, total, spec.warmup, spec.lr)).loss
             step += 1
             bar.update(1)
         dev_acc = task_score(model, tokenizer, task, dev)
