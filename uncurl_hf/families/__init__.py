@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, TypeVar
 
 from uncurl_hf.errors import UnsupportedModelError
-from uncurl_hf.families.base import MoEFamily, MoELayer, ReducedLayer, model_type_of
+from uncurl_hf.families.base import DiskLayer, MoEFamily, MoELayer, ReducedLayer, TensorReader, model_type_of
 
 _FAMILIES: dict[str, MoEFamily] = {}
 
@@ -58,9 +58,11 @@ def _describe_supported() -> str:
 from uncurl_hf.families import switch_transformers as _switch_transformers  # noqa: E402,F401  (registers)
 
 __all__ = [
+    "DiskLayer",
     "MoEFamily",
     "MoELayer",
     "ReducedLayer",
+    "TensorReader",
     "available_families",
     "family_by_name",
     "get_family",

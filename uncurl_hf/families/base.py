@@ -12,7 +12,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Mapping, Protocol
 
 import torch
 from torch import nn
@@ -51,6 +51,33 @@ class ReducedLayer:
     @property
     def num_experts(self) -> int:
         return len(self.experts)
+
+
+@dataclass(frozen=True)
+class DiskLayer:
+    """One sparse layer as stored in a checkpoint's safetensors files (no model needed: config + tensor keys).
+
+    ``name`` equals the in-memory :attr:`MoELayer.name`, so plans made on a loaded model apply to files. ``keys``
+    are every stored tensor the layer owns (experts and router): out-of-core surgery replaces exactly these with
+    :meth:`MoEFamily.write_disk_layer`'s output and copies every other tensor through unchanged.
+    """
+
+    name: str
+    num_experts: int
+    keys: frozenset[str]
+    top_k: int = 1
+
+
+class TensorReader(Protocol):
+    """Lazy access to the tensors of a checkpoint (e.g. over ``safetensors.safe_open``): nothing is read until asked."""
+
+    def keys(self) -> list[str]: ...
+
+    def get(self, key: str) -> torch.Tensor:
+        """The whole stored tensor."""
+
+    def get_rows(self, key: str, index: int) -> torch.Tensor:
+        """``tensor[index]`` (first axis), reading only that slice from disk (fused ``[E, ...]`` expert tensors)."""
 
 
 class MoEFamily(ABC):
@@ -121,6 +148,36 @@ class MoEFamily(ABC):
     def layer_sizes(self, model: nn.Module) -> dict[str, int]:
         """``{layer name: num_experts}`` for every sparse layer."""
         return {layer.name: layer.num_experts for layer in self.sparse_layers(model)}
+
+    # ---- the on-disk view, for out-of-core surgery (uncurl_hf/streaming.py) -----------------------------------
+    # A family that implements these five methods can be pruned without ever holding the model in memory: the
+    # streaming writer reads one layer's expert tensors at a time, merges them exactly like apply.py does, and
+    # writes the layer's new tensors in the same on-disk layout the family's loader expects.
+
+    def disk_layers(self, config: Mapping[str, Any], keys: list[str]) -> list[DiskLayer]:
+        """Every sparse layer of a stored checkpoint (``config.json`` dict + all tensor keys), in model order."""
+        raise NotImplementedError(f"{self.name} does not support out-of-core (streaming) surgery yet")
+
+    def read_disk_expert(self, layer: DiskLayer, index: int, reader: TensorReader) -> dict[str, torch.Tensor]:
+        """Expert ``index``'s weights, keyed and shaped exactly like :meth:`expert_tensors` returns them."""
+        raise NotImplementedError(f"{self.name} does not support out-of-core (streaming) surgery yet")
+
+    def read_disk_router(self, layer: DiskLayer, reader: TensorReader) -> dict[str, torch.Tensor]:
+        """Router tensors, keyed and shaped exactly like :meth:`router_tensors` returns them."""
+        raise NotImplementedError(f"{self.name} does not support out-of-core (streaming) surgery yet")
+
+    def write_disk_layer(self, layer: DiskLayer, reduced: ReducedLayer) -> dict[str, torch.Tensor]:
+        """``{stored key: tensor}`` for the reduced layer, in the layout the family's loader reads."""
+        raise NotImplementedError(f"{self.name} does not support out-of-core (streaming) surgery yet")
+
+    def reduced_config_dict(
+        self,
+        config: Mapping[str, Any],
+        layers: Mapping[str, ReducedLayer | int],
+        base_model: str | None = None,
+    ) -> dict[str, Any]:
+        """The ``config.json`` dict of the reduced checkpoint (new per-layer counts; model_type/auto_map updated)."""
+        raise NotImplementedError(f"{self.name} does not support out-of-core (streaming) surgery yet")
 
 
 def model_type_of(obj: Any) -> str | None:
