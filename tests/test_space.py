@@ -124,6 +124,21 @@ def test_compare_result(models: tuple[Path, Path], example_text: str) -> None:
     assert result["pruned"]["label"] in html and "ms" in html and "tokens/s" in html
 
 
+def test_requests_stop_at_their_time_budget(models: tuple[Path, Path], example_text: str) -> None:
+    """A request over its budget stops between model runs with a message naming the fix; a generous budget changes
+    nothing, and a timed-out request leaves the models free for the next one."""
+    base, pruned = models
+    with pytest.raises(space.RequestTimeoutError, match=r"longer than its 1e-09 s limit .*--request-timeout"):
+        space.compare(example_text, base, pruned, timeout=1e-9)
+    with pytest.raises(space.RequestTimeoutError, match="fewer examples"):
+        space.compare_batch(5, base, pruned, timeout=1e-9)
+    generous = space.compare(example_text, base, pruned, timeout=600)
+    unlimited = space.compare(example_text, base, pruned)
+    assert {s: _stable(generous[s]) for s in ("original", "pruned")} == {
+        s: _stable(unlimited[s]) for s in ("original", "pruned")
+    }
+
+
 def test_compare_batch(models: tuple[Path, Path]) -> None:
     base, pruned = models
     batch = space.compare_batch(4, base, pruned)
@@ -181,8 +196,13 @@ def test_cli_demo_forwards_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(space, "launch", lambda **kwargs: calls.append(kwargs))
     assert main(["demo", "--share", "false", "--port", "7999", "--host", "127.0.0.1", "--base", "B",
                  "--pruned", "P1", "--pruned", "P2", "--no-progress"]) == 0
-    assert calls == [{"base": "B", "pruned": ["P1", "P2"], "host": "127.0.0.1", "port": 7999, "share": False,
-                      "task": "sentiment", "progress": False}]
+    assert main(["demo", "--request-timeout", "0"]) == 0
+    assert calls == [
+        {"base": "B", "pruned": ["P1", "P2"], "host": "127.0.0.1", "port": 7999, "share": False, "task": "sentiment",
+         "progress": False, "request_timeout": 60.0},
+        {"base": "tiny-switch-8", "pruned": None, "host": "127.0.0.1", "port": None, "share": False,
+         "task": "sentiment", "progress": True, "request_timeout": None},
+    ]
     assert main(["demo", "--share", "maybe"]) == 2
 
 
@@ -221,6 +241,25 @@ def test_gradio_client(app_url: str, models: tuple[Path, Path], example_text: st
     assert status.startswith("Compared in") and local["original"]["label"] in original_html
     status, original_html, *_ = client.predict("x" * 1001, str(base), str(pruned), api_name="/compare")
     assert "limit is 1000 characters" in status and original_html == ""
+
+
+def test_app_enforces_its_request_timeout(models: tuple[Path, Path], example_text: str) -> None:
+    """The running app applies build_demo's request_timeout to every endpoint: the page shows the message, the
+    JSON API raises it, and the queue stays usable."""
+    from gradio_client import Client
+
+    base, pruned = models
+    demo = space.build_demo(str(base), [str(pruned)], num_examples=1, request_timeout=1e-9)
+    url = space.launch_demo(demo, host="127.0.0.1", port=_free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(url, verbose=False)
+        for _ in range(2):
+            status, original_html, *_ = client.predict(example_text, str(base), str(pruned), api_name="/compare")
+            assert "limit and was stopped" in status and original_html == ""
+        with pytest.raises(Exception, match="limit and was stopped"):
+            client.predict(3, str(base), str(pruned), api_name="/compare_batch_json")
+    finally:
+        demo.close()
 
 
 # ---------------------------------------------------------------------------------------------- real browser

@@ -149,6 +149,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     launch(
         base=args.base, pruned=args.pruned or None, host=args.host, port=args.port, share=args.share == "true",
         task=args.task, progress=not args.no_progress,
+        request_timeout=args.request_timeout if args.request_timeout > 0 else None,
     )
     return 0
 
@@ -356,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 to expose it)")
     p.add_argument("--port", type=int, help="port (default: Gradio's first free port from 7860)")
     p.add_argument("--share", choices=["true", "false"], default="false", help="create a public gradio.live link")
+    p.add_argument("--request-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="processing budget of one request; longer ones stop with a message (0: no limit)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars while preparing models")
     p.set_defaults(func=cmd_demo)
     return parser

@@ -20,8 +20,9 @@ import statistics
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -53,6 +54,8 @@ DEFAULT_BATCH = 32
 LATENCY_REPEATS = 3
 MAX_NEW_TOKENS = 8
 MODEL_CACHE_SIZE = 6
+REQUEST_TIMEOUT_S = 60.0  # processing budget of one request (Compare or Batch), after it leaves the queue
+MAX_QUEUE = 64  # requests waiting beyond this are refused at once by Gradio ("queue is full"), not kept forever
 
 EMPTY_INPUT_MESSAGE = "The input is empty: type a sentence or pick one of the examples below."
 
@@ -61,6 +64,34 @@ T = TypeVar("T")
 
 class SpaceInputError(UncurlError):
     """What the user typed or picked cannot be run (empty, too long, batch size out of range, unknown model)."""
+
+
+class RequestTimeoutError(SpaceInputError):
+    """A request used up its processing budget (:data:`REQUEST_TIMEOUT_S` by default) and was stopped."""
+
+
+@dataclass
+class Deadline:
+    """The time budget of one request, checked between model runs (Python cannot interrupt a running forward).
+
+    A budget of ``None`` never expires. Checks sit where a request can stop cleanly: after loading models, before
+    each model run, between batch examples; ``generate`` gets the remaining time as ``max_time``. A single forward
+    of the largest input is far shorter than any sensible budget, so the overrun past the budget is one forward.
+    """
+
+    seconds: float | None
+    start: float = field(default_factory=time.perf_counter)
+
+    def remaining(self) -> float | None:
+        return None if self.seconds is None else self.seconds - (time.perf_counter() - self.start)
+
+    def check(self, stage: str) -> None:
+        left = self.remaining()
+        if left is not None and left <= 0:
+            raise RequestTimeoutError(
+                f"The request took longer than its {self.seconds:g} s limit and was stopped ({stage}). Try a shorter "
+                "input or fewer examples, or start the demo with a larger --request-timeout."
+            )
 
 
 def too_long_message(length: int) -> str:
@@ -273,15 +304,21 @@ def expert_usage(loaded: LoadedModel, source: str, target: str, max_length: int)
 
 
 @torch.no_grad()
-def _run_side(loaded: LoadedModel, task: Task, source: str) -> SideResult:
+def _run_side(loaded: LoadedModel, task: Task, source: str, deadline: Deadline | None = None) -> SideResult:
+    deadline = deadline or Deadline(None)
     tokenizer, model = loaded.tokenizer, loaded.model
+    deadline.check(f"before scoring with {loaded.path.name}")
     scores, latency_ms = _timed(lambda: label_logprobs(model, tokenizer, [source], task.labels, task.max_source_tokens))
     probs = torch.softmax(scores[0].float(), dim=-1).tolist()
     label = task.labels[int(torch.tensor(probs).argmax())]
     enc = tokenizer(source, truncation=True, max_length=task.max_source_tokens, return_tensors="pt")
+    deadline.check(f"before generating with {loaded.path.name}")
+    left = deadline.remaining()
+    budget = {} if left is None else {"max_time": max(left, 1e-3) / (LATENCY_REPEATS + 1)}
     output, generate_ms = _timed(
-        lambda: model.generate(**enc, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, num_beams=1)
+        lambda: model.generate(**enc, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, num_beams=1, **budget)
     )
+    deadline.check(f"after generating with {loaded.path.name}")
     new = output[0, 1:]  # drop the decoder start token; with one sequence every later position was generated
     new_tokens = int(new.numel())
     return SideResult(
@@ -301,6 +338,19 @@ def _run_side(loaded: LoadedModel, task: Task, source: str) -> SideResult:
     )
 
 
+@contextmanager
+def _locked(deadline: Deadline) -> Iterator[None]:
+    """Hold the model-run lock (one request computes at a time), waiting at most the request's remaining budget."""
+    left = deadline.remaining()
+    if not _run_lock.acquire(timeout=-1 if left is None else max(left, 0.0)):
+        deadline.check("waiting for the models to be free")
+        raise RequestTimeoutError("The models stayed busy for the whole request budget; try again in a moment.")
+    try:
+        yield
+    finally:
+        _run_lock.release()
+
+
 def _ratio(after: float, before: float) -> float | None:
     return round(after / before, 4) if before else None
 
@@ -312,22 +362,26 @@ def _classification_task(task: str) -> Task:
     return task_obj
 
 
-def compare(text: str, base: str | Path, pruned: str | Path, task: str = DEFAULT_TASK) -> dict[str, Any]:
+def compare(
+    text: str, base: str | Path, pruned: str | Path, task: str = DEFAULT_TASK, timeout: float | None = None
+) -> dict[str, Any]:
     """Run ``text`` through the base and the pruned model; everything the Compare tab shows.
 
     Returns ``{"text", "model_input", "task", "labels", "original": SideResult, "pruned": SideResult, "ratios",
     "agree"}`` (SideResults as dicts). Labels and probabilities come from label scoring (softmax over the labels'
     sequence log-likelihoods, as in evaluation), ``generated`` from greedy ``generate``; ``latency_ms`` is the
     median time to score the labels for this input, ``tokens_per_s`` the generation throughput.
-    Raises :class:`SpaceInputError` (empty / too long input) and the loading errors of :func:`get_model`.
+    Raises :class:`SpaceInputError` (empty / too long input), :class:`RequestTimeoutError` when the work takes
+    longer than ``timeout`` seconds (``None``: no limit), and the loading errors of :func:`get_model`.
     """
+    deadline = Deadline(timeout)
     text = check_text(text)
     task_obj = _classification_task(task)
     source = model_input(task_obj, text)
     original_model, pruned_model = get_model(base), get_model(pruned)
-    with _run_lock:
-        original = _run_side(original_model, task_obj, source)
-        reduced = _run_side(pruned_model, task_obj, source)
+    with _locked(deadline):
+        original = _run_side(original_model, task_obj, source, deadline)
+        reduced = _run_side(pruned_model, task_obj, source, deadline)
     return {
         "text": text,
         "model_input": source,
@@ -345,25 +399,30 @@ def compare(text: str, base: str | Path, pruned: str | Path, task: str = DEFAULT
     }
 
 
-def compare_batch(n: int, base: str | Path, pruned: str | Path, task: str = DEFAULT_TASK) -> dict[str, Any]:
+def compare_batch(
+    n: int, base: str | Path, pruned: str | Path, task: str = DEFAULT_TASK, timeout: float | None = None
+) -> dict[str, Any]:
     """Score the first ``n`` test examples with both models; everything the Batch tab shows.
 
     Returns ``{"task", "split", "n", "metric", "scores": {original, pruned}, "agreement" (0..1),
     "latency_ms": {original: [...], pruned: [...]} (per example, batch 1), "median_latency_ms", "rows"}``.
-    Examples run one at a time, alternating models, so both see the same background load.
+    Examples run one at a time, alternating models, so both see the same background load. Raises
+    :class:`RequestTimeoutError` when the batch takes longer than ``timeout`` seconds (checked between examples).
     """
     from uncurl_hf.metrics import load_metric
 
+    deadline = Deadline(timeout)
     count = check_batch_size(n)
     task_obj = _classification_task(task)
     examples = task_obj.load_split("test")[:count]
     models = {"original": get_model(base), "pruned": get_model(pruned)}
     preds: dict[str, list[str]] = {side: [] for side in models}
     latency: dict[str, list[float]] = {side: [] for side in models}
-    with _run_lock, torch.no_grad():
+    with _locked(deadline), torch.no_grad():
         for side, loaded in models.items():  # warm-up: first calls allocate and are not representative
             label_logprobs(loaded.model, loaded.tokenizer, [examples[0].source], task_obj.labels)
-        for example in examples:
+        for index, example in enumerate(examples):
+            deadline.check(f"after {index} of {count} examples")
             for side, loaded in models.items():
                 scores, ms = _timed(
                     lambda: label_logprobs(
@@ -569,11 +628,14 @@ def build_demo(
     pruned_choices: Sequence[str | Path] | Mapping[str, str | Path],
     task: str = DEFAULT_TASK,
     num_examples: int = 12,
+    request_timeout: float | None = REQUEST_TIMEOUT_S,
+    max_queue: int = MAX_QUEUE,
 ) -> "gr.Blocks":
     """The Blocks app: a Compare tab (one input) and a Batch tab (N test examples), queue enabled.
 
     ``pruned_choices`` is a list of checkpoint references or a ``{label: reference}`` mapping; the first is
-    selected. Both dropdowns also accept a typed folder path or cached Hub id.
+    selected. Both dropdowns also accept a typed folder path or cached Hub id. Every request gets
+    ``request_timeout`` seconds of processing (``None``: unlimited) and at most ``max_queue`` wait in the queue.
     """
     import gradio as gr
 
@@ -589,7 +651,7 @@ def build_demo(
     def ui_compare(text: str, base_ref: str, pruned_ref: str) -> tuple[Any, ...]:
         try:
             start = time.perf_counter()
-            result = compare(text, base_ref, pruned_ref, task)
+            result = compare(text, base_ref, pruned_ref, task, timeout=request_timeout)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a message on the page, never a crash
             return _error_text(exc), "", "", "", None, None
         status = f"Compared in {time.perf_counter() - start:.2f} s."
@@ -604,7 +666,7 @@ def build_demo(
 
     def ui_batch(n: float, base_ref: str, pruned_ref: str) -> tuple[Any, ...]:
         try:
-            batch = compare_batch(n, base_ref, pruned_ref, task)
+            batch = compare_batch(n, base_ref, pruned_ref, task, timeout=request_timeout)
         except Exception as exc:  # noqa: BLE001
             return _error_text(exc), "", None, None
         rows = [[r["text"], r["gold"], r["original"], r["pruned"]] for r in batch["rows"]]
@@ -613,14 +675,14 @@ def build_demo(
     def api_compare(text: str, base: str, pruned: str) -> dict:
         """Compare one input (the Python `uncurl_hf.space.compare` result)."""
         try:
-            return compare(text, base, pruned, task)
+            return compare(text, base, pruned, task, timeout=request_timeout)
         except UncurlError as exc:
             raise gr.Error(str(exc)) from exc
 
     def api_compare_batch(n: int, base: str, pruned: str) -> dict:
         """Compare the first n test examples (the Python `uncurl_hf.space.compare_batch` result)."""
         try:
-            return compare_batch(n, base, pruned, task)
+            return compare_batch(n, base, pruned, task, timeout=request_timeout)
         except UncurlError as exc:
             raise gr.Error(str(exc)) from exc
 
@@ -668,7 +730,7 @@ def build_demo(
                                api_name="batch", concurrency_id="models", show_progress_on=[summary, plot])
         gr.api(api_compare, api_name="compare_json", concurrency_id="models")
         gr.api(api_compare_batch, api_name="compare_batch_json", concurrency_id="models")
-    demo.queue(default_concurrency_limit=1)
+    demo.queue(default_concurrency_limit=1, max_size=max_queue)
     return demo
 
 
@@ -752,6 +814,7 @@ def launch(
     share: bool = False,
     task: str = DEFAULT_TASK,
     progress: bool = True,
+    request_timeout: float | None = REQUEST_TIMEOUT_S,
 ) -> None:
     """``uncurl demo``: with no ``pruned`` list, prune ``base`` (default: the zoo model) at factors 2/4/8 first."""
     if pruned:
@@ -759,5 +822,5 @@ def launch(
         choices: Sequence[str | Path] | Mapping[str, str] = [str(resolve_model(p)) for p in pruned]
     else:
         base_path, choices = default_models(base or DEFAULT_ZOO_MODEL, task=task, progress=progress)
-    demo = build_demo(str(base_path), choices, task=task)
+    demo = build_demo(str(base_path), choices, task=task, request_timeout=request_timeout)
     launch_demo(demo, host=host, port=port, share=share)
