@@ -88,8 +88,8 @@ def to_stock(model: nn.Module) -> nn.Module:
 
     from uncurl_hf.families import get_family
 
-    if isinstance(model, SwitchTransformersForConditionalGeneration) and model.config.model_type == "switch_transformers":
-        return model
+    if not str(model.config.model_type).startswith("pruned_"):
+        return model  # already stock: Switch itself, or a decoder family pruned to equal counts (written stock)
     if model.config.model_type != "pruned_switch_transformers" or not hasattr(model, "lm_head"):
         raise ExportError(
             f"--export stock is implemented for Switch Transformers seq2seq models, not {type(model).__name__}; "

@@ -159,7 +159,7 @@ def _check_agreement(root: Path, report: VerifyReport) -> None:
     module_names = {id(module): name for name, module in model.named_modules()}
     weight_counts: dict[str, int | None] = {}
     for layer in family.sparse_layers(model):
-        key = f"{module_names[id(layer.router)]}.weight"
+        key = _stored_key(model, f"{module_names[id(layer.router)]}.weight", layer.router.weight)
         weight_counts[layer.name] = shapes[key][0] if key in shapes else None
     sources: dict[str, Mapping[str, int | None]] = {"config": config_counts, "weights": weight_counts}
     if plan is not None:
@@ -231,7 +231,7 @@ def _shape_problems(model: Any, shapes: Mapping[str, tuple[int, ...]]) -> list[s
     A key absent from the files is fine when it is tied to one that is present (``save_pretrained`` writes shared
     tensors such as the embeddings and the LM head once).
     """
-    expected = {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
+    expected = {key: tuple(tensor.shape) for key, tensor in _stored_state(model).items()}
     named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
     identity = {name: id(tensor) for name, tensor in named}
     stored_ids = {identity.get(key) for key in shapes}
@@ -247,6 +247,23 @@ def _shape_problems(model: Any, shapes: Mapping[str, tuple[int, ...]]) -> list[s
         if shapes[key] != expected[key]
     ]
     return problems
+
+
+def _stored_state(model: Any, state: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``state`` (default: the model's state dict) under the keys and shapes ``save_pretrained`` writes.
+
+    transformers 5 converts some layouts on save (``conversion_mapping``: e.g. Mixtral/Qwen-MoE fused experts are
+    stored one tensor per expert), so the files' keys are the reverted ones; meta tensors are enough to get them.
+    """
+    from transformers.core_model_loading import revert_weight_conversion
+
+    return dict(revert_weight_conversion(model, dict(model.state_dict() if state is None else state)))
+
+
+def _stored_key(model: Any, key: str, tensor: Any) -> str:
+    """The key under which ``save_pretrained`` stores the tensor that the loaded model holds at ``key``."""
+    (stored,) = _stored_state(model, {key: tensor})
+    return stored
 
 
 def _check_forward(root: Path, report: VerifyReport) -> None:

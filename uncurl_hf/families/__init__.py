@@ -56,6 +56,10 @@ def _describe_supported() -> str:
 
 
 from uncurl_hf.families import switch_transformers as _switch_transformers  # noqa: E402,F401  (registers)
+from uncurl_hf.families import mixtral as _mixtral  # noqa: E402,F401  (registers)
+from uncurl_hf.families import qwen_moe as _qwen_moe  # noqa: E402,F401  (registers)
+from uncurl_hf.families import olmoe as _olmoe  # noqa: E402,F401  (registers)
+from uncurl_hf.families import gpt_oss as _gpt_oss  # noqa: E402,F401  (registers)
 
 __all__ = [
     "DiskLayer",

@@ -129,7 +129,7 @@ def neuron_features(tensors: Mapping[str, torch.Tensor], neuron_axes: Mapping[st
     ``F_a @ F_m.T = Wi_a Wi_m^T + Wo_a^T Wo_m`` (the weight-matching similarity of M-SMoE / Git Re-Basin).
     """
     parts = []
-    for name in sorted(tensors):
+    for name in sorted(set(tensors) & set(neuron_axes)):  # tensors without a neuron axis (output biases) say nothing
         tensor = tensors[name].detach().float().cpu().movedim(neuron_axes[name], 0)
         parts.append(tensor.reshape(tensor.shape[0], -1))
     return torch.cat(parts, dim=1)
