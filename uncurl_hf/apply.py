@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -23,6 +23,9 @@ from uncurl_hf.families.base import MoEFamily, MoELayer, ReducedLayer
 from uncurl_hf.plan import LayerPlan, PruningPlan
 
 logger = logging.getLogger(__name__)
+
+# ``expert(i)`` -> expert i's tensors, keyed like the family's ``neuron_axes``.
+ExpertSource = Callable[[int], Mapping[str, torch.Tensor]]
 
 
 def apply_plan(
@@ -54,19 +57,50 @@ def reduce_layer(
     family: MoEFamily, layer: MoELayer, plan: LayerPlan, scale_expert_capacity: bool = True
 ) -> ReducedLayer:
     """The experts and router rows of one layer after applying ``plan``."""
+    return reduce_tensors(
+        plan,
+        lambda index: family.expert_tensors(layer, index),
+        family.router_tensors(layer),
+        family.neuron_axes,
+        num_experts=layer.num_experts,
+        capacity=family.expert_capacity(layer),
+        scale_expert_capacity=scale_expert_capacity,
+    )
+
+
+def reduce_tensors(
+    plan: LayerPlan,
+    expert: ExpertSource,
+    router: Mapping[str, torch.Tensor],
+    neuron_axes: Mapping[str, int],
+    *,
+    num_experts: int,
+    capacity: int | None = None,
+    scale_expert_capacity: bool = True,
+    copy: bool = True,
+) -> ReducedLayer:
+    """The surgery of one layer on plain tensors: the one implementation behind in-memory and out-of-core apply.
+
+    ``expert(i)`` returns expert ``i``'s tensors (keyed like ``neuron_axes``), so the caller decides where they come
+    from: views of a loaded model (:func:`reduce_layer`) or reads from safetensors files
+    (:mod:`uncurl_hf.streaming`). Each expert is asked for at most once, and experts no group uses never are, so an
+    out-of-core caller reads only the experts that survive. ``router`` holds the router tensors whose first axis
+    indexes experts; ``capacity`` is the layer's per-expert token capacity (``None`` when the family has none).
+    ``copy=False`` lets a kept (singleton) expert be the very tensors ``expert(i)`` returned: right for a reader
+    that returns fresh tensors, wrong for views of a live model (the default copies).
+    """
     permutations = plan.extras.get("permutations") or [None] * len(plan.groups)
     experts = [
-        merge_experts(family, layer, group, weights, perms)
+        merge_expert_tensors(expert, neuron_axes, group, weights, perms, copy=copy)
         for group, weights, perms in zip(plan.groups, plan.weights, permutations)
     ]
-    router = {
+    router_rows = {
         name: torch.stack([_router_row(tensor, g, w, plan.router) for g, w in zip(plan.groups, plan.weights)])
-        for name, tensor in family.router_tensors(layer).items()
+        for name, tensor in router.items()
     }
-    capacity = family.expert_capacity(layer)
     if capacity is not None and scale_expert_capacity:
-        capacity = math.ceil(capacity * layer.num_experts / plan.num_output_experts)
-    return ReducedLayer(experts=experts, router=router, expert_capacity=capacity)
+        capacity = math.ceil(capacity * num_experts / plan.num_output_experts)
+    return ReducedLayer(experts=experts, router=router_rows, expert_capacity=capacity)
 
 
 def merge_experts(
@@ -77,19 +111,39 @@ def merge_experts(
     permutations: Sequence[Sequence[int] | None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Weighted average of the group's expert tensors (exact copy for a singleton group without permutation)."""
+    return merge_expert_tensors(
+        lambda index: family.expert_tensors(layer, index), family.neuron_axes, group, weights, permutations
+    )
+
+
+def merge_expert_tensors(
+    expert: ExpertSource,
+    neuron_axes: Mapping[str, int],
+    group: Sequence[int],
+    weights: Sequence[float],
+    permutations: Sequence[Sequence[int] | None] | None = None,
+    *,
+    copy: bool = True,
+) -> dict[str, torch.Tensor]:
+    """:func:`merge_experts` on tensors given by ``expert(i)``; each member is read once.
+
+    The merge runs in float32 and is cast back to the anchor's dtype, so a singleton group (an exact copy) and a
+    merged group come out in the checkpoint's dtype.
+    """
     permutations = permutations or [None] * len(group)
     if len(group) == 1 and permutations[0] is None:
-        return {name: t.clone() for name, t in family.expert_tensors(layer, group[0]).items()}
+        return {name: t.clone() if copy else t for name, t in expert(group[0]).items()}
     merged: dict[str, torch.Tensor] = {}
+    dtypes: dict[str, torch.dtype] = {}
     for member, weight, perm in zip(group, weights, permutations):
-        for name, tensor in family.expert_tensors(layer, member).items():
+        for name, tensor in expert(member).items():
+            dtypes.setdefault(name, tensor.dtype)  # the anchor's (first member's) dtype
             value = tensor.float()
-            if perm is not None:
+            if perm is not None and name in neuron_axes:  # no neuron axis (an output bias): averaged as it is
                 index = torch.as_tensor(perm, dtype=torch.long, device=value.device)
-                value = value.index_select(family.neuron_axes[name], index)
+                value = value.index_select(neuron_axes[name], index)
             merged[name] = merged[name] + weight * value if name in merged else weight * value
-    reference = family.expert_tensors(layer, group[0])
-    return {name: value.to(reference[name].dtype) for name, value in merged.items()}
+    return {name: value.to(dtypes[name]) for name, value in merged.items()}
 
 
 def _router_row(tensor: torch.Tensor, group: Sequence[int], weights: Sequence[float], rule: str) -> torch.Tensor:

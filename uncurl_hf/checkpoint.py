@@ -279,6 +279,35 @@ def write_checkpoint(
     Raises :class:`OutputExistsError` when the output is the source (or contains it, or is inside it) or exists
     without ``overwrite``; :class:`CheckpointError` when writing or validation fails.
     """
+
+    def fill(temp: Path) -> None:
+        model.save_pretrained(str(temp), max_shard_size=max_shard_size)
+        plan.save(temp / PLAN_FILENAME)
+        if source_dir is not None:
+            copy_side_files(Path(source_dir).expanduser().resolve(), temp)
+        if validate:
+            _validate_written(model, temp)
+
+    output = write_atomically(output_dir, fill, source_dir=source_dir, overwrite=overwrite, finalize=finalize)
+    logger.info("wrote %s (%.2f MB of weights)", output, weights_size(output) / 1e6)
+    return output
+
+
+def write_atomically(
+    output_dir: str | Path,
+    fill: Callable[[Path], None],
+    *,
+    source_dir: str | Path | None = None,
+    overwrite: bool = False,
+    finalize: Callable[[Path], None] | None = None,
+) -> Path:
+    """Run ``fill(temp_folder)`` and ``finalize(temp_folder)``, add the manifest, then rename the folder into place.
+
+    The one atomic-output protocol of every writer (in-memory :func:`write_checkpoint`, out-of-core
+    :func:`uncurl_hf.streaming.stream_apply_plan`): stale temporary folders are swept and the output is checked first
+    (:class:`OutputExistsError`); on any failure the temporary folder is removed and nothing reaches ``output_dir``
+    (:class:`CheckpointError` naming disk space and permissions, unless ``fill`` raised an ``UncurlError`` itself).
+    """
     output = Path(output_dir).expanduser().resolve()
     source = Path(source_dir).expanduser().resolve() if source_dir is not None else None
     sweep_stale_temp_dirs(output)  # first: it may restore an output that an interrupted overwrite moved aside
@@ -293,12 +322,7 @@ def write_checkpoint(
             "parent is a writable directory."
         ) from exc
     try:
-        model.save_pretrained(str(temp), max_shard_size=max_shard_size)
-        plan.save(temp / PLAN_FILENAME)
-        if source is not None:
-            _copy_side_files(source, temp)
-        if validate:
-            _validate_written(model, temp)
+        fill(temp)
         if finalize is not None:
             finalize(temp)
         write_manifest(temp)  # last: hashes exactly the validated files (and the card); fsyncs them
@@ -312,7 +336,6 @@ def write_checkpoint(
             f"Writing the checkpoint to {output} failed: {type(exc).__name__}: {exc}. Nothing was written to "
             f"{output}; check free disk space, quotas and write permission for {output.parent}, then rerun."
         ) from exc
-    logger.info("wrote %s (%.2f MB of weights)", output, weights_size(output) / 1e6)
     return output
 
 
@@ -380,7 +403,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _copy_side_files(source: Path, target: Path) -> None:
+def copy_side_files(source: Path, target: Path) -> None:
     """Tokenizer files (and the generation config if the model did not write one) from the source folder."""
     for name in TOKENIZER_FILES:
         if (source / name).is_file():

@@ -60,12 +60,15 @@ class DiskLayer:
     ``name`` equals the in-memory :attr:`MoELayer.name`, so plans made on a loaded model apply to files. ``keys``
     are every stored tensor the layer owns (experts and router): out-of-core surgery replaces exactly these with
     :meth:`MoEFamily.write_disk_layer`'s output and copies every other tensor through unchanged.
+    ``expert_capacity`` is the per-expert token capacity the config gives the layer (what
+    :meth:`MoEFamily.expert_capacity` returns for the loaded layer; ``None`` for families without one).
     """
 
     name: str
     num_experts: int
     keys: frozenset[str]
     top_k: int = 1
+    expert_capacity: int | None = None
 
 
 class TensorReader(Protocol):

@@ -11,14 +11,16 @@ names, so it is handled here too and can be pruned again.
 from __future__ import annotations
 
 import copy
+import functools
+import json
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
-from uncurl_hf.errors import UnsupportedModelError
+from uncurl_hf.errors import CheckpointError, UnsupportedModelError
 from uncurl_hf.families import register_family
-from uncurl_hf.families.base import MoEFamily, MoELayer, ReducedLayer
+from uncurl_hf.families.base import DiskLayer, MoEFamily, MoELayer, ReducedLayer, TensorReader
 
 # Keys of ``config.to_dict()`` that must not be passed to a new config: set by transformers or derived.
 DERIVED_CONFIG_KEYS = (
@@ -143,7 +145,10 @@ class SwitchTransformersFamily(MoEFamily):
         unknown = set(layers) - {layer.name for layer in current}
         if unknown:
             raise UnsupportedModelError(f"The model has no sparse layers named {sorted(unknown)}.")
-        config = self.reduced_config(model.config, current, layers, base_model)
+        config = self.reduced_config(
+            model.config, [(layer.name, layer.num_experts, self.expert_capacity(layer)) for layer in current],
+            layers, base_model,
+        )
 
         replaced = tuple(
             f"{layer.prefix}.{part}." for layer in current if layer.name in layers for part in ("router", "experts")
@@ -173,21 +178,27 @@ class SwitchTransformersFamily(MoEFamily):
     def reduced_config(
         self,
         config: Any,
-        current: list[MoELayer],
-        layers: Mapping[str, ReducedLayer],
+        current: list[tuple[str, int, int | None]],
+        layers: Mapping[str, ReducedLayer | int],
         base_model: str | None,
     ) -> Any:
-        """A ``PrunedSwitchTransformersConfig`` equal to ``config`` with the new per-layer counts/capacities."""
+        """A ``PrunedSwitchTransformersConfig`` equal to ``config`` with the new per-layer counts/capacities.
+
+        ``current`` lists every sparse layer as ``(name, num_experts, expert_capacity)`` in model order; ``layers``
+        gives the reduced ones (a :class:`ReducedLayer`, or just its expert count). A layer keeps its capacity
+        unless its :class:`ReducedLayer` carries a new one.
+        """
         from uncurl_hf.modeling.pruned_switch_transformers import PrunedSwitchTransformersConfig
 
         counts: dict[str, list[int]] = {"encoder": [], "decoder": []}
         capacities: dict[str, list[int]] = {"encoder": [], "decoder": []}
-        for layer in current:
-            side = layer.name.split(".", 1)[0]
-            reduced = layers.get(layer.name)
-            counts[side].append(reduced.num_experts if reduced else layer.num_experts)
-            capacity = reduced.expert_capacity if reduced and reduced.expert_capacity else None
-            capacities[side].append(capacity or int(self.expert_capacity(layer) or config.expert_capacity))
+        for name, num_experts, old_capacity in current:
+            side = name.split(".", 1)[0]
+            reduced = layers.get(name)
+            count = reduced if isinstance(reduced, int) else reduced.num_experts if reduced else num_experts
+            counts[side].append(count)
+            capacity = reduced.expert_capacity if isinstance(reduced, ReducedLayer) else None
+            capacities[side].append(capacity or int(old_capacity or config.expert_capacity))
 
         values = {k: v for k, v in config.to_dict().items() if k not in DERIVED_CONFIG_KEYS}
         all_counts = counts["encoder"] + counts["decoder"]
@@ -201,6 +212,152 @@ class SwitchTransformersFamily(MoEFamily):
         previous_base = values.get("uncurl_base_model")
         values["uncurl_base_model"] = previous_base or base_model
         return PrunedSwitchTransformersConfig(**values)
+
+    # ---- on-disk view (out-of-core surgery, uncurl_hf/streaming.py) ---------------------------------------------
+    # Stored keys: ``{prefix}.router.classifier.{weight,bias}`` and ``{prefix}.experts.expert_{j}.{wi,wo}.weight``
+    # with ``prefix = {side}.block.{i}.layer.{1 encoder | 2 decoder}.mlp``: one tensor per expert, no fusing.
+
+    def disk_layers(self, config: Mapping[str, Any], keys: list[str]) -> list[DiskLayer]:
+        """Sparse layers from ``config.json`` (which blocks are sparse, experts per layer), checked against ``keys``.
+
+        A side without stored blocks (an encoder-only checkpoint has no ``decoder.*``) has no layers. A layer whose
+        stored experts do not match its configured count raises :class:`CheckpointError`.
+        """
+        layers: list[DiskLayer] = []
+        stored = set(keys)
+        for side, name, prefix, num_experts, capacity in self._config_layers(_config_object(config)):
+            if not any(key.startswith(f"{side}.block.") for key in stored):
+                continue
+            owned = frozenset(k for k in keys if k.startswith((f"{prefix}.router.", f"{prefix}.experts.")))
+            expected = {f"{prefix}.router.classifier.weight"} | {
+                f"{prefix}.experts.expert_{j}.{part}.weight" for j in range(num_experts) for part in ("wi", "wo")
+            }
+            missing = sorted(expected - owned)
+            extra = sorted(k for k in owned - expected if k != f"{prefix}.router.classifier.bias")
+            if missing or extra:
+                raise CheckpointError(
+                    f"Layer {name}: config.json says {num_experts} experts but the weights "
+                    f"{'lack ' + ', '.join(missing[:3]) if missing else 'also hold ' + ', '.join(extra[:3])}"
+                    f"{' ...' if len(missing or extra) > 3 else ''}. The weights do not belong to this config.json; "
+                    "restore the config that came with them."
+                )
+            layers.append(
+                DiskLayer(name=name, num_experts=num_experts, keys=owned, top_k=1, expert_capacity=int(capacity))
+            )
+        return layers
+
+    def read_disk_expert(self, layer: DiskLayer, index: int, reader: TensorReader) -> dict[str, torch.Tensor]:
+        prefix = _disk_prefix(layer)
+        return {part: reader.get(f"{prefix}.experts.expert_{index}.{part}.weight") for part in ("wi", "wo")}
+
+    def read_disk_router(self, layer: DiskLayer, reader: TensorReader) -> dict[str, torch.Tensor]:
+        prefix = _disk_prefix(layer)
+        tensors = {"weight": reader.get(f"{prefix}.router.classifier.weight")}
+        if f"{prefix}.router.classifier.bias" in layer.keys:
+            tensors["bias"] = reader.get(f"{prefix}.router.classifier.bias")
+        return tensors
+
+    def write_disk_layer(self, layer: DiskLayer, reduced: ReducedLayer) -> dict[str, torch.Tensor]:
+        """The keys :meth:`build_reduced_model` + ``save_pretrained`` would write for this layer (same names)."""
+        prefix = _disk_prefix(layer)
+        tensors = {f"{prefix}.router.classifier.{name}": t.contiguous() for name, t in reduced.router.items()}
+        for j, expert in enumerate(reduced.experts):
+            for part, tensor in expert.items():
+                tensors[f"{prefix}.experts.expert_{j}.{part}.weight"] = tensor.contiguous()
+        return tensors
+
+    def reduced_config_dict(
+        self,
+        config: Mapping[str, Any],
+        layers: Mapping[str, ReducedLayer | int],
+        base_model: str | None = None,
+    ) -> dict[str, Any]:
+        """Exactly the ``config.json`` the in-memory path writes: :meth:`reduced_config` plus what ``save_pretrained``
+        sets (``architectures``, ``dtype``, ``auto_map`` of the pruned classes), serialized like
+        ``PreTrainedConfig.save_pretrained`` (``to_json_string(use_diff=True)``)."""
+        from uncurl_hf.modeling.pruned_switch_transformers import (
+            PrunedSwitchTransformersForConditionalGeneration,
+            PrunedSwitchTransformersModel,
+        )
+
+        source = _config_object(config)
+        current = [(name, count, capacity) for _, name, _, count, capacity in self._config_layers(source)]
+        reduced = self.reduced_config(source, current, layers, base_model)
+        architectures = [str(a) for a in (config.get("architectures") or [])]
+        model_class: type = (
+            PrunedSwitchTransformersModel
+            if architectures and all(a.endswith("SwitchTransformersModel") for a in architectures)
+            else PrunedSwitchTransformersForConditionalGeneration
+        )
+        reduced.architectures = [model_class.__name__]
+        reduced.dtype = _dtype_name(source.dtype, layers)
+        reduced.auto_map = {
+            cls._auto_class: f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}"
+            for cls in (type(reduced), model_class)
+        }
+        if hasattr(reduced, "validate"):
+            reduced.validate()  # what save_pretrained checks before writing
+        return json.loads(reduced.to_json_string(use_diff=True))
+
+    def _config_layers(self, config: Any) -> list[tuple[str, str, str, int, int]]:
+        """``(side, layer name, stored prefix, num_experts, expert_capacity)`` of every sparse layer, model order.
+
+        Same rule as ``SwitchTransformersStack`` (blocks ``i % sparse_step == 1``), with the per-layer counts and
+        capacities of a pruned config.
+        """
+        from uncurl_hf.modeling.pruned_switch_transformers import sparse_block_indices
+
+        records = []
+        for side, num_blocks, step, ff_index in (
+            ("encoder", config.num_layers, config.encoder_sparse_step, 1),
+            ("decoder", config.num_decoder_layers, config.decoder_sparse_step, 2),
+        ):
+            blocks = sparse_block_indices(num_blocks, step)
+            is_decoder = side == "decoder"
+            if hasattr(config, "experts_per_layer"):
+                counts, capacities = config.experts_per_layer(is_decoder), config.capacity_per_layer(is_decoder)
+            else:
+                counts, capacities = [config.num_experts] * len(blocks), [config.expert_capacity] * len(blocks)
+            for i, count, capacity in zip(blocks, counts, capacities):
+                records.append((side, f"{side}.block.{i}", f"{side}.block.{i}.layer.{ff_index}.mlp", count, capacity))
+        return records
+
+
+def _config_object(config: Mapping[str, Any]) -> Any:
+    """The config class of ``config["model_type"]`` built from a ``config.json`` dict (no model, no weights)."""
+    import uncurl_hf.modeling.pruned_switch_transformers  # noqa: F401  (registers pruned_switch_transformers)
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    values = dict(config)
+    model_type = values.get("model_type")
+    if model_type not in SwitchTransformersFamily.model_types:
+        raise UnsupportedModelError(f"model_type {model_type!r} is not a Switch Transformers config.")
+    return CONFIG_MAPPING[model_type].from_dict(values)
+
+
+@functools.lru_cache(maxsize=256)
+def _disk_prefix(layer: DiskLayer) -> str:
+    """``{side}.block.{i}.layer.{k}.mlp`` of a layer, from its router key (the stored names carry the FF index)."""
+    suffix = ".router.classifier.weight"
+    for key in layer.keys:
+        if key.endswith(suffix):
+            return key[: -len(suffix)]
+    raise CheckpointError(f"Layer {layer.name} has no stored router weight; re-save the checkpoint.")
+
+
+def _dtype_name(dtype: Any, layers: Mapping[str, ReducedLayer | int]) -> str:
+    """``config.dtype`` as ``save_pretrained`` writes it (the model's float dtype, e.g. ``"bfloat16"``).
+
+    A config without a dtype loads in the dtype of its weights (``dtype="auto"``): take it from a reduced layer.
+    """
+    if dtype is None:
+        for reduced in layers.values():
+            if isinstance(reduced, ReducedLayer) and reduced.experts:
+                dtype = next(iter(reduced.experts[0].values())).dtype
+                break
+    if dtype is None:
+        return "float32"
+    return str(dtype).removeprefix("torch.")
 
 
 def _start_token(model: nn.Module) -> int:
