@@ -33,6 +33,7 @@ def routing_report(
             "tokens": int(layer.num_tokens),
             "share": [round(p, 4) for p in shares],
             "min_share": round(min(shares), 4),
-            "entropy_normalized": round(entropy / math.log(len(shares)), 4),
+            # a one-expert (dense) layer has nothing to balance: its routing is perfectly even by definition
+            "entropy_normalized": round(entropy / math.log(len(shares)), 4) if len(shares) > 1 else 1.0,
         }
     return {"task": task, "split": split, "num_examples": len(examples), "layers": layers}
