@@ -12,6 +12,11 @@ Per task the model is calibrated ONCE (the same seeded draw of ``--num-calibrati
 :func:`uncurl_hf.apply_plan` and scored on the test split with :func:`uncurl_hf.evaluation.label_distribution`. That is
 ``uncurl prune`` minus the checkpoint writing; ``--from-disk`` also writes every pruned model and scores the
 reloaded checkpoint instead. "plan s" is the wall time of the method alone (calibration is shared and reported once).
+
+``--sequential`` adds a row ``METHOD +seq`` per method and factor: the same method planned layer by layer, each
+layer on statistics of the model whose earlier layers are already pruned (``uncurl prune --sequential``, see
+:mod:`uncurl_hf.sequential`); its "plan s" includes the extra calibration passes (one per sparse layer after the
+first).
 """
 
 from __future__ import annotations
@@ -99,6 +104,7 @@ def run_task(
     num_calibration: int,
     seed: int,
     from_disk: bool,
+    sequential: bool = False,
 ) -> tuple[TaskInfo, list[Cell]]:
     """Calibrate once on ``task_name`` and score every method spec at every factor."""
     from uncurl_hf import PruningConfig, apply_plan, build_batches, calibrate, get_family, load_model
@@ -107,6 +113,7 @@ def run_task(
     from uncurl_hf.errors import InvalidFactorError
     from uncurl_hf.evaluation import label_distribution
     from uncurl_hf.methods import get_method
+    from uncurl_hf.sequential import calibrate_and_plan
     from uncurl_hf.tasks import get_task
 
     task = get_task(task_name)
@@ -136,20 +143,28 @@ def run_task(
             name, kwargs = parse_method_spec(spec)
             method = get_method(name)
             config = PruningConfig(method=name, factor=factor, seed=seed, method_kwargs=kwargs)
-            start = time.perf_counter()
-            plan = method(stats, model, family, budget, config)
-            plan_s = time.perf_counter() - start
-            plan.validate(sizes, method.allocate(stats, budget, config))
-            pruned = apply_plan(model, family, plan)
-            if from_disk:
-                pruned = _reload(pruned, plan, model_dir)
-            distribution = label_distribution(pruned, tokenizer, task, test)
-            score = _score(task, distribution, test)
-            agreement, kl = _divergence(reference, distribution)
-            cells.append(Cell(task_name, spec, factor, score, baseline, plan_s, plan.counts, agreement, kl))
-            logger.info(
-                "%s  %-24s x%g  %.4f (%.1f%%)  %.2f s", task_name, spec, factor, score, cells[-1].relative, plan_s
-            )
+            for mode in ("one-shot", "sequential") if sequential else ("one-shot",):
+                start = time.perf_counter()
+                if mode == "one-shot":
+                    plan = method(stats, model, family, budget, config)
+                else:
+                    plan = calibrate_and_plan(
+                        model, family, method, batches, budget, config, sequential=True, initial_stats=stats,
+                        progress=False,
+                    ).plan
+                plan_s = time.perf_counter() - start
+                plan.validate(sizes, method.allocate(stats, budget, config))
+                pruned = apply_plan(model, family, plan)
+                if from_disk:
+                    pruned = _reload(pruned, plan, model_dir)
+                distribution = label_distribution(pruned, tokenizer, task, test)
+                score = _score(task, distribution, test)
+                agreement, kl = _divergence(reference, distribution)
+                label = spec if mode == "one-shot" else f"{spec} +seq"
+                cells.append(Cell(task_name, label, factor, score, baseline, plan_s, plan.counts, agreement, kl))
+                logger.info(
+                    "%s  %-24s x%g  %.4f (%.1f%%)  %.2f s", task_name, label, factor, score, cells[-1].relative, plan_s
+                )
     return info, cells
 
 
@@ -231,6 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-calibration", type=int, default=256, help="calibration examples (as uncurl prune)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--from-disk", action="store_true", help="write + reload every pruned model before scoring")
+    parser.add_argument(
+        "--sequential", action="store_true",
+        help="also plan every method layer by layer on the progressively pruned model (rows 'METHOD +seq')",
+    )
     parser.add_argument("--json", help="also write the results as JSON here")
     parser.add_argument("-q", "--quiet", action="store_true", help="only print the table")
     return parser
@@ -262,7 +281,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cells: list[Cell] = []
     for task in filter(None, args.tasks.split(",")):
         info, task_cells = run_task(
-            model_dir, task, methods, args.factors, args.limit, args.num_calibration, args.seed, args.from_disk
+            model_dir, task, methods, args.factors, args.limit, args.num_calibration, args.seed, args.from_disk,
+            args.sequential,
         )
         infos.append(info)
         cells.extend(task_cells)

@@ -7,10 +7,18 @@ record, per expert: tokens routed (the router's top-k choice, before any capacit
 probability (gate mass), summed L2 norm of the expert's own output on its routed tokens (raw and multiplied by
 the gate, the REAP saliency), plus a bounded, seeded uniform sample of (router logits, layer input) pairs for
 methods that cluster experts by their logit profiles (UNCURL) or compare expert outputs (HC-SMoE).
+
+The sample keeps the ``max_logit_samples`` tokens with the smallest keys, where a token's key is a hash of (seed,
+layer, global sequence index, position among the sequence's real tokens) — not a random stream consumed in
+arrival order. That makes the sample a property of the data alone: the same tokens are chosen however the batches
+are split across processes (:mod:`uncurl_hf.distributed`) or padded, and it is listed in (sequence, position) order.
+Expert output norms are read off the model's own forward (hooks on the expert modules) instead of re-running every
+expert, so calibration costs little more than a plain forward (``benchmarks/perf.py`` measures it).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -18,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -46,6 +55,8 @@ class ExpertStats:
     weighted_output_norm_sum: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
     logit_sample: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0))
     hidden_sample: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0))
+    # [S, 2] int64: (global sequence index, position among the sequence's real tokens) of each sampled token
+    sample_tokens: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 2, dtype=torch.long))
 
     @classmethod
     def empty(cls, layer: MoELayer, hidden_size: int) -> "ExpertStats":
@@ -113,74 +124,429 @@ class CalibrationStats(Mapping[str, ExpertStats]):
         return {name: stats.summary(exact_only) for name, stats in self.layers.items()}
 
 
+# ---- the token sample --------------------------------------------------------------------------------------------
+# splitmix64 (Steele, Lea & Flood 2014): a bijective 64-bit mixer; numpy uint64 arithmetic wraps by definition.
+_MIX_1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX_2 = np.uint64(0x94D049BB133111EB)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    x = x ^ (x >> np.uint64(30))
+    x = x * _MIX_1
+    x = x ^ (x >> np.uint64(27))
+    x = x * _MIX_2
+    return x ^ (x >> np.uint64(31))
+
+
+def token_keys(base: int, sequence: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """int64 sampling keys in ``[0, 2**63)``: a hash of (``base``, global sequence index, position in the sequence).
+
+    A token's key does not depend on which process saw it, in which batch or after how many other tokens, so
+    "keep the tokens with the smallest keys" selects the same tokens in a single process and across ranks.
+    """
+    seq = sequence.cpu().numpy().astype(np.uint64)
+    pos = position.cpu().numpy().astype(np.uint64)
+    with np.errstate(over="ignore"):
+        per_sequence = _splitmix64(np.uint64(base) ^ _splitmix64(seq * _GOLDEN + np.uint64(1)))
+        mixed = _splitmix64(per_sequence + (pos + np.uint64(1)) * _GOLDEN)
+    return torch.from_numpy((mixed >> np.uint64(1)).astype(np.int64))
+
+
+@dataclass
+class TokenSample:
+    """Sampled tokens of one layer: key, global sequence index, position, router logits ``[S, E]``, input ``[S, D]``.
+
+    The sample is the ``max_samples`` tokens with the smallest :func:`token_keys` (ties: sequence, then position),
+    i.e. a uniform sample without replacement whose membership does not depend on batching or on the number of
+    processes; :meth:`in_token_order` lists it in (sequence, position) order, which is the arrival order of a
+    single-process run.
+    """
+
+    keys: torch.Tensor
+    sequence: torch.Tensor
+    position: torch.Tensor
+    logits: torch.Tensor
+    hidden: torch.Tensor
+
+    @classmethod
+    def empty(cls, num_experts: int, hidden_size: int) -> "TokenSample":
+        ints = torch.zeros(0, dtype=torch.int64)
+        return cls(ints, ints.clone(), ints.clone(), torch.zeros(0, num_experts), torch.zeros(0, hidden_size))
+
+    def __len__(self) -> int:
+        return int(self.keys.shape[0])
+
+    def take(self, index: torch.Tensor) -> "TokenSample":
+        return TokenSample(
+            self.keys[index], self.sequence[index], self.position[index], self.logits[index], self.hidden[index]
+        )
+
+    @classmethod
+    def concat(cls, samples: Sequence["TokenSample"]) -> "TokenSample":
+        return cls(*(torch.cat([getattr(s, f) for s in samples]) for f in TokenSample.__dataclass_fields__))
+
+    def smallest(self, limit: int) -> "TokenSample":
+        """The ``limit`` tokens with the smallest (key, sequence, position), a deterministic total order."""
+        if len(self) <= limit:
+            return self
+        order = torch.argsort(self.keys)
+        if self.keys[order[limit - 1]] == self.keys[order[limit]]:  # a tie at the cut (63-bit keys: ~never)
+            order = _lexsort(self.keys, self.sequence, self.position)
+        return self.take(order[:limit])
+
+    def in_token_order(self) -> "TokenSample":
+        if len(self) == 0:
+            return self
+        token = self.sequence * (int(self.position.max()) + 1) + self.position  # unique per token
+        return self.take(torch.argsort(token))
+
+    def threshold(self, limit: int) -> int | None:
+        """Tokens with a key above this cannot enter a full sample (``None`` while it has room)."""
+        return int(self.keys.max()) if len(self) >= limit else None
+
+
+def _lexsort(*columns: torch.Tensor) -> torch.Tensor:
+    """Indices sorting rows by ``columns[0]``, then ``columns[1]``, ... (stable sorts, last column first)."""
+    order = torch.arange(columns[0].shape[0])
+    for column in reversed(columns):
+        order = order[torch.argsort(column[order], stable=True)]
+    return order
+
+
+# ---- per-layer collection ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerPartial:
+    """What one process measured on one layer: exact integers, float64 partial sums per batch, the token sample.
+
+    ``sums`` holds one ``[3, E]`` float64 tensor per batch (gate mass, output norms, gate-weighted output norms),
+    keyed by the batch's global index, so the final sums can be added in global batch order wherever the batches
+    were forwarded (:mod:`uncurl_hf.distributed`).
+    """
+
+    num_tokens: int
+    counts: torch.Tensor
+    sums: dict[int, torch.Tensor]
+    sample: TokenSample
+
+
+@dataclass
+class _TokenIds:
+    """The real (non-padding) rows of a flattened batch: mask, row indices, global sequence index, position among
+    the sequence's real tokens (CPU tensors; ``on`` caches device copies)."""
+
+    real: torch.Tensor
+    rows: torch.Tensor
+    sequence: torch.Tensor
+    position: torch.Tensor
+    _device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(real mask, real row indices)`` on ``device``."""
+        if device not in self._device:
+            self._device[device] = (self.real.to(device), self.rows.to(device))
+        return self._device[device]
+
+
 class _CalibrationContext:
-    """Holds the token masks of the batch being forwarded, so the hooks can drop padding."""
+    """The batch being forwarded: token masks (padding), its global index and first global sequence index."""
 
     def __init__(self) -> None:
         self.masks: dict[str, torch.Tensor] = {}
+        self.batch_index = 0
+        self.sequence_offset = 0
+        self._ids: dict[tuple[str, int], _TokenIds] = {}
+
+    def begin(self, masks: dict[str, torch.Tensor], batch_index: int, sequence_offset: int) -> None:
+        self.masks, self.batch_index, self.sequence_offset, self._ids = masks, batch_index, sequence_offset, {}
+
+    def clear(self) -> None:
+        self.masks, self._ids = {}, {}
+
+    def token_ids(self, mask_key: str, hidden: torch.Tensor, layer: str) -> _TokenIds:
+        """Token identities of the rows of ``hidden.reshape(-1, D)`` (computed once per batch and mask)."""
+        rows = hidden.numel() // hidden.shape[-1]
+        cached = self._ids.get((mask_key, rows))
+        if cached is not None:
+            return cached
+        mask = self.masks.get(mask_key)
+        if mask is None:  # no mask for this side: every row is a real token
+            batch = hidden.shape[0] if hidden.dim() >= 3 else 1
+            mask = torch.ones(batch, rows // batch, dtype=torch.long)
+        if mask.numel() != rows:
+            raise CalibrationDataError(
+                f"Layer {layer}: mask {mask_key} has {mask.numel()} entries for {rows} tokens; batches must carry "
+                "masks matching their inputs."
+            )
+        mask = mask.detach().cpu().reshape(-1, mask.shape[-1]).long()
+        sequence = self.sequence_offset + torch.arange(mask.shape[0]).unsqueeze(1).expand_as(mask)
+        real = mask.reshape(-1).bool()
+        ids = _TokenIds(
+            real, real.nonzero().squeeze(1), sequence.reshape(-1)[real], (mask.cumsum(dim=1) - 1).reshape(-1)[real]
+        )
+        self._ids[(mask_key, rows)] = ids
+        return ids
 
 
 class _LayerCollector:
-    """Forward hook accumulating :class:`ExpertStats` for one layer."""
+    """Hooks accumulating one layer's statistics: on the sparse block, on its router and on every expert module.
+
+    The router logits and the expert outputs are read off the model's own forward instead of being computed again
+    (re-running every expert used to double the experts' cost). Each source is checked once per calibration, on the
+    first batch: the router's output must match :meth:`MoEFamily.router_logits` (``allclose``) and each expert's
+    captured input must be exactly the rows routed to it, in row order (``torch.equal``). From then on only the
+    per-expert token counts are compared (a capacity drop changes them); whenever something does not match, the
+    logits or the expert outputs are computed again, so the statistics never depend on the shortcut.
+    """
 
     def __init__(
-        self,
-        family: MoEFamily,
-        layer: MoELayer,
-        context: _CalibrationContext,
-        hidden_size: int,
-        max_samples: int,
+        self, family: MoEFamily, layer: MoELayer, context: _CalibrationContext, hidden_size: int, max_samples: int,
         seed: int,
     ) -> None:
         self.family = family
         self.layer = layer
         self.context = context
         self.max_samples = max_samples
-        self.stats = ExpertStats.empty(layer, hidden_size)
-        self.sample_keys = torch.zeros(0)
-        self.generator = torch.Generator().manual_seed(stable_seed(seed, "calibration-sample", layer.name))
+        self.key_base = stable_seed(seed, "calibration-sample", layer.name)
+        e = layer.num_experts
+        self.partial = LayerPartial(0, torch.zeros(e, dtype=torch.long), {}, TokenSample.empty(e, hidden_size))
+        self.captured: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.router_outputs: list[torch.Tensor] = []
+        self.router_checked: bool | None = None  # None: not checked yet; False: the router hook is not usable
+        self.experts_checked: bool | None = None
+        self.chunks: list[TokenSample] = []  # sample candidates, cut back by _consolidate
+        self.chunk_rows = 0
+        self.threshold: int | None = None  # keys above it cannot enter the sample any more
+
+    def register(self) -> list[Any]:
+        """Install the hooks; returns their handles."""
+        handles = [self.layer.module.register_forward_hook(self)]
+        if isinstance(self.layer.router, nn.Module):
+            handles.append(self.layer.router.register_forward_hook(self._capture_router))
+        experts = self.layer.experts
+        if len({id(expert) for expert in experts}) == len(experts):  # one module per expert: outputs can be captured
+            for index, expert in enumerate(experts):
+                if isinstance(expert, nn.Module):
+                    handles.append(expert.register_forward_hook(functools.partial(self._capture, index)))
+        return handles
+
+    def _capture(self, index: int, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if args and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
+            self.captured.setdefault(index, []).append((args[0], output))
+
+    def _capture_router(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if isinstance(output, torch.Tensor):
+            self.router_outputs.append(output)
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        captured, self.captured = self.captured, {}
+        router_outputs, self.router_outputs = self.router_outputs, []
         hidden = args[0]
-        mask = self.context.masks.get(self.layer.mask_key)
         flat = hidden.reshape(-1, hidden.shape[-1])
-        if mask is not None:
-            if mask.numel() != flat.shape[0]:
-                raise CalibrationDataError(
-                    f"Layer {self.layer.name}: mask {self.layer.mask_key} has {mask.numel()} entries for "
-                    f"{flat.shape[0]} tokens; batches must carry masks matching their inputs."
-                )
-            flat = flat[mask.reshape(-1).to(flat.device).bool()]
-        if flat.shape[0] == 0:
+        ids = self.context.token_ids(self.layer.mask_key, hidden, self.layer.name)
+        if not bool(ids.real.any()):
             return
-        self._accumulate(flat)
+        self._accumulate(flat, ids, self._router_logits(flat, router_outputs), captured)
 
-    def _accumulate(self, hidden: torch.Tensor) -> None:
-        stats = self.stats
-        logits = self.family.router_logits(self.layer, hidden)
+    def _router_logits(self, flat: torch.Tensor, outputs: list[torch.Tensor]) -> torch.Tensor:
+        """``[N, E]`` float32 router logits of every row: the router's own output when it is usable."""
+        rows, e = flat.shape[0], self.layer.num_experts
+        if self.router_checked is not False and len(outputs) == 1 and outputs[0].numel() == rows * e:
+            logits = outputs[0].reshape(rows, e).float()
+            if self.router_checked is None:
+                expected = self.family.router_logits(self.layer, flat)
+                self.router_checked = bool(torch.allclose(logits, expected, rtol=1e-4, atol=1e-5))
+                if not self.router_checked:
+                    logger.debug("%s: router output differs from router_logits; recomputing", self.layer.name)
+                    return expected
+            return logits
+        return self.family.router_logits(self.layer, flat)
+
+    def _accumulate(
+        self,
+        flat: torch.Tensor,
+        ids: _TokenIds,
+        logits: torch.Tensor,
+        captured: dict[int, list[tuple[torch.Tensor, torch.Tensor]]],
+    ) -> None:
+        e = self.layer.num_experts
         probs, selected = self.family.routing(logits, self.layer.top_k)
-        stats.num_tokens += hidden.shape[0]
-        stats.counts += torch.bincount(selected.reshape(-1).cpu(), minlength=stats.num_experts)
-        # sums in float64: a float32 sum over many tokens depends on how the reduction is split across threads
-        stats.gate_mass += probs.double().sum(dim=0).cpu()
-        for expert in selected.unique().tolist():
-            rows = (selected == expert).any(dim=-1)
-            out = self.family.run_expert(self.layer, expert, hidden[rows])
-            norms = out.float().norm(dim=-1).double()
-            stats.output_norm_sum[expert] += norms.sum().cpu()
-            stats.weighted_output_norm_sum[expert] += (norms * probs[rows, expert].double()).sum().cpu()
-        self._update_sample(logits.float().cpu(), hidden.float().cpu())
+        _, rows = ids.on(flat.device)
+        chosen, chosen_probs = selected.index_select(0, rows), probs.index_select(0, rows)
+        from_forward = self._captured_norms(flat, selected, captured)
+        norms = (
+            from_forward.index_select(0, rows) if from_forward is not None
+            else self._recomputed_norms(flat.index_select(0, rows), chosen)
+        )
+        experts = chosen.reshape(-1).cpu()
+        gates = chosen_probs.gather(1, chosen).reshape(-1).double().cpu()
+        norm_values = norms.reshape(-1).double().cpu()
+        sums = torch.zeros(3, e, dtype=torch.float64)
+        # float64 partials of this batch: a float32 sum over many tokens depends on how it is split across threads
+        sums[0] = chosen_probs.double().sum(dim=0).cpu()
+        sums[1].index_add_(0, experts, norm_values)
+        sums[2].index_add_(0, experts, norm_values * gates)
+        partial = self.partial
+        partial.num_tokens += int(chosen.shape[0])
+        partial.counts += torch.bincount(experts, minlength=e)
+        partial.sums[self.context.batch_index] = sums
+        self._offer_sample(flat, logits, ids)
 
-    def _update_sample(self, logits: torch.Tensor, hidden: torch.Tensor) -> None:
-        """Uniform sample without replacement over all tokens seen so far: keep the smallest random keys."""
-        keys = torch.rand(logits.shape[0], generator=self.generator)
-        all_keys = torch.cat([self.sample_keys, keys])
-        all_logits = torch.cat([self.stats.logit_sample, logits])
-        all_hidden = torch.cat([self.stats.hidden_sample, hidden])
-        if all_keys.shape[0] > self.max_samples:
-            keep = all_keys.topk(self.max_samples, largest=False).indices.sort().values
-            all_keys, all_logits, all_hidden = all_keys[keep], all_logits[keep], all_hidden[keep]
-        self.sample_keys, self.stats.logit_sample, self.stats.hidden_sample = all_keys, all_logits, all_hidden
+    def _recomputed_norms(self, hidden: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """``[R, k]``: run every routed expert again on its real tokens (when the forward's outputs cannot be used)."""
+        norms = torch.zeros(chosen.shape, dtype=torch.float32, device=hidden.device)
+        for expert in chosen.unique().tolist():
+            slots = chosen == expert  # at most one slot per token: masked assignment follows row order
+            out = self.family.run_expert(self.layer, expert, hidden[slots.any(dim=-1)])
+            norms[slots] = torch.linalg.vector_norm(out.float(), dim=-1).to(norms.device)
+        return norms
+
+    def _captured_norms(
+        self, flat: torch.Tensor, selected: torch.Tensor, captured: dict[int, list[tuple[torch.Tensor, torch.Tensor]]]
+    ) -> torch.Tensor | None:
+        """``[N, k]`` norms of the model's own expert outputs for every row and routing slot, or ``None`` when they
+        cannot be attributed to rows (no capture, other per-expert counts, or the one-time order check failed).
+
+        Experts are called on their routed rows in row order (checked exactly on the first batch); the work is
+        vectorised over experts, since per-expert Python loops would cost more than the forward of a small model.
+        """
+        if not captured or self.experts_checked is False:
+            return None
+        pairs = selected.reshape(-1)  # the expert of every (row, slot), row-major
+        counts = torch.bincount(pairs, minlength=self.layer.num_experts).tolist()
+        hit = [e for e, c in enumerate(counts) if c]
+        if sorted(captured) != hit or any(len(captured[e]) != 1 for e in hit):
+            return None
+        calls = [captured[e][0] for e in hit]
+        if any(out.shape[0] != counts[e] or inp.numel() != counts[e] * flat.shape[-1]
+               for e, (inp, out) in zip(hit, calls)):
+            return None  # e.g. tokens dropped by expert capacity
+        order = torch.argsort(pairs, stable=True)  # grouped by expert, rows ascending: the order experts saw them
+        if self.experts_checked is None:
+            expected = flat.index_select(0, order // selected.shape[-1]).split([counts[e] for e in hit])
+            self.experts_checked = all(
+                torch.equal(inp.reshape(want.shape), want) for (inp, _), want in zip(calls, expected)
+            )
+            if not self.experts_checked:
+                logger.debug("%s: experts see their tokens in another order; re-running them", self.layer.name)
+                return None
+        in_order = torch.cat([torch.linalg.vector_norm(out.float(), dim=-1) for _, out in calls])
+        norms = torch.empty(pairs.shape[0], dtype=torch.float32, device=in_order.device)
+        norms[order] = in_order
+        return norms.view(selected.shape)
+
+    def _offer_sample(self, flat: torch.Tensor, logits: torch.Tensor, ids: _TokenIds) -> None:
+        """Add this batch's real tokens to the sample; tokens whose key cannot enter are never copied.
+
+        Chunks are appended and only cut back to the ``max_samples`` smallest keys once they hold twice that many,
+        so the cost stays linear in the number of tokens (no re-sorting of the whole sample every batch).
+        """
+        keys = token_keys(self.key_base, ids.sequence, ids.position)
+        sequence, position = ids.sequence, ids.position
+        if self.threshold is None:
+            _, rows = ids.on(flat.device)
+        else:
+            entering = keys <= self.threshold
+            if not bool(entering.any()):
+                return
+            keys, sequence, position = keys[entering], sequence[entering], position[entering]
+            rows = ids.rows[entering].to(flat.device)
+        self.chunks.append(TokenSample(
+            keys, sequence, position, logits.index_select(0, rows).float().cpu(), flat.index_select(0, rows).float().cpu()
+        ))
+        self.chunk_rows += len(keys)
+        if self.chunk_rows >= 2 * self.max_samples:
+            self._consolidate()
+
+    def _consolidate(self) -> None:
+        sample = TokenSample.concat(self.chunks).smallest(self.max_samples)
+        self.chunks, self.chunk_rows = [sample], len(sample)
+        self.threshold = sample.threshold(self.max_samples)
+
+    def finish(self) -> LayerPartial:
+        """This process' measurements, the sample cut to ``max_samples``."""
+        if self.chunks:
+            self._consolidate()
+            self.partial.sample = self.chunks[0]
+        return self.partial
+
+
+def _gather_partial(partial: LayerPartial, max_samples: int) -> LayerPartial:
+    """This layer's measurements of every rank, combined exactly as one process would have measured them (every
+    rank gets the result).
+
+    Counts and token totals are ``all_reduce``-d (integers: exact). The per-batch float64 sums are gathered (a few
+    floats per batch). Samples go in two steps: keys first, so every rank knows the global winners, then only the
+    winning rows.
+    """
+    from uncurl_hf import distributed
+
+    counts = distributed.all_sum(torch.cat([partial.counts, torch.tensor([partial.num_tokens])]))
+    sums: dict[int, torch.Tensor] = {}
+    for rank_sums in distributed.all_gather(partial.sums):
+        sums.update(rank_sums)
+    sample = partial.sample
+    columns = distributed.all_gather((sample.keys, sample.sequence, sample.position))
+    owner = torch.cat([torch.full((len(keys),), rank) for rank, (keys, _, _) in enumerate(columns)])
+    local_index = torch.cat([torch.arange(len(keys)) for keys, _, _ in columns])
+    keys, sequence, position = (torch.cat([c[i] for c in columns]) for i in range(3))
+    winners = _lexsort(keys, sequence, position)[:max_samples]
+    mine = local_index[winners[owner[winners] == torch.distributed.get_rank()]]
+    rows = distributed.all_gather(sample.take(mine.sort().values))
+    return LayerPartial(
+        num_tokens=int(counts[-1]),
+        counts=counts[:-1],
+        sums=sums,
+        sample=TokenSample.concat(rows).smallest(max_samples),
+    )
+
+
+def _layer_stats(layer: MoELayer, hidden_size: int, partial: LayerPartial) -> ExpertStats:
+    """:class:`ExpertStats` of a (merged) partial: float sums added in global batch order, sample in token order."""
+    stats = ExpertStats.empty(layer, hidden_size)
+    stats.num_tokens = partial.num_tokens
+    stats.counts = partial.counts.clone()
+    total = torch.zeros(3, layer.num_experts, dtype=torch.float64)
+    for batch_index in sorted(partial.sums):
+        total += partial.sums[batch_index]
+    stats.gate_mass, stats.output_norm_sum, stats.weighted_output_norm_sum = total[0], total[1], total[2]
+    sample = partial.sample.in_token_order()
+    stats.logit_sample, stats.hidden_sample = sample.logits, sample.hidden
+    stats.sample_tokens = torch.stack([sample.sequence, sample.position], dim=1)
+    return stats
+
+
+@dataclass
+class _Assigned:
+    """The batches this process forwards, as ``(global batch index, global index of its first sequence, batch)``."""
+
+    items: Iterator[tuple[int, int, Batch]]
+    total: int | None
+
+
+def _assigned_batches(batches: Iterable[Batch], group: Any) -> _Assigned:
+    """All batches in a single process; rank ``r``'s contiguous shard of them in a process group."""
+    if group is None:
+        start, stop = 0, None
+        total = len(batches) if isinstance(batches, Sequence) else None
+    else:
+        from uncurl_hf.distributed import shard_bounds
+
+        start, stop = shard_bounds(len(batches), group.rank, group.world_size)  # type: ignore[arg-type]
+        total = stop - start
+
+    def items() -> Iterator[tuple[int, int, Batch]]:
+        offset = 0
+        for index, batch in enumerate(batches):
+            if index >= start and (stop is None or index < stop):
+                yield index, offset, batch
+            elif stop is not None and index >= stop:
+                return
+            offset += int(batch["input_ids"].shape[0])
+
+    return _Assigned(items(), total)
 
 
 @torch.no_grad()
@@ -191,43 +557,65 @@ def calibrate(
     max_logit_samples: int = 4096,
     seed: int = 0,
     progress: bool = True,
+    distributed: bool | None = None,
 ) -> CalibrationStats:
     """Forward ``batches`` through ``model`` (eval mode, no grad) and return per-layer :class:`ExpertStats`.
 
     Batches are dicts with ``input_ids`` and ``attention_mask`` and, for encoder-decoder models, the decoder side
     as ``labels`` (teacher forcing; ``-100`` marks padding) or ``decoder_input_ids`` (+ ``decoder_attention_mask``).
     Without either, the decoder sees only its start token. The model is left as it was (training flag restored).
+
+    Across processes (``distributed=None`` and an initialised ``torch.distributed`` group of several processes, or
+    ``distributed=True``): every rank passes the SAME full list of batches, forwards its contiguous shard, and gets
+    the statistics of the whole list, equal to a single-process run (see :mod:`uncurl_hf.distributed` for what is
+    exact). ``distributed=False`` calibrates on this process' batches only.
     """
+    from uncurl_hf import distributed as dist_utils
+
     layers = family.sparse_layers(model)
     if not layers:
         from uncurl_hf.errors import UnsupportedModelError
 
         raise UnsupportedModelError("The model has no sparse MoE layers to calibrate; nothing to prune.")
-    hidden_size = int(layers[0].router.in_features)
+    group = dist_utils.current(distributed)
+    if group is not None:
+        batches = list(batches)
+        dist_utils.check_same_batches(batches)
+    hidden_size = int(layers[0].router.weight.shape[-1])  # routers are [E, D]; not every router is an nn.Linear
     context = _CalibrationContext()
     collectors = [_LayerCollector(family, layer, context, hidden_size, max_logit_samples, seed) for layer in layers]
-    handles = [layer.module.register_forward_hook(collector) for layer, collector in zip(layers, collectors)]
+    handles = [handle for collector in collectors for handle in collector.register()]
     was_training = model.training
     model.eval()
     num_sequences = 0
-    total = len(batches) if isinstance(batches, Sequence) else None
+    show = progress and (group is None or group.is_main)
     try:
-        for batch in tqdm(batches, total=total, desc="calibrating", unit="batch", disable=not progress):
+        assigned = _assigned_batches(batches, group)
+        for index, offset, batch in tqdm(assigned.items, total=assigned.total, desc="calibrating", unit="batch",
+                                         disable=not show):
             inputs = family.forward_inputs(model, batch)
-            context.masks = {k: v for k, v in inputs.items() if k.endswith("attention_mask")}
+            context.begin({k: v for k, v in inputs.items() if k.endswith("attention_mask")}, index, offset)
             model(**inputs)
             num_sequences += int(inputs["input_ids"].shape[0])
     finally:
         for handle in handles:
             handle.remove()
-        context.masks = {}
+        context.clear()
         model.train(was_training)
+    partials = [collector.finish() for collector in collectors]
+    if group is not None:
+        num_sequences = int(dist_utils.all_sum(torch.tensor([num_sequences]))[0])
+        partials = [_gather_partial(partial, max_logit_samples) for partial in partials]
     if num_sequences == 0:
         raise CalibrationDataError("No calibration batches were given; provide at least one example.")
-    stats = CalibrationStats({c.layer.name: c.stats for c in collectors}, num_sequences=num_sequences)
+    stats = CalibrationStats(
+        {layer.name: _layer_stats(layer, hidden_size, partial) for layer, partial in zip(layers, partials)},
+        num_sequences=num_sequences,
+    )
     logger.info(
-        "calibrated on %d sequences (%s)",
+        "calibrated on %d sequences%s (%s)",
         num_sequences,
+        f" across {group.world_size} processes" if group is not None else "",
         ", ".join(f"{name}: {s.num_tokens} tokens" for name, s in stats.items()),
     )
     return stats

@@ -57,8 +57,64 @@ def cmd_prune(args: argparse.Namespace) -> int:
         hub_token=args.token,
         private=args.private,
         hub_exist_ok=args.hub_exist_ok,
+        streaming=args.streaming,
+        max_drop=args.max_drop,
+        offload=args.offload,
+        sequential=args.sequential,
     )
+    from uncurl_hf.distributed import process_rank
+
+    if process_rank() != 0:  # torchrun: rank 0 prints (and wrote) the result
+        return 0
     print(result.summary_table())
+    search = result.plan.metadata.get("max_drop")
+    if search:
+        print(f"--max-drop {search['max_drop_points']:g}: {search['metric']} on {search['split']} "
+              f"({search['num_examples']} examples) {search['unpruned_score']:.4f} -> {search['chosen_score']:.4f} "
+              f"(floor {search['floor']:.4f}), {search['evaluations']} candidates scored")
+    return 0
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    """``uncurl study [--small]``: build the study zoo, sweep it, write docs/study.md (tables + figure)."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    from uncurl_hf.study import SMALL, StudyConfig, run_study
+
+    config = SMALL if args.small else StudyConfig()
+    config = replace(config, workers=args.workers, **({"max_eval_examples": args.limit} if args.limit else {}))
+    name = args.name or ("study_small" if args.small else "study")
+    command = "uncurl study" + (" --small" if args.small else "") + (f" --limit {args.limit}" if args.limit else "")
+    report = run_study(config, output=args.output, name=name, build=not args.no_build, progress=not args.no_progress,
+                       command=command)
+    print(f"wrote {Path(args.output) / (name + '.md')} ({len(report.table1)} threshold rows, "
+          f"{len(report.table2)} pruned-vs-scratch rows) in {report.wall_time_s:.0f} s")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """``uncurl sweep MODEL --task T --methods M,.. --factors 1,2,4 -o DIR``: score every method at every factor
+    (calibrated once, pruned in memory), write results.json/.csv + plot.png, print thresholds with bootstrap CIs."""
+    import time
+
+    from uncurl_hf.sweep import resolve_model, run_sweep, split_methods
+
+    try:
+        factors = [float(v) for v in args.factors.split(",") if v.strip()]
+    except ValueError:
+        raise UncurlError(
+            f"--factors expects comma-separated numbers >= 1 (e.g. 1,2,4,8), got {args.factors!r}."
+        ) from None
+    start = time.perf_counter()
+    result = run_sweep(
+        resolve_model(args.model), args.task, split_methods(args.methods), factors, split=args.split,
+        num_calibration_examples=args.num_calibration, seed=args.seed, max_eval_examples=args.limit,
+        progress=not args.no_progress, tolerance=args.tolerance, bootstrap=args.bootstrap, output_dir=args.output,
+        overwrite=args.overwrite,
+    )
+    print(result.format_table())
+    print(f"wrote {result.output_dir} in {time.perf_counter() - start:.1f} s")
     return 0
 
 
@@ -97,8 +153,18 @@ def cmd_families(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """``uncurl eval SRC --task T``: metric, params, disk MB and ms/example (batch 1 and batched)."""
-    from uncurl_hf.evaluation import evaluate_checkpoint
+    from pathlib import Path
 
+    from uncurl_hf.evaluation import evaluate_checkpoint
+    from uncurl_hf.families import get_family
+    from uncurl_hf.pruning import check_evaluable_family
+
+    try:
+        family = get_family(args.model) if (Path(args.model) / "config.json").is_file() else None
+    except UncurlError:
+        family = None  # what is wrong with the folder is reported by the loader, as before
+    if family is not None:
+        check_evaluable_family(family)
     result = evaluate_checkpoint(
         args.model, args.task, split=args.split, limit=args.limit, batch_size=args.batch_size,
         progress=not args.no_progress,
@@ -287,7 +353,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     p.add_argument("--token", help="with --push-to-hub: Hub token (default: HF_TOKEN or `hf auth login`)")
     p.add_argument("--hub-exist-ok", action="store_true", help="with --push-to-hub: upload into an existing repo")
+    p.add_argument(
+        "--streaming", action="store_true",
+        help="write out of core, one layer in memory at a time (same files); with --plan the model is never "
+        "loaded, so `uncurl prune BIG --plan PLAN.json --streaming -o OUT` prunes checkpoints larger than RAM",
+    )
+    p.add_argument(
+        "--max-drop", type=_number, metavar="POINTS",
+        help="instead of --factor: the fewest experts (per-layer counts searched on the task's dev split) whose "
+        "score stays within POINTS of the unpruned model (needs --task)",
+    )
+    p.add_argument(
+        "--offload", action="store_true",
+        help="calibrate with the weights left on disk, one transformer block in memory at a time (models larger "
+        "than RAM; combine with --streaming for an out-of-core surgery too)",
+    )
+    p.add_argument(
+        "--sequential", action="store_true",
+        help="plan layer by layer, each on statistics of the model whose earlier layers are already pruned "
+        "(one calibration pass per sparse layer)",
+    )
     p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("sweep", help="score methods x factors (one calibration), thresholds with bootstrap CIs, plot")
+    p.add_argument("model", help="checkpoint folder or zoo model name (tiny-switch-8)")
+    p.add_argument("--task", required=True, help="registered task")
+    p.add_argument("--methods", default="frequency,uncurl", help="comma-separated method specs (name[:key=value])")
+    p.add_argument("--factors", default="1,2,4,8", help="comma-separated factors (1 = unpruned, always included)")
+    p.add_argument("-o", "--output", required=True, help="output folder (results.json, results.csv, plot.png)")
+    p.add_argument("--tolerance", type=_number, default=1.0, help="allowed drop in points (default 1.0)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CI (0: none)")
+    p.add_argument("--split", default="test", choices=["train", "dev", "test"], help="split to score")
+    p.add_argument("--limit", type=int, help="score only the first N examples of the split")
+    p.add_argument("--num-calibration", type=int, default=256, help="calibration examples (train split)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing sweep folder")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("study", help="the paper's study: zoo of E=1..64 SMoEs, sweeps, thresholds, pruned vs scratch")
+    p.add_argument("--small", action="store_true", help="E in {8,16} (+ E=4 from scratch), sentiment only (~15 min "
+                   "with models built; training them first takes ~1 h on 2 cores)")
+    p.add_argument("-o", "--output", default="docs", help="folder for <name>.md/.json and <name>_sweep.png")
+    p.add_argument("--name", help="file stem (default study / study_small)")
+    p.add_argument("--workers", type=int, default=2, help="parallel training processes (one torch thread each)")
+    p.add_argument("--limit", type=int, help="score only the first N test examples (quick checks)")
+    p.add_argument("--no-build", action="store_true", help="fail instead of training missing zoo models")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("verify", help="check an output folder: hashes, config/plan/weights agreement, forward pass")
     p.add_argument("folder", help="output folder written by `uncurl prune`")

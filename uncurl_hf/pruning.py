@@ -7,6 +7,7 @@ fails in a second rather than after calibration.
 
 from __future__ import annotations
 
+import gc
 import logging
 import random
 import shlex
@@ -19,7 +20,8 @@ from uncurl_hf._version import __version__
 from uncurl_hf.apply import apply_plan
 from uncurl_hf.budget import expert_budget
 from uncurl_hf.cards import CardFacts, finalize_output, hub_model_id, is_hub_id, prune_command
-from uncurl_hf.calibration import build_batches, calibrate, check_coverage, load_calibration_file
+from uncurl_hf.calibration import build_batches, load_calibration_file
+from uncurl_hf.sequential import calibrate_and_plan
 from uncurl_hf.checkpoint import (
     DEFAULT_MAX_SHARD_SIZE,
     check_output_dir,
@@ -34,9 +36,11 @@ from uncurl_hf.checkpoint import (
 from uncurl_hf.config import PruningConfig
 from uncurl_hf.errors import CalibrationDataError, HubError, InvalidPlanError, UncurlError
 from uncurl_hf.export import check_export_format, to_stock, uniform_count
+from uncurl_hf import distributed
 from uncurl_hf.families import get_family
 from uncurl_hf.methods import get_method
 from uncurl_hf.plan import PruningPlan
+from uncurl_hf.streaming import disk_layer_sizes, stored_parameters, stream_apply_plan
 from uncurl_hf.tasks import Example, get_task
 
 logger = logging.getLogger(__name__)
@@ -86,6 +90,7 @@ class PruneResult:
         return "\n".join(lines)
 
 
+@distributed.launched  # under torchrun: calibration is shared across ranks and only rank 0 writes
 def prune(
     model: str | Path,
     *,
@@ -120,6 +125,10 @@ def prune(
     hub_token: str | None = None,
     private: bool = False,
     hub_exist_ok: bool = False,
+    streaming: bool = False,
+    max_drop: float | None = None,
+    offload: bool = False,
+    sequential: bool = False,
 ) -> PruneResult:
     """Prune the local checkpoint ``model`` for a task and write the result to ``output_dir``.
 
@@ -140,8 +149,35 @@ def prune(
     be given. A plan made for another model (other family, layers or expert counts) raises ``InvalidPlanError``.
     ``allow_pickle`` reads pickle-only checkpoints with ``torch.load(weights_only=True)``; ``trust_remote_code`` lets
     transformers run code shipped with the checkpoint (both off by default, see :mod:`uncurl_hf.checkpoint`).
+
+    ``streaming`` writes the output out of core (:func:`uncurl_hf.streaming.stream_apply_plan`: one layer in memory at
+    a time, same files as the in-memory writer). With a saved ``plan`` the model is never loaded; otherwise it is
+    loaded for calibration and freed before writing. Not available with ``export="stock"``.
+
+    ``max_drop`` (points, e.g. 1.0) replaces ``factor``/counts: :mod:`uncurl_hf.autofactor` searches the per-layer
+    counts with the fewest experts whose score on the task's dev split stays within ``max_drop`` of the unpruned
+    model (calibration on train, never test), records the search in ``plan.metadata["max_drop"]`` and prunes with them.
+
+    ``offload`` calibrates with the weights left on disk, one transformer block in memory at a time
+    (:mod:`uncurl_hf.offload`); the surgery then loads the model, unless ``streaming``. ``sequential`` plans layer
+    ``l`` on statistics of the model whose earlier layers are already pruned (:mod:`uncurl_hf.sequential`; one
+    calibration pass per sparse layer). Launched by ``torchrun --nproc_per_node N -m uncurl_hf.cli prune ...``, the
+    ranks share the calibration batches (:mod:`uncurl_hf.distributed`; same statistics and plan as one process) and
+    only rank 0 writes; the others return the same result once it is written.
     """
     start = time.perf_counter()
+    auto_counts = None
+    if max_drop is not None:  # auto-factor: the counts come from a search on the task's dev split
+        from uncurl_hf.autofactor import search_for_prune
+
+        auto_counts = search_for_prune(
+            model, task=task, method=method, max_drop=max_drop, output_dir=output_dir, overwrite=overwrite,
+            calibration_file=calibration_file, conflicting=(factor, num_experts_per_layer, plan, config),
+            num_calibration_examples=num_calibration_examples, seed=seed, batch_size=batch_size,
+            max_length=max_length, max_logit_samples=max_logit_samples, method_kwargs=method_kwargs,
+            allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, progress=progress,
+        )
+        num_experts_per_layer = auto_counts.counts
     saved_plan = _saved_plan(plan, factor, num_experts_per_layer, config)
     plan_source = plan  # ``plan`` is rebound to the plan actually applied below
     if saved_plan is not None:
@@ -164,17 +200,21 @@ def prune(
     source = Path(model)
     pruning_method = get_method(config.method) if saved_plan is None else None
     check_export_format(export)
+    if streaming and export == "stock":
+        raise UncurlError("--export stock is not available with --streaming; drop one of them.")
     source_family = inspect_checkpoint(source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     if saved_plan is not None and saved_plan.family != source_family.name:
         raise InvalidPlanError(
             f"The plan was made for a {saved_plan.family!r} model ({saved_plan.model_type!r}), but {source} is a "
             f"{source_family.name!r} model; compute a plan on this model (uncurl prune --plan-out PLAN ...)."
         )
-    sweep_stale_temp_dirs(Path(output_dir).expanduser().resolve())  # leftovers of killed runs, before the check
+    if distributed.process_rank() == 0:  # one process cleans up leftovers of killed runs, before the check
+        sweep_stale_temp_dirs(Path(output_dir).expanduser().resolve())
     check_output_dir(Path(output_dir).expanduser().resolve(), source.expanduser().resolve(), overwrite)
     examples = _calibration_examples(task, calibration_file, config) if saved_plan is None else []
     if evaluate:
         _check_evaluable(task)
+        check_evaluable_family(source_family)
     if base_model_id is not None and not is_hub_id(base_model_id):
         raise UncurlError(f"base_model_id {base_model_id!r} is not a Hub model id; give it as namespace/name.")
     base_model_id = base_model_id or hub_model_id(source)
@@ -187,9 +227,20 @@ def prune(
 
     # the tokenizer is cheap and needed only for calibration: a missing one fails before the model is loaded
     tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code) if saved_plan is None else None
-    loaded = load_model(source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    family = get_family(loaded)
-    sizes = family.layer_sizes(loaded)
+    offloaded = None
+    if streaming and saved_plan is not None:  # out of core: the model is never loaded
+        loaded, family = None, source_family
+        sizes = disk_layer_sizes(source, family)
+    elif offload and saved_plan is None:  # calibration reads one transformer block at a time from disk
+        from uncurl_hf.offload import load_offloaded
+
+        offloaded = load_offloaded(source, trust_remote_code=trust_remote_code)
+        loaded, family = offloaded.model, offloaded.family
+        sizes = family.layer_sizes(loaded)
+    else:
+        loaded = load_model(source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+        family = get_family(loaded)
+        sizes = family.layer_sizes(loaded)
     if saved_plan is not None:
         saved_plan.validate(sizes)  # layers and expert counts must be this model's
         budget = saved_plan.counts
@@ -206,14 +257,12 @@ def prune(
         assert pruning_method is not None
         logger.info("calibrating on %d examples", len(examples))
         batches = build_batches(examples, tokenizer, batch_size=config.batch_size, max_length=config.max_length)
-        stats = calibrate(loaded, family, batches, config.max_logit_samples, config.seed, progress=progress)
-        if pruning_method.needs_calibration:
-            check_coverage(stats)
+        planned = calibrate_and_plan(  # the method's allocate() may re-split the budget's total across layers
+            loaded, family, pruning_method, batches, budget, config, sequential=sequential, offloaded=offloaded,
+            scale_expert_capacity=config.scale_expert_capacity, progress=progress,
+        )
+        plan, stats, budget = planned.plan, planned.stats, planned.budget
         stats_summary = stats.summary()
-
-        budget = pruning_method.allocate(stats, budget, config)  # adaptive methods re-split the total across layers
-        logger.info("planning with %s (budget %s)", pruning_method.name, budget)
-        plan = pruning_method(stats, loaded, family, budget, config)
         plan.base_model = str(model)
         plan.metadata.update(
             {
@@ -228,14 +277,40 @@ def prune(
                 "stats": stats.summary(exact_only=True),  # integers only: identical for any thread count
             }
         )
+        if auto_counts is not None:
+            plan.metadata["max_drop"] = auto_counts.to_metadata()
         plan.validate(sizes, budget)
 
-    logger.info("applying the plan")
-    pruned = apply_plan(loaded, family, plan, scale_expert_capacity=config.scale_expert_capacity)
-    if export == "stock":
-        uniform_count(plan.counts)
-        pruned = to_stock(pruned)
-    params_before, params_after = count_parameters(loaded), count_parameters(pruned)
+    if offloaded is not None:  # the surgery needs the weights: loaded now, or read layer by layer when streaming
+        offloaded.close()
+        loaded = None if streaming else load_model(source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    group = distributed.current()
+    if group is not None and not group.is_main:  # only rank 0 writes; the others return its result
+        shared = distributed.await_main()
+        return PruneResult(
+            plan=plan, stats_summary=stats_summary, wall_time_s=time.perf_counter() - start, experts_before=sizes,
+            experts_after=plan.counts, output_dir=Path(shared.pop("output_dir")), **shared,
+        )
+    if group is not None:
+        distributed.arm_handoff(lambda result: {"output_dir": str(result.output_dir), **{
+            key: getattr(result, key)
+            for key in ("params_before", "params_after", "disk_bytes_before", "disk_bytes_after")
+        }})
+
+    if streaming:
+        params_before = count_parameters(loaded) if loaded is not None else stored_parameters(source)
+        if loaded is not None:  # free the calibrated model: the streaming writer holds one layer at a time
+            loaded = None
+            gc.collect()
+        pruned = None
+        params_after = 0  # counted on the written files
+    else:
+        logger.info("applying the plan")
+        pruned = apply_plan(loaded, family, plan, scale_expert_capacity=config.scale_expert_capacity)
+        if export == "stock":
+            uniform_count(plan.counts)
+            pruned = to_stock(pruned)
+        params_before, params_after = count_parameters(loaded), count_parameters(pruned)
     facts = CardFacts(
         plan=plan,
         experts_before=sizes,
@@ -266,16 +341,25 @@ def prune(
     measured: list[CardFacts] = []
 
     def finalize(folder: Path) -> None:
+        written = replace(facts, params_after=stored_parameters(folder)) if streaming else facts
         measured.append(
             finalize_output(
-                folder, facts, source=source, evaluate=evaluate, eval_limit=eval_limit, write=card, progress=progress
+                folder, written, source=source, evaluate=evaluate, eval_limit=eval_limit, write=card, progress=progress
             )
         )
 
-    output = write_checkpoint(
-        pruned, output_dir, plan, source_dir=source, overwrite=overwrite, max_shard_size=max_shard_size,
-        finalize=finalize if (card or evaluate) else None,
-    )
+    if streaming:
+        output = stream_apply_plan(
+            source, plan, output_dir, family=family, max_shard_size=max_shard_size, overwrite=overwrite,
+            scale_expert_capacity=config.scale_expert_capacity, trust_remote_code=trust_remote_code,
+            finalize=finalize if (card or evaluate) else None, progress=progress,
+        )
+        params_after = stored_parameters(output)
+    else:
+        output = write_checkpoint(
+            pruned, output_dir, plan, source_dir=source, overwrite=overwrite, max_shard_size=max_shard_size,
+            finalize=finalize if (card or evaluate) else None,
+        )
     if plan_out is not None:
         plan.save(plan_out)
     result = PruneResult(
@@ -370,6 +454,16 @@ def _check_evaluable(task: str | None) -> None:
         raise UncurlError(
             f"--evaluate is only implemented for classification tasks; {task!r} is a generation task. "
             "Drop --evaluate."
+        )
+
+
+def check_evaluable_family(family: Any) -> None:
+    """Task evaluation scores label sequences with an encoder-decoder; refuse decoder-only families clearly."""
+    if family.auto_model_class().__name__ != "AutoModelForSeq2SeqLM":
+        raise UncurlError(
+            f"Task evaluation (`uncurl eval`, `prune --evaluate`) is implemented for encoder-decoder models only; "
+            f"{family.name} is a decoder-only (causal LM) family. Score it with your own harness (it loads with "
+            "AutoModelForCausalLM); with `uncurl prune`, drop --evaluate."
         )
 
 

@@ -1,0 +1,317 @@
+"""Out-of-core calibration: forward a model whose weights stay on disk, one transformer block in memory at a time.
+
+llm-compressor's sequential pipeline keeps the calibration activations, loads one layer, records, frees it. The
+generic form of that idea needs no per-architecture tracing: the model is built with its parameters on the meta
+device (no memory, no random init), the parameters outside the transformer blocks (embeddings, final norms, head)
+are read once, and every block gets two hooks:
+
+* a forward pre-hook reads the block's parameters from the safetensors files (``safe_open``, memory-mapped) and
+  puts them in place;
+* a forward hook puts meta tensors back, releasing the memory.
+
+So one full forward holds ``resident parameters + one block`` (:attr:`OffloadCounters.peak_bytes` records it), and
+calibration hooks see exactly the tensors an in-memory model computes (same weights, same ops): statistics are
+identical. Blocks are the children of the model's outermost ``nn.ModuleList``\\ s (``encoder.block.3``,
+``model.layers.7``), and a parameter's key on disk is its module path, so nothing here is family-specific; it needs
+a checkpoint whose state-dict keys are the module names (not the case for families that fuse experts on load with
+a conversion mapping: those are refused with a message). Every batch reads every block again (from the page cache
+after the first pass), which is the price of never holding the model.
+
+Planning needs the weights of one layer at a time (:meth:`OffloadedModel.materialized`); the weight surgery itself
+runs on the in-memory model (or out of core with the streaming writer).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from uncurl_hf.checkpoint import inspect_checkpoint, weight_files
+from uncurl_hf.errors import CheckpointError
+from uncurl_hf.families.base import MoEFamily
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class OffloadCounters:
+    """What the block hooks did: loads/frees, blocks in memory now and at most, bytes in memory at most."""
+
+    loads: int = 0
+    frees: int = 0
+    blocks_in_memory: int = 0
+    peak_blocks_in_memory: int = 0
+    resident_bytes: int = 0
+    peak_bytes: int = 0
+    loaded_blocks: list[str] = field(default_factory=list)
+
+
+class SafetensorsReader:
+    """Tensors of a checkpoint folder by key, across its shards (``safe_open`` handles stay open until closed)."""
+
+    def __init__(self, folder: Path) -> None:
+        from safetensors import safe_open
+
+        self.folder = folder
+        self._handles: dict[Path, Any] = {}
+        self._file_of: dict[str, Path] = {}
+        files = weight_files(folder)
+        if not files:
+            raise CheckpointError(f"{folder} has no *.safetensors weights; offloaded calibration reads safetensors only.")
+        for file in files:
+            handle = safe_open(str(file), framework="pt")
+            self._handles[file] = handle
+            for key in handle.keys():
+                self._file_of.setdefault(key, file)
+
+    def keys(self) -> set[str]:
+        return set(self._file_of)
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._handles[self._file_of[key]].get_tensor(key)
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+@dataclass
+class _Slot:
+    """One distinct parameter or persistent buffer: where it lives in the model and its key on disk."""
+
+    owners: list[tuple[nn.Module, str]]
+    names: list[str]  # full names of the owners (``encoder.block.1.layer.0.SelfAttention.q.weight``)
+    key: str
+    shape: torch.Size
+    dtype: torch.dtype
+    is_buffer: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        return self.shape.numel() * torch.empty((), dtype=self.dtype).element_size()
+
+    def put(self, tensor: torch.Tensor) -> None:
+        if self.is_buffer:
+            for module, name in self.owners:
+                module._buffers[name] = tensor
+            return
+        param = nn.Parameter(tensor, requires_grad=False)
+        for module, name in self.owners:
+            module._parameters[name] = param
+
+
+class OffloadedModel:
+    """A model built on the meta device whose transformer blocks are read from disk just in time.
+
+    Use as a context manager (or call :meth:`close`): closing removes the hooks and frees every block.
+    """
+
+    def __init__(self, model: nn.Module, family: MoEFamily, reader: SafetensorsReader,
+                 blocks: dict[str, list[_Slot]], resident: list[_Slot]) -> None:
+        self.model = model
+        self.family = family
+        self.reader = reader
+        self.blocks = blocks
+        self.counters = OffloadCounters()
+        self._in_memory: set[str] = set()
+        self._handles: list[Any] = []
+        for slot in resident:
+            slot.put(self._read(slot))
+            self.counters.resident_bytes += slot.nbytes
+        self.counters.peak_bytes = self.counters.resident_bytes
+        for name in blocks:
+            module = model.get_submodule(name)
+            self._handles.append(module.register_forward_pre_hook(lambda _m, _a, name=name: self.load(name)))
+            self._handles.append(module.register_forward_hook(lambda _m, _a, _o, name=name: self.free(name)))
+
+    def __enter__(self) -> "OffloadedModel":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _read(self, slot: _Slot) -> torch.Tensor:
+        tensor = self.reader.get(slot.key)
+        if tensor.shape != slot.shape:
+            raise CheckpointError(
+                f"{slot.key} has shape {tuple(tensor.shape)} on disk but {tuple(slot.shape)} in the model built from "
+                f"config.json; restore the config that came with the weights."
+            )
+        return tensor
+
+    def load(self, block: str) -> None:
+        """Read ``block``'s parameters from disk into the model (no-op when already in memory)."""
+        if block in self._in_memory:
+            return
+        for slot in self.blocks[block]:
+            slot.put(self._read(slot))
+        self._in_memory.add(block)
+        c = self.counters
+        c.loads += 1
+        c.loaded_blocks.append(block)
+        c.blocks_in_memory = len(self._in_memory)
+        c.peak_blocks_in_memory = max(c.peak_blocks_in_memory, c.blocks_in_memory)
+        in_memory = c.resident_bytes + sum(s.nbytes for b in self._in_memory for s in self.blocks[b])
+        c.peak_bytes = max(c.peak_bytes, in_memory)
+
+    def free(self, block: str) -> None:
+        """Put meta tensors back in place of ``block``'s parameters."""
+        if block not in self._in_memory:
+            return
+        for slot in self.blocks[block]:
+            slot.put(torch.empty(slot.shape, dtype=slot.dtype, device="meta"))
+        self._in_memory.discard(block)
+        self.counters.frees += 1
+        self.counters.blocks_in_memory = len(self._in_memory)
+
+    def block_of(self, module_name: str) -> str | None:
+        """The block holding the module called ``module_name`` (``None`` for a resident module)."""
+        return module_name if module_name in self.blocks else _block_of(list(self.blocks), module_name)
+
+    @contextmanager
+    def materialized(self, module_name: str) -> Iterator[None]:
+        """Hold the block containing ``module_name`` in memory for the duration (e.g. to plan that layer)."""
+        block = self.block_of(module_name)
+        if block is None or block in self._in_memory:
+            yield
+            return
+        self.load(block)
+        try:
+            yield
+        finally:
+            self.free(block)
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for block in list(self._in_memory):
+            self.free(block)
+        self.reader.close()
+
+
+def find_blocks(model: nn.Module) -> list[str]:
+    """Names of the transformer blocks: children of the outermost ``nn.ModuleList``\\ s, in module order."""
+    lists: list[str] = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and not any(name.startswith(outer + ".") for outer in lists):
+            lists.append(name)
+    return [f"{outer}.{child}" for outer in lists for child, _ in model.get_submodule(outer).named_children()]
+
+
+@contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Build modules with parameters on the meta device (no memory, no init compute); buffers stay real.
+
+    Like ``accelerate.init_empty_weights(include_buffers=False)``: buffers computed in ``__init__`` and not saved
+    (rotary frequencies, ...) keep their values, which a plain ``torch.device("meta")`` context would lose.
+    """
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(module, name, param)
+        if param is not None:
+            value = module._parameters[name]
+            module._parameters[name] = type(value)(value.to("meta"), requires_grad=value.requires_grad)
+
+    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+def _slots(model: nn.Module, keys: set[str]) -> tuple[list[_Slot], set[str]]:
+    """One slot per distinct parameter (tied ones share a slot) and per persistent buffer stored on disk.
+
+    Returns the slots and the parameters found nowhere on disk.
+    """
+    owners: dict[int, list[tuple[str, nn.Module, str]]] = {}
+    params: dict[int, nn.Parameter] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for name, param in module._parameters.items():
+            if param is None:
+                continue
+            full = f"{module_name}.{name}" if module_name else name
+            owners.setdefault(id(param), []).append((full, module, name))
+            params[id(param)] = param
+    slots: list[_Slot] = []
+    missing: set[str] = set()
+    for pid, places in owners.items():
+        names = sorted({full for full, _, _ in places})
+        key = next((n for n in names if n in keys), None)
+        if key is None:
+            missing.update(names)
+            continue
+        unique = {(id(m), n): (m, n) for _, m, n in places}
+        slots.append(_Slot(list(unique.values()), names, key, params[pid].shape, params[pid].dtype))
+    for module_name, module in model.named_modules():
+        for name, buffer in module._buffers.items():
+            full = f"{module_name}.{name}" if module_name else name
+            if buffer is not None and name not in module._non_persistent_buffers_set and full in keys:
+                slots.append(_Slot([(module, name)], [full], full, buffer.shape, buffer.dtype, is_buffer=True))
+    return slots, missing
+
+
+def load_offloaded(path: str | Path, *, trust_remote_code: bool = False) -> OffloadedModel:
+    """Build the checkpoint's model on the meta device, read the non-block parameters, hook every block.
+
+    Raises :class:`CheckpointError` when the stored keys are not the model's parameter names (checkpoints of
+    families that convert weights on load, pickle-only checkpoints) or a shape differs from the config.
+    """
+    from transformers import AutoConfig
+
+    folder = Path(path)
+    family = inspect_checkpoint(folder, trust_remote_code=trust_remote_code)
+    reader = SafetensorsReader(folder)
+    config = AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=trust_remote_code)
+    with _parameters_on_meta():
+        model = family.auto_model_class().from_config(config, trust_remote_code=trust_remote_code)
+    model.tie_weights()
+    model.eval()
+    keys = reader.keys()
+    slots, missing = _slots(model, keys)
+    used = {slot.key for slot in slots}
+    unexpected = sorted(keys - used - _tied_names(model))
+    if missing or unexpected:
+        reader.close()
+        raise CheckpointError(
+            f"Offloaded calibration reads tensors by module name, but {folder} does not match the model built from its "
+            f"config (missing: {sorted(missing)[:5]}, unexpected: {unexpected[:5]}). Calibrate in memory (drop "
+            "--offload), e.g. for families whose experts transformers converts on load."
+        )
+    blocks = find_blocks(model)
+    by_block: dict[str, list[_Slot]] = {block: [] for block in blocks}
+    resident: list[_Slot] = []
+    for slot in slots:
+        homes = {_block_of(blocks, name) for name in slot.names}
+        home = homes.pop() if len(homes) == 1 else None
+        if home is None or slot.is_buffer:
+            resident.append(slot)
+        else:
+            by_block[home].append(slot)
+    offloaded = OffloadedModel(model, family, reader, by_block, resident)
+    logger.info(
+        "offloaded %s: %d blocks on disk, %.1f MB resident", folder, len(blocks), offloaded.counters.resident_bytes / 1e6
+    )
+    return offloaded
+
+
+def _tied_names(model: nn.Module) -> set[str]:
+    """Keys a checkpoint may store for tied parameters under either name (both point at one tensor)."""
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    return set(tied) | set(tied.values()) if isinstance(tied, dict) else set()
+
+
+def _block_of(blocks: list[str], name: str) -> str | None:
+    """The block whose module path prefixes ``name`` (a module or parameter name), if any."""
+    for block in blocks:
+        if name.startswith(block + "."):
+            return block
+    return None
