@@ -70,21 +70,6 @@ class TaskInfo:
     calibration_s: float
 
 
-def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """``"name:key=value,key=value"`` -> ``("name", {key: value})`` with JSON-parsed values."""
-    name, _, rest = spec.partition(":")
-    kwargs: dict[str, Any] = {}
-    for item in filter(None, rest.split(",")):
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"method option {item!r} in {spec!r} is not KEY=VALUE")
-        try:
-            kwargs[key] = json.loads(value)
-        except ValueError:
-            kwargs[key] = value
-    return name, kwargs
-
-
 def resolve_model(name_or_path: str) -> Path:
     """A checkpoint folder, or the folder of a built zoo model (never trains one: that is `uncurl zoo build`)."""
     path = Path(name_or_path).expanduser()
@@ -111,6 +96,7 @@ def run_task(
     from uncurl_hf.budget import expert_budget
     from uncurl_hf.checkpoint import load_tokenizer
     from uncurl_hf.errors import InvalidFactorError
+    from uncurl_hf.sweep import parse_method_spec
     from uncurl_hf.evaluation import label_distribution
     from uncurl_hf.methods import get_method
     from uncurl_hf.sequential import calibrate_and_plan
