@@ -5,7 +5,7 @@ budget, fine-tuned on sentiment / topic / hedge), sweeps pruning factors 1..E fo
 docs/study.md: Table 1 (threshold factor per E and task, with bootstrap intervals), Table 2 (pruned from E to E/k
 experts vs trained from scratch with E/k), and the sweep figure.
 
-    python examples/paper_study.py --small   # E in {8, 16}, sentiment: ~15 min once the three models exist
+    python examples/paper_study.py --small   # E in {8, 16}, sentiment: ~1 min once the three models exist
     python examples/paper_study.py           # everything: hours on a 2-core CPU the first time, cached afterwards
 """
 

@@ -392,8 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("study", help="the paper's study: zoo of E=1..64 SMoEs, sweeps, thresholds, pruned vs scratch")
-    p.add_argument("--small", action="store_true", help="E in {8,16} (+ E=4 from scratch), sentiment only (~15 min "
-                   "with models built; training them first takes ~1 h on 2 cores)")
+    p.add_argument("--small", action="store_true", help="E in {8,16} (+ E=4 from scratch), sentiment only (~1 min "
+                   "with models built; training them first takes ~40 min on 2 cores)")
     p.add_argument("-o", "--output", default="docs", help="folder for <name>.md/.json and <name>_sweep.png")
     p.add_argument("--name", help="file stem (default study / study_small)")
     p.add_argument("--workers", type=int, default=2, help="parallel training processes (one torch thread each)")
