@@ -87,7 +87,7 @@ def test_tables_from_sweeps(fake_zoo: Path) -> None:
     assert table1["uncurl"]["relative_at_max"] == pytest.approx(100 * 5 / 7)
     low, high = table1["uncurl"]["ci"]
     assert low <= 4.0 <= high
-    table2 = study.scratch_rows(CONFIG, sweeps)
+    table2 = study.scratch_rows(CONFIG, sweeps, study.model_rows(CONFIG))
     assert [(r["to_experts"], r["factor"]) for r in table2] == [(2, 4.0), (4, 2.0)]
     to2, to4 = table2
     assert to2["pruned"] == {"uncurl": 0.7, "frequency": 0.4} and to2["best_method"] == "uncurl"

@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -142,17 +143,12 @@ def _lanes(config: StudyConfig, missing: Sequence[str]) -> list[list[str]]:
 def _start_lane(lane: list[str], log_dir: Path) -> tuple[subprocess.Popen, list[str]]:
     """One worker: build the lane's models one after another in a subprocess with one torch thread."""
     script = "; ".join(
-        f"{_quote(sys.executable)} -m uncurl_hf.cli zoo --no-progress build {name} > {_quote(str(log_dir / name))}.log 2>&1"
+        f"{shlex.quote(sys.executable)} -m uncurl_hf.cli zoo --no-progress build {name} "
+        f"> {shlex.quote(str(log_dir / name))}.log 2>&1"
         for name in lane
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     return subprocess.Popen(["bash", "-c", f"set -e; {script}"], env=env), lane
-
-
-def _quote(text: str) -> str:
-    import shlex
-
-    return shlex.quote(text)
 
 
 # ------------------------------------------------------------------------------------------------------ sweeping
@@ -250,9 +246,12 @@ def threshold_rows(config: StudyConfig, sweeps: dict[tuple[int, str], Any]) -> l
     return rows
 
 
-def scratch_rows(config: StudyConfig, sweeps: dict[tuple[int, str], Any]) -> list[dict[str, Any]]:
-    """Table 2: pruned-from-E at E/k experts (each method) vs the from-scratch model with E/k experts."""
-    scores = {(r["experts"], r["task"]): r["test"] for r in model_rows(config)}
+def scratch_rows(
+    config: StudyConfig, sweeps: dict[tuple[int, str], Any], models: Sequence[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Table 2: pruned-from-E at E/k experts (each method) vs the from-scratch model with E/k experts
+    (``models`` = :func:`model_rows`)."""
+    scores = {(r["experts"], r["task"]): r["test"] for r in models}
     rows = []
     for task in config.tasks:
         for e in config.experts:
@@ -309,9 +308,10 @@ def run_study(
     sweeps = sweep_models(config, progress=progress)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
+    models = model_rows(config)
     report = StudyReport(
-        config=config, table1=threshold_rows(config, sweeps), table2=scratch_rows(config, sweeps),
-        models=model_rows(config), command=command,
+        config=config, table1=threshold_rows(config, sweeps), table2=scratch_rows(config, sweeps, models),
+        models=models, command=command,
     )
     report.figure = draw_figure(config, sweeps, out / f"{name}_sweep.png").name
     report.wall_time_s = round(time.perf_counter() - start, 1)
