@@ -19,6 +19,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import torch
@@ -34,7 +35,7 @@ from uncurl_hf.errors import (
 )
 from uncurl_hf.families import get_family
 from uncurl_hf.families.base import MoEFamily
-from uncurl_hf.manifest import fsync_dir, write_manifest
+from uncurl_hf.manifest import FileDigest, fsync_dir, write_manifest
 from uncurl_hf.plan import PLAN_FILENAME, PruningPlan
 
 logger = logging.getLogger(__name__)
@@ -268,6 +269,7 @@ def write_checkpoint(
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     validate: bool = True,
     finalize: Callable[[Path], None] | None = None,
+    sync: bool = True,
 ) -> Path:
     """Write ``model`` + ``plan`` (+ the source's tokenizer files) to ``output_dir`` atomically; return its path.
 
@@ -275,7 +277,7 @@ def write_checkpoint(
     dummy batch (must reproduce the in-memory logits, with no missing/unexpected keys), then renamed into place.
     ``finalize(temp_folder)``, if given, runs after validation and before the rename: what it adds (the model card,
     evaluated on the written files) is part of the atomic output, and if it fails nothing is written. Last,
-    ``uncurl_manifest.json`` records the sha256 of every file (all fsynced) for ``uncurl verify``.
+    ``uncurl_manifest.json`` records the sha256 of every file (all fsynced unless ``sync=False``) for ``uncurl verify``.
     Raises :class:`OutputExistsError` when the output is the source (or contains it, or is inside it) or exists
     without ``overwrite``; :class:`CheckpointError` when writing or validation fails.
     """
@@ -288,20 +290,28 @@ def write_checkpoint(
         if validate:
             _validate_written(model, temp)
 
-    output = write_atomically(output_dir, fill, source_dir=source_dir, overwrite=overwrite, finalize=finalize)
+    output = write_atomically(
+        output_dir, fill, source_dir=source_dir, overwrite=overwrite, finalize=finalize, sync=sync
+    )
     logger.info("wrote %s (%.2f MB of weights)", output, weights_size(output) / 1e6)
     return output
 
 
 def write_atomically(
     output_dir: str | Path,
-    fill: Callable[[Path], None],
+    fill: Callable[[Path], Mapping[str, FileDigest] | None],
     *,
     source_dir: str | Path | None = None,
     overwrite: bool = False,
     finalize: Callable[[Path], None] | None = None,
+    sync: bool = True,
 ) -> Path:
     """Run ``fill(temp_folder)`` and ``finalize(temp_folder)``, add the manifest, then rename the folder into place.
+
+    ``fill`` may return the digests of files it hashed while writing them (``manifest.FollowingDigest``); the
+    manifest then reads only the other files. ``sync`` (the default) fsyncs every file and the
+    parent folder, so the output also survives a power loss; ``sync=False`` leaves that to the kernel's writeback (the
+    rename is still atomic against a killed process, and ``uncurl verify`` detects a folder a crash left incomplete).
 
     The one atomic-output protocol of every writer (in-memory :func:`write_checkpoint`, out-of-core
     :func:`uncurl_hf.streaming.stream_apply_plan`): stale temporary folders are swept and the output is checked first
@@ -322,12 +332,13 @@ def write_atomically(
             "parent is a writable directory."
         ) from exc
     try:
-        fill(temp)
+        digests = fill(temp)
         if finalize is not None:
             finalize(temp)
-        write_manifest(temp)  # last: hashes exactly the validated files (and the card); fsyncs them
+        write_manifest(temp, sync=sync, known=digests)  # last: hashes exactly the validated files and the card
         _move_into_place(temp, output)
-        fsync_dir(output.parent)
+        if sync:
+            fsync_dir(output.parent)
     except BaseException as exc:
         shutil.rmtree(temp, ignore_errors=True)
         if isinstance(exc, UncurlError) or not isinstance(exc, Exception):

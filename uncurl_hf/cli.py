@@ -61,6 +61,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         max_drop=args.max_drop,
         offload=args.offload,
         sequential=args.sequential,
+        fsync=not args.no_fsync,
     )
     from uncurl_hf.distributed import process_rank
 
@@ -372,6 +373,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--sequential", action="store_true",
         help="plan layer by layer, each on statistics of the model whose earlier layers are already pruned "
         "(one calibration pass per sparse layer)",
+    )
+    p.add_argument(
+        "--no-fsync", action="store_true",
+        help="do not fsync the output (faster on slow disks; the rename stays atomic against a killed run, but a "
+        "power loss may leave the folder incomplete: `uncurl verify OUT` tells)",
     )
     p.set_defaults(func=cmd_prune)
 

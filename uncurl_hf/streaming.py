@@ -55,6 +55,7 @@ from uncurl_hf.checkpoint import (
 from uncurl_hf.errors import CheckpointError
 from uncurl_hf.families import get_family
 from uncurl_hf.families.base import DiskLayer, MoEFamily, ReducedLayer
+from uncurl_hf.manifest import FileDigest, FollowingDigest
 from uncurl_hf.plan import PLAN_FILENAME, PruningPlan
 
 logger = logging.getLogger(__name__)
@@ -309,9 +310,13 @@ class ShardWriter:
 
     The header (``safetensors.serialize``'s exact bytes: tensors ordered by dtype rank then name, compact JSON,
     space-padded to 8 bytes) is written first; :meth:`write` and :meth:`copy` must then follow :attr:`order`.
+    A :class:`~uncurl_hf.manifest.FollowingDigest` hashes (and with ``sync``, syncs) the file while it is written;
+    :meth:`close` returns its digest for the manifest.
     """
 
-    def __init__(self, path: Path, tensors: Sequence[OutputTensor], metadata: Mapping[str, str]) -> None:
+    def __init__(
+        self, path: Path, tensors: Sequence[OutputTensor], metadata: Mapping[str, str], sync: bool = True
+    ) -> None:
         self.path = path
         self.order = sorted(tensors, key=lambda t: (-_DTYPE_RANK.get(t.dtype, -1), t.key))
         header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
@@ -323,8 +328,23 @@ class ShardWriter:
         text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
         text += b" " * (-len(text) % _HEADER_ALIGN)
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-        _write_all(self._fd, struct.pack("<Q", len(text)) + text)
+        try:
+            self._digest = FollowingDigest(path, sync=sync)
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._written = 0
         self._next = 0
+        try:
+            self._append(struct.pack("<Q", len(text)) + text)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _append(self, data: bytes | memoryview) -> None:
+        _write_all(self._fd, data)
+        self._written += len(memoryview(data).cast("B"))
+        self._digest.advance(self._written)
 
     def _expect(self, key: str) -> OutputTensor:
         if self._next >= len(self.order) or self.order[self._next].key != key:
@@ -342,24 +362,31 @@ class ShardWriter:
             )
         if planned.nbytes:
             data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-            _write_all(self._fd, memoryview(data))
+            self._append(memoryview(data))
 
     def copy(self, key: str, source: BinaryIO) -> None:
         """Append a stored tensor's bytes straight from the source file (no decoding, no buffering in Python)."""
         planned = self._expect(key)
         assert planned.source is not None
         _copy_range(source.fileno(), planned.source.offset, planned.nbytes, self._fd)
+        self._written += planned.nbytes
+        self._digest.advance(self._written)
 
-    def close(self) -> None:
-        """Finish the file; raises if a planned tensor was not written (the caller's bug, never a partial shard)."""
+    def close(self) -> FileDigest:
+        """Finish the file and return its digest; raises if a planned tensor was not written (the caller's bug,
+        never a partial shard)."""
         try:
             if self._next != len(self.order):
                 raise RuntimeError(f"{self.path.name}: {len(self.order) - self._next} planned tensors were not written")
-        finally:
-            os.close(self._fd)
+        except BaseException:
+            self.abort()
+            raise
+        os.close(self._fd)
+        return self._digest.finish()
 
     def abort(self) -> None:
         os.close(self._fd)
+        self._digest.cancel()
 
 
 def shard_layout(tensors: Sequence[OutputTensor], max_shard_size: int | str) -> list[list[OutputTensor]]:
@@ -412,6 +439,7 @@ def stream_apply_plan(
     validate: bool = True,
     finalize: Callable[[Path], None] | None = None,
     progress: bool = False,
+    sync: bool = True,
 ) -> Path:
     """Write ``source_dir`` reduced by ``plan`` to ``output_dir``, never holding more than one layer in memory.
 
@@ -421,7 +449,9 @@ def stream_apply_plan(
     :class:`CheckpointError`. ``validate`` re-reads the written headers (exactly the planned tensors) and checks
     that the layers the new ``config.json`` describes have the plan's counts, without building a model or reading
     weights (``uncurl verify`` does the full check). ``finalize(temp_folder)`` runs before the manifest (the model
-    card), as in :func:`~uncurl_hf.checkpoint.write_checkpoint`.
+    card), as in :func:`~uncurl_hf.checkpoint.write_checkpoint`. Shards are hashed (and with ``sync``, synced) while
+    they are written, so the manifest does not read the weights again; ``sync=False`` skips every fsync (see
+    :func:`~uncurl_hf.checkpoint.write_atomically`).
     """
     source = Path(source_dir).expanduser().resolve()
     checked = inspect_checkpoint(source, trust_remote_code=trust_remote_code)
@@ -450,16 +480,21 @@ def stream_apply_plan(
         new_config = family.reduced_config_dict(config, reduced_meta, base_model=base_model or plan.base_model)
         shards = shard_layout(outputs, max_shard_size)
 
-        def fill(temp: Path) -> None:
-            _write_shards(temp, shards, reader, family, {layer.name: layer for layer in layers}, reduce, progress)
+        def fill(temp: Path) -> dict[str, FileDigest]:
+            digests = _write_shards(
+                temp, shards, reader, family, {layer.name: layer for layer in layers}, reduce, progress, sync
+            )
             model_class = _write_config_and_code(temp, new_config, family)
             plan.save(temp / PLAN_FILENAME)
             copy_side_files(source, temp)
             _write_generation_config(temp, model_class)
             if validate:
                 _validate_written(temp, family, plan, [t.key for shard in shards for t in shard])
+            return digests
 
-        output = write_atomically(output_dir, fill, source_dir=source, overwrite=overwrite, finalize=finalize)
+        output = write_atomically(
+            output_dir, fill, source_dir=source, overwrite=overwrite, finalize=finalize, sync=sync
+        )
     logger.info("streamed %s -> %s (%.2f MB of weights)", source, output, weights_size(output) / 1e6)
     return output
 
@@ -525,8 +560,10 @@ def _write_shards(
     layers: Mapping[str, DiskLayer],
     reduce: Callable[[DiskLayer, Any], ReducedLayer],
     progress: bool,
-) -> None:
-    """Write every shard (and the index when there are several), computing one layer's tensors at a time.
+    sync: bool = True,
+) -> dict[str, FileDigest]:
+    """Write every shard (and the index when there are several), computing one layer's tensors at a time; return
+    the shards' digests (hashed while written).
 
     A layer's outputs are cached only until they are all written; if a shard's layout interleaves two layers (mixed
     dtypes), the cache is dropped and the later layer recomputed when needed again, so memory stays one layer.
@@ -537,9 +574,10 @@ def _write_shards(
     total = sum(t.nbytes for shard in shards for t in shard)
     cache_name: str | None = None
     cache: dict[str, torch.Tensor] = {}
+    digests: dict[str, FileDigest] = {}
     with tqdm(total=total, unit="B", unit_scale=True, desc="writing shards", disable=not progress) as bar:
         for name, shard in zip(names, shards):
-            writer = ShardWriter(folder / name, shard, {"format": "pt"})
+            writer = ShardWriter(folder / name, shard, {"format": "pt"}, sync=sync)
             try:
                 for tensor in writer.order:
                     if tensor.source is not None:
@@ -555,10 +593,10 @@ def _write_shards(
                             logger.debug("%s: reduced to %d tensors", tensor.layer, len(cache))
                         writer.write(tensor.key, cache.pop(tensor.key))
                     bar.update(tensor.nbytes)
-                writer.close()
             except BaseException:
                 writer.abort()
                 raise
+            digests[name] = writer.close()
     if len(shards) > 1:
         index = {
             "metadata": {
@@ -568,6 +606,7 @@ def _write_shards(
             "weight_map": {t.key: name for name, shard in zip(names, shards) for t in shard},
         }
         (folder / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", "utf-8")
+    return digests
 
 
 def _write_config_and_code(folder: Path, config_dict: Mapping[str, Any], family: MoEFamily) -> type | None:
