@@ -229,6 +229,40 @@ def test_max_drop_searches_on_dev_never_test(max_drop, switch_dir, tmp_path):
     assert (accepted[-1]["counts"] if accepted else dict.fromkeys(result.plan.counts, 8)) == result.plan.counts
 
 
+def test_max_drop_calibrates_once_and_plans_like_an_explicit_counts_run(switch_dir, tmp_path, monkeypatch):
+    """The search's statistics also plan the output: one calibration pass, and the same layers as a run given the
+    chosen counts explicitly (which calibrates on the same seeded train examples)."""
+    import uncurl_hf.calibration
+    import uncurl_hf.pruning
+    import uncurl_hf.sequential
+    from uncurl_hf.pruning import prune
+
+    passes: list[int] = []
+    real = uncurl_hf.calibration.calibrate
+
+    def counting(*args, **kwargs):
+        passes.append(1)
+        return real(*args, **kwargs)
+
+    for module in (uncurl_hf.pruning, uncurl_hf.sequential):
+        monkeypatch.setattr(module, "calibrate", counting)
+    common = dict(task=TASK, method="msmoe", num_calibration_examples=12, progress=False, card=False)
+    searched = prune(switch_dir, output_dir=tmp_path / "auto", max_drop=0.0, **common)
+    assert len(passes) == 1
+    explicit = prune(switch_dir, output_dir=tmp_path / "explicit", num_experts_per_layer=searched.plan.counts, **common)
+    assert searched.plan.layers == explicit.plan.layers  # dataclasses: every field equal
+    assert searched.plan.metadata["stats"] == explicit.plan.metadata["stats"]
+
+
+def test_max_drop_with_offload_is_refused_before_loading(switch_dir, tmp_path):
+    from uncurl_hf.autofactor import MaxDropError
+    from uncurl_hf.pruning import prune
+
+    with pytest.raises(MaxDropError, match="cannot run with --offload"):
+        prune(switch_dir, output_dir=tmp_path / "x", task=TASK, max_drop=1.0, offload=True, progress=False)
+    assert not (tmp_path / "x").exists()
+
+
 # ------------------------------------------------------------------------------------------------------- CLI
 
 

@@ -18,9 +18,8 @@ Search (deterministic; every candidate is planned by the chosen method from ONE 
    accepted move, each evaluation = plan + in-memory surgery + one pass over the dev split.
 
 The result (chosen counts, dev scores, and every candidate tried) goes into the plan's metadata under
-``"max_drop"``, and :func:`uncurl_hf.pruning.prune` writes the model with those counts through its
-``num_experts_per_layer`` path (it calibrates again there: the same seeded data, so the same statistics; a second
-calibration costs much less than the search's dev passes).
+``"max_drop"``, and :func:`uncurl_hf.pruning.prune` plans and writes the model with those counts from the same
+calibration statistics the search used (one calibration pass per run).
 """
 
 from __future__ import annotations
@@ -30,7 +29,6 @@ import math
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from uncurl_hf.errors import UncurlError
@@ -241,52 +239,3 @@ class _CandidateScorer:
             self.cache[key] = score_examples(pruned, self.tokenizer, self.task, self.examples).score
             logger.debug("max-drop candidate %s: %.4f", counts, self.cache[key])
         return self.cache[key]
-
-
-def search_for_prune(
-    model: str | Path,
-    *,
-    task: str | None,
-    method: str,
-    max_drop: float,
-    output_dir: str | Path,
-    overwrite: bool = False,
-    calibration_file: Any = None,
-    conflicting: tuple[Any, ...] = (),
-    num_calibration_examples: int = 256,
-    seed: int = 0,
-    batch_size: int = 16,
-    max_length: int = 128,
-    max_logit_samples: int = 4096,
-    method_kwargs: Mapping[str, Any] | None = None,
-    allow_pickle: bool = False,
-    trust_remote_code: bool = False,
-    progress: bool = True,
-) -> AutoCounts:
-    """The search of ``prune(max_drop=...)``: cheap checks first (options, method, model folder, output folder),
-    then load ``model``, calibrate on ``task``'s train split exactly as :func:`uncurl_hf.pruning.prune` does, and run
-    :func:`search_counts` on the dev split. ``conflicting`` = (factor, counts, plan, config), all of which must be
-    ``None``."""
-    from uncurl_hf.calibration import build_batches, calibrate, check_coverage
-    from uncurl_hf.checkpoint import check_output_dir, inspect_checkpoint, load_model, load_tokenizer
-    from uncurl_hf.families import get_family
-    from uncurl_hf.methods import get_method
-    from uncurl_hf.tasks import get_task
-
-    check_max_drop(max_drop, task, calibration_file, *conflicting)
-    assert task is not None
-    pruning_method = get_method(method)
-    source = Path(model)
-    inspect_checkpoint(source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    check_output_dir(Path(output_dir).expanduser().resolve(), source.expanduser().resolve(), overwrite)
-    task_obj = get_task(task)
-    tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
-    loaded = load_model(source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    family = get_family(loaded)
-    examples = task_obj.calibration_examples(num_calibration_examples, seed)  # train split, as prune()
-    batches = build_batches(examples, tokenizer, batch_size=batch_size, max_length=max_length)
-    stats = calibrate(loaded, family, batches, max_logit_samples, seed, progress=progress)
-    if pruning_method.needs_calibration:
-        check_coverage(stats)
-    return search_counts(loaded, tokenizer, family, stats, method, task_obj, max_drop, seed=seed,
-                         method_kwargs=method_kwargs, progress=progress)

@@ -20,7 +20,7 @@ from uncurl_hf._version import __version__
 from uncurl_hf.apply import apply_plan
 from uncurl_hf.budget import expert_budget
 from uncurl_hf.cards import CardFacts, finalize_output, hub_model_id, is_hub_id, prune_command
-from uncurl_hf.calibration import build_batches, load_calibration_file
+from uncurl_hf.calibration import build_batches, calibrate, check_coverage, load_calibration_file
 from uncurl_hf.sequential import calibrate_and_plan
 from uncurl_hf.checkpoint import (
     DEFAULT_MAX_SHARD_SIZE,
@@ -129,6 +129,7 @@ def prune(
     max_drop: float | None = None,
     offload: bool = False,
     sequential: bool = False,
+    fsync: bool = True,
 ) -> PruneResult:
     """Prune the local checkpoint ``model`` for a task and write the result to ``output_dir``.
 
@@ -156,65 +157,42 @@ def prune(
 
     ``max_drop`` (points, e.g. 1.0) replaces ``factor``/counts: :mod:`uncurl_hf.autofactor` searches the per-layer
     counts with the fewest experts whose score on the task's dev split stays within ``max_drop`` of the unpruned
-    model (calibration on train, never test), records the search in ``plan.metadata["max_drop"]`` and prunes with them.
+    model (calibration on train, never test), records the search in ``plan.metadata["max_drop"]`` and prunes with them;
+    one calibration serves both the search and the plan. The search scores candidates in memory, so not with
+    ``offload``.
 
     ``offload`` calibrates with the weights left on disk, one transformer block in memory at a time
     (:mod:`uncurl_hf.offload`); the surgery then loads the model, unless ``streaming``. ``sequential`` plans layer
     ``l`` on statistics of the model whose earlier layers are already pruned (:mod:`uncurl_hf.sequential`; one
     calibration pass per sparse layer). Launched by ``torchrun --nproc_per_node N -m uncurl_hf.cli prune ...``, the
     ranks share the calibration batches (:mod:`uncurl_hf.distributed`; same statistics and plan as one process) and
-    only rank 0 writes; the others return the same result once it is written.
+    only rank 0 writes; the others return the same result once it is written. ``fsync=False`` leaves the output's
+    durability to the kernel (see :func:`uncurl_hf.checkpoint.write_atomically`).
     """
     start = time.perf_counter()
-    auto_counts = None
-    if max_drop is not None:  # auto-factor: the counts come from a search on the task's dev split
-        from uncurl_hf.autofactor import search_for_prune
+    if max_drop is not None:  # the counts come from a search on the task's dev split, after calibration
+        from uncurl_hf.autofactor import MaxDropError, check_max_drop
 
-        auto_counts = search_for_prune(
-            model, task=task, method=method, max_drop=max_drop, output_dir=output_dir, overwrite=overwrite,
-            calibration_file=calibration_file, conflicting=(factor, num_experts_per_layer, plan, config),
-            num_calibration_examples=num_calibration_examples, seed=seed, batch_size=batch_size,
-            max_length=max_length, max_logit_samples=max_logit_samples, method_kwargs=method_kwargs,
-            allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, progress=progress,
-        )
-        num_experts_per_layer = auto_counts.counts
+        check_max_drop(max_drop, task, calibration_file, factor, num_experts_per_layer, plan, config)
+        if offload:
+            raise MaxDropError(
+                "--max-drop scores every candidate on the pruned model in memory, so it cannot run with --offload; "
+                "drop one of the two."
+            )
     saved_plan = _saved_plan(plan, factor, num_experts_per_layer, config)
-    plan_source = plan  # ``plan`` is rebound to the plan actually applied below
-    if saved_plan is not None:
-        num_experts_per_layer = saved_plan.counts
-    if config is None:
-        config = PruningConfig(
-            method=method,
-            factor=factor,
-            num_experts_per_layer=num_experts_per_layer,
-            num_calibration_examples=num_calibration_examples,
-            max_length=max_length,
-            batch_size=batch_size,
-            seed=seed,
-            max_logit_samples=max_logit_samples,
-            scale_expert_capacity=scale_expert_capacity,
-            method_kwargs=dict(method_kwargs or {}),
-        )
-    else:
-        config = replace(config)  # re-validate, never mutate the caller's object
+    settings = _settings(
+        config, saved_plan, method=method, factor=factor, num_experts_per_layer=num_experts_per_layer,
+        num_calibration_examples=num_calibration_examples, max_length=max_length, batch_size=batch_size, seed=seed,
+        max_logit_samples=max_logit_samples, scale_expert_capacity=scale_expert_capacity,
+        method_kwargs=method_kwargs, searched=max_drop is not None,
+    )
     source = Path(model)
-    pruning_method = get_method(config.method) if saved_plan is None else None
-    check_export_format(export)
-    if streaming and export == "stock":
-        raise UncurlError("--export stock is not available with --streaming; drop one of them.")
-    source_family = inspect_checkpoint(source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    if saved_plan is not None and saved_plan.family != source_family.name:
-        raise InvalidPlanError(
-            f"The plan was made for a {saved_plan.family!r} model ({saved_plan.model_type!r}), but {source} is a "
-            f"{source_family.name!r} model; compute a plan on this model (uncurl prune --plan-out PLAN ...)."
-        )
-    if distributed.process_rank() == 0:  # one process cleans up leftovers of killed runs, before the check
-        sweep_stale_temp_dirs(Path(output_dir).expanduser().resolve())
-    check_output_dir(Path(output_dir).expanduser().resolve(), source.expanduser().resolve(), overwrite)
-    examples = _calibration_examples(task, calibration_file, config) if saved_plan is None else []
-    if evaluate:
-        _check_evaluable(task)
-        check_evaluable_family(source_family)
+    pruning_method = get_method(settings.method) if saved_plan is None else None
+    source_family = _preflight(
+        source, saved_plan, output_dir=output_dir, overwrite=overwrite, export=export, streaming=streaming,
+        evaluate=evaluate, task=task, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+    )
+    examples = _calibration_examples(task, calibration_file, settings) if saved_plan is None else []
     if base_model_id is not None and not is_hub_id(base_model_id):
         raise UncurlError(f"base_model_id {base_model_id!r} is not a Hub model id; give it as namespace/name.")
     base_model_id = base_model_id or hub_model_id(source)
@@ -225,71 +203,34 @@ def prune(
             raise HubError("push_to_hub needs a repo id (--repo-id namespace/name).")
         preflight(repo_id, token=hub_token, exist_ok=hub_exist_ok)
 
-    # the tokenizer is cheap and needed only for calibration: a missing one fails before the model is loaded
-    tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code) if saved_plan is None else None
-    offloaded = None
-    if streaming and saved_plan is not None:  # out of core: the model is never loaded
-        loaded, family = None, source_family
-        sizes = disk_layer_sizes(source, family)
-    elif offload and saved_plan is None:  # calibration reads one transformer block at a time from disk
-        from uncurl_hf.offload import load_offloaded
-
-        offloaded = load_offloaded(source, trust_remote_code=trust_remote_code)
-        loaded, family = offloaded.model, offloaded.family
-        sizes = family.layer_sizes(loaded)
-    else:
-        loaded = load_model(source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-        family = get_family(loaded)
-        sizes = family.layer_sizes(loaded)
+    loaded = _load_source(
+        source, source_family, saved_plan, streaming=streaming, offload=offload, allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
+    )
     if saved_plan is not None:
-        saved_plan.validate(sizes)  # layers and expert counts must be this model's
-        budget = saved_plan.counts
-    else:
-        budget = expert_budget(sizes, config.factor, config.num_experts_per_layer)
-        if isinstance(config.num_experts_per_layer, list):  # positional counts (CLI) -> {layer: k} from here on
-            config = replace(config, num_experts_per_layer={name: budget[name] for name in sizes})
-    if export == "stock":
-        uniform_count(budget)  # fail before calibration when the requested counts already differ
-
-    if saved_plan is not None:
-        plan, stats_summary = saved_plan, {}
+        saved_plan.validate(loaded.sizes)  # layers and expert counts must be this model's
+        plan, config, stats_summary = saved_plan, settings.config(num_experts_per_layer=saved_plan.counts), {}
     else:
         assert pruning_method is not None
-        logger.info("calibrating on %d examples", len(examples))
-        batches = build_batches(examples, tokenizer, batch_size=config.batch_size, max_length=config.max_length)
-        planned = calibrate_and_plan(  # the method's allocate() may re-split the budget's total across layers
-            loaded, family, pruning_method, batches, budget, config, sequential=sequential, offloaded=offloaded,
-            scale_expert_capacity=config.scale_expert_capacity, progress=progress,
+        plan, config, stats_summary = _calibrate_and_plan(
+            loaded, pruning_method, settings, examples, export=export, sequential=sequential, max_drop=max_drop,
+            task=task, calibration_file=calibration_file, progress=progress,
         )
-        plan, stats, budget = planned.plan, planned.stats, planned.budget
-        stats_summary = stats.summary()
         plan.base_model = str(model)
-        plan.metadata.update(
-            {
-                "uncurl_hf_version": __version__,
-                "budget": budget,
-                "calibration": {
-                    "task": task,
-                    "calibration_file": str(calibration_file) if calibration_file is not None else None,
-                    "num_examples": len(examples),
-                    "max_length": config.max_length,
-                },
-                "stats": stats.summary(exact_only=True),  # integers only: identical for any thread count
-            }
-        )
-        if auto_counts is not None:
-            plan.metadata["max_drop"] = auto_counts.to_metadata()
-        plan.validate(sizes, budget)
 
-    if offloaded is not None:  # the surgery needs the weights: loaded now, or read layer by layer when streaming
-        offloaded.close()
-        loaded = None if streaming else load_model(source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    if loaded.offloaded is not None:  # the surgery needs the weights: loaded now, or read layer by layer when streaming
+        loaded.offloaded.close()
+        loaded.offloaded = None
+        loaded.model = None if streaming else load_model(
+            source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
+        )
     group = distributed.current()
     if group is not None and not group.is_main:  # only rank 0 writes; the others return its result
         shared = distributed.await_main()
         return PruneResult(
-            plan=plan, stats_summary=stats_summary, wall_time_s=time.perf_counter() - start, experts_before=sizes,
-            experts_after=plan.counts, output_dir=Path(shared.pop("output_dir")), **shared,
+            plan=plan, stats_summary=stats_summary, wall_time_s=time.perf_counter() - start,
+            experts_before=loaded.sizes, experts_after=plan.counts, output_dir=Path(shared.pop("output_dir")),
+            **shared,
         )
     if group is not None:
         distributed.arm_handoff(lambda result: {"output_dir": str(result.output_dir), **{
@@ -297,32 +238,18 @@ def prune(
             for key in ("params_before", "params_after", "disk_bytes_before", "disk_bytes_after")
         }})
 
-    if streaming:
-        params_before = count_parameters(loaded) if loaded is not None else stored_parameters(source)
-        if loaded is not None:  # free the calibrated model: the streaming writer holds one layer at a time
-            loaded = None
-            gc.collect()
-        pruned = None
-        params_after = 0  # counted on the written files
-    else:
-        logger.info("applying the plan")
-        pruned = apply_plan(loaded, family, plan, scale_expert_capacity=config.scale_expert_capacity)
-        if export == "stock":
-            uniform_count(plan.counts)
-            pruned = to_stock(pruned)
-        params_before, params_after = count_parameters(loaded), count_parameters(pruned)
     facts = CardFacts(
         plan=plan,
-        experts_before=sizes,
+        experts_before=loaded.sizes,
         experts_after=plan.counts,
-        params_before=params_before,
-        params_after=params_after,
+        params_before=0,  # counted by _write_output
+        params_after=0,
         disk_bytes_before=weights_size(source),
         disk_bytes_after=0,  # measured on the written files by finalize_output
         command=prune_command(
             model, config=config, task=task, calibration_file=calibration_file, export=export,
             evaluate=evaluate, eval_limit=eval_limit,
-        ) if saved_plan is None else _plan_command(model, plan_arg=plan_source, export=export),
+        ) if saved_plan is None else _plan_command(model, plan_arg=plan, export=export),
         source_name=source.expanduser().resolve().name,
         **(
             dict(
@@ -338,59 +265,252 @@ def prune(
         base_model_id=base_model_id,
         repo_id=repo_id if push_to_hub else None,
     )
-    measured: list[CardFacts] = []
-
-    def finalize(folder: Path) -> None:
-        written = replace(facts, params_after=stored_parameters(folder)) if streaming else facts
-        measured.append(
-            finalize_output(
-                folder, written, source=source, evaluate=evaluate, eval_limit=eval_limit, write=card, progress=progress
-            )
-        )
-
-    if streaming:
-        output = stream_apply_plan(
-            source, plan, output_dir, family=family, max_shard_size=max_shard_size, overwrite=overwrite,
-            scale_expert_capacity=config.scale_expert_capacity, trust_remote_code=trust_remote_code,
-            finalize=finalize if (card or evaluate) else None, progress=progress,
-        )
-        params_after = stored_parameters(output)
-    else:
-        output = write_checkpoint(
-            pruned, output_dir, plan, source_dir=source, overwrite=overwrite, max_shard_size=max_shard_size,
-            finalize=finalize if (card or evaluate) else None,
-        )
+    output, facts, measured = _write_output(
+        loaded, plan, facts, output_dir, streaming=streaming, export=export, overwrite=overwrite,
+        max_shard_size=max_shard_size, scale_expert_capacity=config.scale_expert_capacity,
+        trust_remote_code=trust_remote_code, card=card, evaluate=evaluate, eval_limit=eval_limit, fsync=fsync,
+        progress=progress,
+    )
     if plan_out is not None:
         plan.save(plan_out)
     result = PruneResult(
         output_dir=output,
         plan=plan,
         stats_summary=stats_summary,
-        params_before=params_before,
-        params_after=params_after,
+        params_before=facts.params_before,
+        params_after=facts.params_after,
         disk_bytes_before=facts.disk_bytes_before,
         disk_bytes_after=weights_size(output),
         wall_time_s=time.perf_counter() - start,
-        experts_before=sizes,
+        experts_before=loaded.sizes,
         experts_after=plan.counts,
-        eval_original=measured[0].eval_original if measured else None,
-        eval_pruned=measured[0].eval_pruned if measured else None,
+        eval_original=measured.eval_original if measured is not None else None,
+        eval_pruned=measured.eval_pruned if measured is not None else None,
     )
     logger.info("done in %.1f s", result.wall_time_s)
     if push_to_hub:
-        from uncurl_hf.hub import push_folder
-
         assert repo_id is not None
-        try:
-            result.push = push_folder(
-                output, repo_id, token=hub_token, private=private, exist_ok=hub_exist_ok
-            )
-        except HubError as exc:
-            raise type(exc)(
-                f"{exc} The pruned model is saved in {output}; push it later with "
-                f"`uncurl push {output} --repo-id {repo_id}`."
-            ) from exc
+        result.push = _push(output, repo_id, token=hub_token, private=private, exist_ok=hub_exist_ok)
     return result
+
+
+@dataclass
+class _Settings:
+    """The run's calibration and method settings; the expert counts come later when a search chooses them."""
+
+    method: str
+    factor: float | None
+    num_experts_per_layer: dict[str, int] | list[int] | None
+    num_calibration_examples: int
+    max_length: int
+    batch_size: int
+    seed: int
+    max_logit_samples: int
+    scale_expert_capacity: bool
+    method_kwargs: dict[str, Any]
+    fixed: PruningConfig | None = None  # a config the caller passed: used as it is
+
+    def config(self, **counts: Any) -> PruningConfig:
+        """The validated :class:`PruningConfig` (``counts`` override factor/counts, e.g. chosen by a search)."""
+        if self.fixed is not None and not counts:
+            return replace(self.fixed)  # re-validate, never mutate the caller's object
+        values = {"factor": self.factor, "num_experts_per_layer": self.num_experts_per_layer}
+        if counts:
+            values = {"factor": None, "num_experts_per_layer": None, **counts}
+        return PruningConfig(
+            method=self.method, num_calibration_examples=self.num_calibration_examples, max_length=self.max_length,
+            batch_size=self.batch_size, seed=self.seed, max_logit_samples=self.max_logit_samples,
+            scale_expert_capacity=self.scale_expert_capacity, method_kwargs=dict(self.method_kwargs), **values,
+        )
+
+
+def _settings(config: PruningConfig | None, saved_plan: PruningPlan | None, *, searched: bool, **values: Any
+              ) -> _Settings:
+    """The settings of a run: from ``config`` when given, else from the keyword arguments (checked now, so a bad
+    factor fails before the model is loaded; a searched run gets its counts later)."""
+    values["method_kwargs"] = dict(values["method_kwargs"] or {})
+    if config is not None:
+        config = replace(config)
+        return _Settings(**{name: getattr(config, name) for name in values}, fixed=config)
+    settings = _Settings(**values)
+    if saved_plan is None and not searched:
+        settings.config()  # validates factor / counts / method now
+    return settings
+
+
+@dataclass
+class _Source:
+    """The model being pruned as the pipeline holds it: its folder, family and expert counts per layer, and the
+    module when it was loaded (``None`` for a streamed saved plan; meta-device while ``offloaded``)."""
+
+    path: Path
+    family: Any
+    sizes: dict[str, int]
+    model: Any = None
+    offloaded: Any = None  # uncurl_hf.offload.OffloadedModel while calibration reads weights from disk
+    tokenizer: Any = None
+
+
+def _preflight(
+    source: Path, saved_plan: PruningPlan | None, *, output_dir: str | Path, overwrite: bool, export: str,
+    streaming: bool, evaluate: bool, task: str | None, allow_pickle: bool, trust_remote_code: bool,
+) -> Any:
+    """The cheap checks that need no weights (export format, model folder, plan family, output folder,
+    evaluability); returns the source's family."""
+    check_export_format(export)
+    if streaming and export == "stock":
+        raise UncurlError("--export stock is not available with --streaming; drop one of them.")
+    family = inspect_checkpoint(source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    if saved_plan is not None and saved_plan.family != family.name:
+        raise InvalidPlanError(
+            f"The plan was made for a {saved_plan.family!r} model ({saved_plan.model_type!r}), but {source} is a "
+            f"{family.name!r} model; compute a plan on this model (uncurl prune --plan-out PLAN ...)."
+        )
+    output = Path(output_dir).expanduser().resolve()
+    if distributed.process_rank() == 0:  # one process cleans up leftovers of killed runs, before the check
+        sweep_stale_temp_dirs(output)
+    check_output_dir(output, source.expanduser().resolve(), overwrite)
+    if evaluate:
+        _check_evaluable(task)
+        check_evaluable_family(family)
+    return family
+
+
+def _load_source(
+    source: Path, family: Any, saved_plan: PruningPlan | None, *, streaming: bool, offload: bool,
+    allow_pickle: bool, trust_remote_code: bool,
+) -> _Source:
+    """Load what the run needs: nothing but the layer sizes for a streamed saved plan, a meta-device model for
+    offloaded calibration, else the model; plus the tokenizer when calibrating (cheap, and loaded first, so a missing
+    one fails before the model is read)."""
+    tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code) if saved_plan is None else None
+    if streaming and saved_plan is not None:  # out of core: the model is never loaded
+        return _Source(source, family, disk_layer_sizes(source, family))
+    if offload and saved_plan is None:  # calibration reads one transformer block at a time from disk
+        from uncurl_hf.offload import load_offloaded
+
+        offloaded = load_offloaded(source, trust_remote_code=trust_remote_code)
+        sizes = offloaded.family.layer_sizes(offloaded.model)
+        return _Source(source, offloaded.family, sizes, offloaded.model, offloaded, tokenizer)
+    model = load_model(source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    family = get_family(model)
+    return _Source(source, family, family.layer_sizes(model), model, None, tokenizer)
+
+
+def _calibrate_and_plan(
+    loaded: _Source, method: Any, settings: _Settings, examples: list[Example], *, export: str, sequential: bool,
+    max_drop: float | None, task: str | None, calibration_file: str | Path | None, progress: bool,
+) -> tuple[PruningPlan, PruningConfig, dict[str, Any]]:
+    """Calibrate on ``examples`` and plan with ``method``: ``(plan, config, stats summary)``.
+
+    With ``max_drop``, the calibration statistics first drive the dev-split search for per-layer counts
+    (:func:`uncurl_hf.autofactor.search_counts`), then plan with the chosen counts: one calibration for both.
+    """
+    batches = build_batches(examples, loaded.tokenizer, batch_size=settings.batch_size, max_length=settings.max_length)
+    initial_stats = auto_counts = None
+    if max_drop is not None:
+        from uncurl_hf.autofactor import search_counts
+
+        assert task is not None
+        logger.info("calibrating on %d examples", len(examples))
+        initial_stats = calibrate(
+            loaded.model, loaded.family, batches, settings.max_logit_samples, settings.seed, progress=progress
+        )
+        if method.needs_calibration:
+            check_coverage(initial_stats)
+        auto_counts = search_counts(
+            loaded.model, loaded.tokenizer, loaded.family, initial_stats, settings.method, get_task(task), max_drop,
+            seed=settings.seed, method_kwargs=settings.method_kwargs, progress=progress,
+        )
+        config = settings.config(num_experts_per_layer=auto_counts.counts)
+    else:
+        config = settings.config()
+    budget = expert_budget(loaded.sizes, config.factor, config.num_experts_per_layer)
+    if isinstance(config.num_experts_per_layer, list):  # positional counts (CLI) -> {layer: k} from here on
+        config = replace(config, num_experts_per_layer={name: budget[name] for name in loaded.sizes})
+    if export == "stock":
+        uniform_count(budget)  # fail before calibration when the requested counts already differ
+    if initial_stats is None:
+        logger.info("calibrating on %d examples", len(examples))
+    planned = calibrate_and_plan(  # the method's allocate() may re-split the budget's total across layers
+        loaded.model, loaded.family, method, batches, budget, config, sequential=sequential,
+        offloaded=loaded.offloaded, scale_expert_capacity=config.scale_expert_capacity, progress=progress,
+        initial_stats=initial_stats,
+    )
+    plan, stats = planned.plan, planned.stats
+    plan.metadata.update(
+        {
+            "uncurl_hf_version": __version__,
+            "budget": planned.budget,
+            "calibration": {
+                "task": task,
+                "calibration_file": str(calibration_file) if calibration_file is not None else None,
+                "num_examples": len(examples),
+                "max_length": config.max_length,
+            },
+            "stats": stats.summary(exact_only=True),  # integers only: identical for any thread count
+        }
+    )
+    if auto_counts is not None:
+        plan.metadata["max_drop"] = auto_counts.to_metadata()
+    plan.validate(loaded.sizes, planned.budget)
+    return plan, config, stats.summary()
+
+
+def _write_output(
+    loaded: _Source, plan: PruningPlan, facts: CardFacts, output_dir: str | Path, *, streaming: bool, export: str,
+    overwrite: bool, max_shard_size: int | str, scale_expert_capacity: bool, trust_remote_code: bool, card: bool,
+    evaluate: bool, eval_limit: int | None, fsync: bool, progress: bool,
+) -> tuple[Path, CardFacts, CardFacts | None]:
+    """Apply ``plan`` and write the output folder atomically (card and evaluation inside the atomic write):
+    ``(output, facts with parameter counts, facts as measured by the card step or None)``."""
+    measured: list[CardFacts] = []
+
+    def finalize(folder: Path) -> None:
+        written = replace(facts, params_after=stored_parameters(folder)) if streaming else facts
+        measured.append(
+            finalize_output(
+                folder, written, source=loaded.path, evaluate=evaluate, eval_limit=eval_limit, write=card,
+                progress=progress,
+            )
+        )
+
+    if streaming:
+        params_before = count_parameters(loaded.model) if loaded.model is not None else stored_parameters(loaded.path)
+        loaded.model = None  # free the calibrated model: the streaming writer holds one layer at a time
+        gc.collect()
+        facts = replace(facts, params_before=params_before)
+        output = stream_apply_plan(
+            loaded.path, plan, output_dir, family=loaded.family, max_shard_size=max_shard_size, overwrite=overwrite,
+            scale_expert_capacity=scale_expert_capacity, trust_remote_code=trust_remote_code,
+            finalize=finalize if (card or evaluate) else None, progress=progress, sync=fsync,
+        )
+        facts = replace(facts, params_after=stored_parameters(output))
+    else:
+        logger.info("applying the plan")
+        pruned = apply_plan(loaded.model, loaded.family, plan, scale_expert_capacity=scale_expert_capacity)
+        if export == "stock":
+            uniform_count(plan.counts)
+            pruned = to_stock(pruned)
+        facts = replace(facts, params_before=count_parameters(loaded.model), params_after=count_parameters(pruned))
+        output = write_checkpoint(
+            pruned, output_dir, plan, source_dir=loaded.path, overwrite=overwrite, max_shard_size=max_shard_size,
+            finalize=finalize if (card or evaluate) else None, sync=fsync,
+        )
+    return output, facts, measured[0] if measured else None
+
+
+def _push(output: Path, repo_id: str, *, token: str | None, private: bool, exist_ok: bool) -> Any:
+    """Upload the written folder; a failed push keeps it and says how to push it later."""
+    from uncurl_hf.hub import push_folder
+
+    try:
+        return push_folder(output, repo_id, token=token, private=private, exist_ok=exist_ok)
+    except HubError as exc:
+        raise type(exc)(
+            f"{exc} The pruned model is saved in {output}; push it later with "
+            f"`uncurl push {output} --repo-id {repo_id}`."
+        ) from exc
 
 
 def _saved_plan(
@@ -468,7 +588,7 @@ def check_evaluable_family(family: Any) -> None:
 
 
 def _calibration_examples(
-    task: str | None, calibration_file: str | Path | None, config: PruningConfig
+    task: str | None, calibration_file: str | Path | None, config: PruningConfig | _Settings
 ) -> list[Example]:
     """Examples from a task or a file (seeded sample of ``num_calibration_examples`` when there are more)."""
     if (task is None) == (calibration_file is None):
