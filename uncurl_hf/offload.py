@@ -12,10 +12,20 @@ are read once, and every block gets two hooks:
 So one full forward holds ``resident parameters + one block`` (:attr:`OffloadCounters.peak_bytes` records it), and
 calibration hooks see exactly the tensors an in-memory model computes (same weights, same ops): statistics are
 identical. Blocks are the children of the model's outermost ``nn.ModuleList``\\ s (``encoder.block.3``,
-``model.layers.7``), and a parameter's key on disk is its module path, so nothing here is family-specific; it needs
-a checkpoint whose state-dict keys are the module names (not the case for families that fuse experts on load with
-a conversion mapping: those are refused with a message). Every batch reads every block again (from the page cache
-after the first pass), which is the price of never holding the model.
+``model.layers.7``), so nothing here is family-specific.
+
+Stored keys are mapped to the model's tensors the way ``from_pretrained`` maps them: through the model's own
+``transformers.conversion_mapping`` transforms (:func:`transformers.conversion_mapping.get_model_conversion_mapping`
+and the loader's :func:`~transformers.core_model_loading.rename_source_key`). Most checkpoints store every tensor under
+its module path; Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE checkpoints store one tensor per expert
+(``model.layers.3.block_sparse_moe.experts.5.w1.weight``) that the model holds fused (``mlp.experts.gate_up_proj
+[E, 2I, H]``). The pre-hook then reads a layer's per-expert tensors and runs the same ``WeightConverter``
+(``MergeModulelist`` + ``Concatenate``) on them that the loader runs, in the loader's key order, so the block holds
+bit for bit the tensors of the in-memory model; a checkpoint that stores the experts fused is read as is. While it
+converts, the pre-hook briefly holds the block's per-expert tensors next to the fused ones (the byte counters count
+what the model holds). Quantized checkpoints (``quantization_config``, e.g. MXFP4 gpt-oss) are refused: the loader
+dequantizes or repacks them with a quantizer, which this reader does not run. Every batch reads every block again
+(from the page cache after the first pass), which is the price of never holding the model.
 
 Planning needs the weights of one layer at a time (:meth:`OffloadedModel.materialized`); the weight surgery itself
 runs on the in-memory model (or out of core with the streaming writer).
@@ -23,6 +33,7 @@ runs on the in-memory model (or out of core with the streaming writer).
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -82,12 +93,51 @@ class SafetensorsReader:
 
 
 @dataclass
+class _Source:
+    """Stored tensors that become model tensors together, and how: what ``from_pretrained`` does with them.
+
+    A plain source is one stored key read as is (``converter`` None; ``outputs`` is the one model name, which may
+    differ from the key when a ``WeightRenaming`` applies, e.g. Mixtral's ``block_sparse_moe`` -> ``mlp``). A
+    converted source is the group of stored keys one of the model's ``WeightConverter``\\ s collects for one target
+    (a layer's ``experts.{j}.w1.weight`` and ``w3`` for ``experts.gate_up_proj``), in the loader's order.
+    """
+
+    target: str  # the loader's "first param name" of the group
+    outputs: tuple[str, ...]  # model names it yields (several for a one-to-many converter)
+    keys: list[tuple[str, str]] = field(default_factory=list)  # (matched source pattern, stored key)
+    converter: Any = None  # a transformers ``WeightConverter`` template (deep-copied per read)
+
+    def read(self, reader: SafetensorsReader, model: nn.Module, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+        """The model tensors, cast like the loader casts: each stored tensor to the target parameter's dtype."""
+
+        def load(key: str) -> torch.Tensor:
+            tensor = reader.get(key)
+            return tensor if dtype is None or tensor.dtype == dtype else tensor.to(dtype)
+
+        if self.converter is None:
+            return {self.target: load(self.keys[0][1])}
+        converter = copy.deepcopy(self.converter)  # it collects tensors in place: one instance per read
+        for pattern, key in self.keys:
+            converter.add_tensor(self.target, key, pattern, lambda key=key: load(key))
+        try:
+            produced = converter.convert(self.target, model=model, config=getattr(model, "config", None))
+        except Exception as exc:  # transformers' conversion ops raise plain errors on inconsistent groups
+            raise CheckpointError(
+                f"Converting the stored tensors {[k for _, k in self.keys][:4]} into {self.target} failed "
+                f"({type(exc).__name__}: {exc}); the checkpoint is incomplete or does not match its config.json. "
+                "Re-save it with save_pretrained."
+            ) from exc
+        return {name: value[0] if isinstance(value, list) else value for name, value in produced.items()}
+
+
+@dataclass
 class _Slot:
-    """One distinct parameter or persistent buffer: where it lives in the model and its key on disk."""
+    """One distinct parameter or persistent buffer: where it lives in the model and which source yields it."""
 
     owners: list[tuple[nn.Module, str]]
     names: list[str]  # full names of the owners (``encoder.block.1.layer.0.SelfAttention.q.weight``)
-    key: str
+    key: str  # the model name under which ``source`` yields it
+    source: _Source
     shape: torch.Size
     dtype: torch.dtype
     is_buffer: bool = False
@@ -121,9 +171,8 @@ class OffloadedModel:
         self.counters = OffloadCounters()
         self._in_memory: set[str] = set()
         self._handles: list[Any] = []
-        for slot in resident:
-            slot.put(self._read(slot))
-            self.counters.resident_bytes += slot.nbytes
+        self._fill(resident)
+        self.counters.resident_bytes = sum(slot.nbytes for slot in resident)
         self.counters.peak_bytes = self.counters.resident_bytes
         for name in blocks:
             module = model.get_submodule(name)
@@ -136,21 +185,28 @@ class OffloadedModel:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def _read(self, slot: _Slot) -> torch.Tensor:
-        tensor = self.reader.get(slot.key)
-        if tensor.shape != slot.shape:
-            raise CheckpointError(
-                f"{slot.key} has shape {tuple(tensor.shape)} on disk but {tuple(slot.shape)} in the model built from "
-                f"config.json; restore the config that came with the weights."
-            )
-        return tensor
+    def _fill(self, slots: list[_Slot]) -> None:
+        """Read every source the slots need (each once, in order) and put each slot's tensor in place."""
+        produced: dict[int, dict[str, torch.Tensor]] = {}
+        for slot in slots:
+            source = slot.source
+            if id(source) not in produced:
+                produced[id(source)] = source.read(self.reader, self.model, slot.dtype)
+            tensor = produced[id(source)][slot.key]
+            if tensor.shape != slot.shape:
+                stored = [key for _, key in source.keys]
+                raise CheckpointError(
+                    f"{slot.key} has shape {tuple(tensor.shape)} on disk (from {stored[:3]}{' ...' if len(stored) > 3 else ''}) "
+                    f"but {tuple(slot.shape)} in the model built from config.json; restore the config that came "
+                    "with the weights."
+                )
+            slot.put(tensor)
 
     def load(self, block: str) -> None:
         """Read ``block``'s parameters from disk into the model (no-op when already in memory)."""
         if block in self._in_memory:
             return
-        for slot in self.blocks[block]:
-            slot.put(self._read(slot))
+        self._fill(self.blocks[block])
         self._in_memory.add(block)
         c = self.counters
         c.loads += 1
@@ -227,10 +283,57 @@ def _parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
-def _slots(model: nn.Module, keys: set[str]) -> tuple[list[_Slot], set[str]]:
+def _sources(model: nn.Module, keys: set[str]) -> tuple[dict[str, _Source], list[str]]:
+    """``{model tensor name: the source that yields it}`` for the stored ``keys``, and the keys the model takes none of.
+
+    Mirrors ``transformers.core_model_loading.convert_and_load_state_dict_in_model`` without reading a tensor: keys
+    in natural order (expert 10 after expert 9: the order ``MergeModulelist`` stacks them in), every renaming then at
+    most one converter (:func:`~transformers.core_model_loading.rename_source_key`), the base-model prefix added or
+    stripped against the model's state dict, and a key that the transforms rename away from a model name taken as
+    is. The transforms are the model's own (``get_model_conversion_mapping``), so the family and the conversion
+    table, not this module, decide the mapping.
+    """
+    from transformers.core_model_loading import (
+        WeightConverter,
+        WeightRenaming,
+        dot_natural_key,
+        rename_source_key,
+    )
+
+    transforms: list[Any] = []
+    if hasattr(model, "base_model_prefix") and hasattr(model, "config"):  # a transformers PreTrainedModel
+        from transformers.conversion_mapping import get_model_conversion_mapping
+
+        transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    by_pattern = {pattern: converter for converter in converters for pattern in converter.source_patterns}
+    meta_state = dict.fromkeys(model.state_dict(), True)  # the loader only asks "is this a model name?"
+    prefix = getattr(model, "base_model_prefix", None)
+    groups: dict[str, _Source] = {}
+    unused: list[str] = []
+    for key in sorted(keys, key=dot_natural_key):
+        target, pattern = rename_source_key(key, renamings, converters, prefix, meta_state)
+        if target not in meta_state and key in meta_state:
+            target, pattern = rename_source_key(key, [], [], base_model_prefix=prefix, meta_state_dict=meta_state)
+        if target not in meta_state:
+            unused.append(key)
+        elif pattern is None:  # a plain (possibly renamed) tensor; the first stored key wins, as in the loader
+            source = groups.setdefault(target, _Source(target, (target,)))
+            if not source.keys:
+                source.keys.append((key, key))
+        else:
+            converter = by_pattern[pattern]
+            outputs = tuple(target.replace(converter.target_patterns[0], name) for name in converter.target_patterns)
+            groups.setdefault(target, _Source(target, outputs, converter=converter)).keys.append((pattern, key))
+    by_output = {name: source for source in groups.values() for name in source.outputs}
+    return by_output, unused
+
+
+def _slots(model: nn.Module, sources: dict[str, _Source]) -> tuple[list[_Slot], set[str]]:
     """One slot per distinct parameter (tied ones share a slot) and per persistent buffer stored on disk.
 
-    Returns the slots and the parameters found nowhere on disk.
+    Returns the slots and the parameters no stored tensor yields.
     """
     owners: dict[int, list[tuple[str, nn.Module, str]]] = {}
     params: dict[int, nn.Parameter] = {}
@@ -245,46 +348,57 @@ def _slots(model: nn.Module, keys: set[str]) -> tuple[list[_Slot], set[str]]:
     missing: set[str] = set()
     for pid, places in owners.items():
         names = sorted({full for full, _, _ in places})
-        key = next((n for n in names if n in keys), None)
+        key = next((n for n in names if n in sources), None)
         if key is None:
             missing.update(names)
             continue
         unique = {(id(m), n): (m, n) for _, m, n in places}
-        slots.append(_Slot(list(unique.values()), names, key, params[pid].shape, params[pid].dtype))
+        slots.append(_Slot(list(unique.values()), names, key, sources[key], params[pid].shape, params[pid].dtype))
     for module_name, module in model.named_modules():
         for name, buffer in module._buffers.items():
             full = f"{module_name}.{name}" if module_name else name
-            if buffer is not None and name not in module._non_persistent_buffers_set and full in keys:
-                slots.append(_Slot([(module, name)], [full], full, buffer.shape, buffer.dtype, is_buffer=True))
+            if buffer is not None and name not in module._non_persistent_buffers_set and full in sources:
+                slots.append(
+                    _Slot([(module, name)], [full], full, sources[full], buffer.shape, buffer.dtype, is_buffer=True)
+                )
     return slots, missing
 
 
 def load_offloaded(path: str | Path, *, trust_remote_code: bool = False) -> OffloadedModel:
     """Build the checkpoint's model on the meta device, read the non-block parameters, hook every block.
 
-    Raises :class:`CheckpointError` when the stored keys are not the model's parameter names (checkpoints of
-    families that convert weights on load, pickle-only checkpoints) or a shape differs from the config.
+    Raises :class:`CheckpointError` for quantized checkpoints, when the stored tensors (after the model's weight
+    conversions) are not the model's parameters (pickle-only checkpoints, renamed or missing keys) or a shape
+    differs from the config.
     """
     from transformers import AutoConfig
 
     folder = Path(path)
     family = inspect_checkpoint(folder, trust_remote_code=trust_remote_code)
-    reader = SafetensorsReader(folder)
     config = AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=trust_remote_code)
+    quantization = getattr(config, "quantization_config", None)
+    if quantization is not None:
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else type(quantization).__name__
+        raise CheckpointError(
+            f"{folder} is quantized ({method}); offloaded calibration reads dense weights and does not run "
+            "transformers' quantizers. Dequantize it first (load it dequantized, e.g. with "
+            "Mxfp4Config(dequantize=True) for gpt-oss, and save_pretrained), or drop --offload."
+        )
+    reader = SafetensorsReader(folder)
     with _parameters_on_meta():
         model = family.auto_model_class().from_config(config, trust_remote_code=trust_remote_code)
     model.tie_weights()
     model.eval()
-    keys = reader.keys()
-    slots, missing = _slots(model, keys)
+    sources, unused = _sources(model, reader.keys())
+    slots, missing = _slots(model, sources)
     used = {slot.key for slot in slots}
-    unexpected = sorted(keys - used - _tied_names(model))
+    unexpected = sorted(set(unused) | (set(sources) - used - _tied_names(model)))
     if missing or unexpected:
         reader.close()
         raise CheckpointError(
-            f"Offloaded calibration reads tensors by module name, but {folder} does not match the model built from its "
-            f"config (missing: {sorted(missing)[:5]}, unexpected: {unexpected[:5]}). Calibrate in memory (drop "
-            "--offload), e.g. for families whose experts transformers converts on load."
+            f"Offloaded calibration maps the stored tensors onto the model the way from_pretrained does, but {folder} "
+            f"does not match the model built from its config (missing: {sorted(missing)[:5]}, unexpected: "
+            f"{unexpected[:5]}). Re-save the checkpoint with save_pretrained, or calibrate in memory (drop --offload)."
         )
     blocks = find_blocks(model)
     by_block: dict[str, list[_Slot]] = {block: [] for block in blocks}
@@ -296,9 +410,11 @@ def load_offloaded(path: str | Path, *, trust_remote_code: bool = False) -> Offl
             resident.append(slot)
         else:
             by_block[home].append(slot)
+    converted = {id(slot.source) for slot in slots if slot.source.converter is not None}
     offloaded = OffloadedModel(model, family, reader, by_block, resident)
     logger.info(
-        "offloaded %s: %d blocks on disk, %.1f MB resident", folder, len(blocks), offloaded.counters.resident_bytes / 1e6
+        "offloaded %s: %d blocks on disk, %.1f MB resident, %d tensors converted on read",
+        folder, len(blocks), offloaded.counters.resident_bytes / 1e6, len(converted),
     )
     return offloaded
 

@@ -212,10 +212,15 @@ def prune(
         plan, config, stats_summary = saved_plan, settings.config(num_experts_per_layer=saved_plan.counts), {}
     else:
         assert pruning_method is not None
-        plan, config, stats_summary = _calibrate_and_plan(
-            loaded, pruning_method, settings, examples, export=export, sequential=sequential, max_drop=max_drop,
-            task=task, calibration_file=calibration_file, progress=progress,
-        )
+        try:
+            plan, config, stats_summary = _calibrate_and_plan(
+                loaded, pruning_method, settings, examples, export=export, sequential=sequential, max_drop=max_drop,
+                task=task, calibration_file=calibration_file, progress=progress,
+            )
+        except BaseException:
+            if loaded.offloaded is not None:  # its hooks and open weight files go now, not at garbage collection
+                loaded.offloaded.close()
+            raise
         plan.base_model = str(model)
 
     if loaded.offloaded is not None:  # the surgery needs the weights: loaded now, or read layer by layer when streaming

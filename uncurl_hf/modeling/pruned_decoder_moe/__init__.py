@@ -67,6 +67,7 @@ __all__ = [
     "PrunedQwen3MoeConfig",
     "PrunedQwen3MoeForCausalLM",
     "register",
+    "register_weight_conversions",
     "resize_sparse_layers",
     "sparse_layer_indices",
 ]
