@@ -481,9 +481,12 @@ def _write_output(
         )
 
     if streaming:
-        params_before = count_parameters(loaded.model) if loaded.model is not None else stored_parameters(loaded.path)
-        loaded.model = None  # free the calibrated model: the streaming writer holds one layer at a time
-        gc.collect()
+        if loaded.model is not None:  # free the calibrated model: the streaming writer holds one layer at a time
+            params_before = count_parameters(loaded.model)
+            loaded.model = None
+            gc.collect()
+        else:
+            params_before = stored_parameters(loaded.path)
         facts = replace(facts, params_before=params_before)
         output = stream_apply_plan(
             loaded.path, plan, output_dir, family=loaded.family, max_shard_size=max_shard_size, overwrite=overwrite,
