@@ -102,6 +102,20 @@ def test_card_without_evaluation_says_so(switch_dir, calibration_jsonl, tmp_path
     assert not (no_card.output_dir / "README.md").exists()
 
 
+def test_card_of_a_saved_plan_run_names_the_plan_file_and_its_calibration(switch_dir, calibration_jsonl, tmp_path):
+    """Re-applying a plan: the card's command is `uncurl prune MODEL --plan <file name>`, and the calibration facts
+    come from the plan's metadata."""
+    first = uncurl_hf.prune(
+        switch_dir, output_dir=tmp_path / "first", factor=4, calibration_file=calibration_jsonl, progress=False,
+        plan_out=tmp_path / "my-plan.json",
+    )
+    again = uncurl_hf.prune(switch_dir, output_dir=tmp_path / "again", plan=tmp_path / "my-plan.json", progress=False)
+    text = ModelCard.load(again.output_dir / "README.md").text
+    assert f"uncurl prune {switch_dir.name} --plan my-plan.json -o OUTPUT_DIR" in text
+    assert "calibration.jsonl" in text
+    assert again.plan.counts == first.plan.counts
+
+
 def test_evaluate_needs_a_task_and_fails_before_any_work(switch_dir, calibration_jsonl, tmp_path):
     with pytest.raises(UncurlError, match="--evaluate needs --task"):
         uncurl_hf.prune(

@@ -180,6 +180,7 @@ def prune(
                 "drop one of the two."
             )
     saved_plan = _saved_plan(plan, factor, num_experts_per_layer, config)
+    plan_source = plan  # the caller's plan argument (its file name goes into the card's command)
     settings = _settings(
         config, saved_plan, method=method, factor=factor, num_experts_per_layer=num_experts_per_layer,
         num_calibration_examples=num_calibration_examples, max_length=max_length, batch_size=batch_size, seed=seed,
@@ -243,32 +244,10 @@ def prune(
             for key in ("params_before", "params_after", "disk_bytes_before", "disk_bytes_after")
         }})
 
-    facts = CardFacts(
-        plan=plan,
-        experts_before=loaded.sizes,
-        experts_after=plan.counts,
-        params_before=0,  # counted by _write_output
-        params_after=0,
-        disk_bytes_before=weights_size(source),
-        disk_bytes_after=0,  # measured on the written files by finalize_output
-        command=prune_command(
-            model, config=config, task=task, calibration_file=calibration_file, export=export,
-            evaluate=evaluate, eval_limit=eval_limit,
-        ) if saved_plan is None else _plan_command(model, plan_arg=plan, export=export),
-        source_name=source.expanduser().resolve().name,
-        **(
-            dict(
-                task=task,
-                calibration_file=Path(calibration_file).name if calibration_file is not None else None,
-                calibration_size=len(examples),
-                max_length=config.max_length,
-            )
-            if saved_plan is None
-            else _plan_calibration_facts(saved_plan, task)
-        ),
-        export=export,
-        base_model_id=base_model_id,
-        repo_id=repo_id if push_to_hub else None,
+    facts = _card_facts(
+        model, loaded, plan, config, plan_arg=plan_source, task=task, calibration_file=calibration_file,
+        num_examples=len(examples), export=export, evaluate=evaluate, eval_limit=eval_limit,
+        base_model_id=base_model_id, repo_id=repo_id if push_to_hub else None,
     )
     output, facts, measured = _write_output(
         loaded, plan, facts, output_dir, streaming=streaming, export=export, overwrite=overwrite,
@@ -460,6 +439,44 @@ def _calibrate_and_plan(
         plan.metadata["max_drop"] = auto_counts.to_metadata()
     plan.validate(loaded.sizes, planned.budget)
     return plan, config, stats.summary()
+
+
+def _card_facts(
+    model: str | Path, loaded: _Source, plan: PruningPlan, config: PruningConfig, *,
+    plan_arg: PruningPlan | str | Path | None, task: str | None, calibration_file: str | Path | None,
+    num_examples: int, export: str, evaluate: bool, eval_limit: int | None, base_model_id: str | None,
+    repo_id: str | None,
+) -> CardFacts:
+    """What the model card records, known before writing (parameter counts and sizes are filled in later)."""
+    if plan_arg is None:  # calibrated in this run
+        command = prune_command(
+            model, config=config, task=task, calibration_file=calibration_file, export=export, evaluate=evaluate,
+            eval_limit=eval_limit,
+        )
+        calibration = dict(
+            task=task,
+            calibration_file=Path(calibration_file).name if calibration_file is not None else None,
+            calibration_size=num_examples,
+            max_length=config.max_length,
+        )
+    else:
+        command = _plan_command(model, plan_arg=plan_arg, export=export)
+        calibration = _plan_calibration_facts(plan, task)
+    return CardFacts(
+        plan=plan,
+        experts_before=loaded.sizes,
+        experts_after=plan.counts,
+        params_before=0,  # counted by _write_output
+        params_after=0,
+        disk_bytes_before=weights_size(loaded.path),
+        disk_bytes_after=0,  # measured on the written files by finalize_output
+        command=command,
+        source_name=loaded.path.expanduser().resolve().name,
+        **calibration,
+        export=export,
+        base_model_id=base_model_id,
+        repo_id=repo_id,
+    )
 
 
 def _write_output(
