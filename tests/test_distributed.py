@@ -17,7 +17,7 @@ from helpers import CALIBRATION_TARGETS, CALIBRATION_TEXTS, hash_tree
 from transformers import AutoTokenizer
 
 import forked
-from uncurl_hf import PruningConfig, build_batches, calibrate, get_method, load_model
+from uncurl_hf import PruningConfig, build_batches, calibrate, distributed, get_method, load_model
 from uncurl_hf.budget import expert_budget
 from uncurl_hf.cli import main
 from uncurl_hf.families import get_family
@@ -99,6 +99,21 @@ def _rank_runs_cli(rank: int, port: int, argv: list[str]) -> dict:
     return {"code": code, "output_exists": out.is_dir(), "group_left": torch.distributed.is_initialized()}
 
 
+def _rank_joins_with_mpi_variables(rank: int, port: int) -> dict:
+    """Child: only an MPI launcher's variables (Open MPI's, as under `accelerate launch --cpu --mpirun_hostfile`)."""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        os.environ.pop(name, None)
+    os.environ.update(OMPI_COMM_WORLD_RANK=str(rank), OMPI_COMM_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    created = distributed.init_from_env()
+    try:
+        total = distributed.all_sum(torch.tensor([rank + 1]))
+        return {"created": created, "rank": torch.distributed.get_rank(),
+                "world_size": torch.distributed.get_world_size(), "sum": int(total)}
+    finally:
+        distributed.shutdown(created)
+
+
 def run_ranks(target, *args, world_size: int = 2) -> list:
     children = [forked.start(target, rank, *args) for rank in range(world_size)]
     results = []
@@ -151,3 +166,9 @@ def test_cli_prune_under_torchrun_writes_once_and_matches_a_single_process(switc
     assert sorted(p.name for p in (tmp_path / "dist").iterdir()) == ["out"]  # one folder, no temp leftovers
     assert main(argv(tmp_path / "single" / "out")) == 0
     assert hash_tree(tmp_path / "dist" / "out") == hash_tree(tmp_path / "single" / "out")
+
+
+def test_mpi_launcher_variables_alone_form_the_process_group():
+    # mpirun is not installed here: the children export what Open MPI's mpirun (plus accelerate) would
+    results = run_ranks(_rank_joins_with_mpi_variables, free_port())
+    assert results == [{"created": True, "rank": r, "world_size": 2, "sum": 3} for r in range(2)]

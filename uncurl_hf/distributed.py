@@ -16,6 +16,19 @@ result equals a single-process run on the same batches:
 Rank 0 is the main process: it alone writes outputs (:func:`uncurl_hf.pruning.prune`); the others wait for its
 result in :func:`broadcast_from_main` and exit cleanly. Works on CPU with the ``gloo`` backend (tested with two
 processes on 127.0.0.1) and on GPUs (``cpu:gloo,cuda:nccl``: statistics are exchanged as CPU tensors).
+
+Launchers (:func:`launch_env` reads what they export):
+
+* ``torchrun --nproc_per_node N``: ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT``;
+* ``accelerate launch --multi_gpu --num_processes N`` runs ``torch.distributed.run`` (torchrun) and exports the same
+  variables; it does so on CPU-only machines too (the flag's name notwithstanding), which is how accelerate starts
+  several local CPU processes without MPI (tested);
+* ``accelerate launch --cpu --mpirun_hostfile H`` starts the processes with ``mpirun``, which exports its own rank
+  variables (Intel MPI/MPICH ``PMI_RANK``/``PMI_SIZE``, Open MPI ``OMPI_COMM_WORLD_*``, MVAPICH2 ``MV2_COMM_WORLD_*``,
+  read here as accelerate reads them) and accelerate adds ``MASTER_ADDR``/``MASTER_PORT``;
+* ``accelerate launch --cpu --num_processes N`` (or without ``--multi_gpu`` on a machine without GPUs) starts ONE
+  process: accelerate's simple launcher only exports ``MASTER_ADDR``/``MASTER_PORT``. The run is then an ordinary
+  single-process run; :func:`init_from_env` logs a warning naming the command that starts N processes.
 """
 
 from __future__ import annotations
@@ -24,7 +37,7 @@ import functools
 import hashlib
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -61,7 +74,8 @@ def current(distributed: bool | None = None) -> ProcessGroupInfo | None:
         if distributed:
             raise UncurlError(
                 "distributed=True needs an initialised torch.distributed process group: launch with "
-                "`torchrun --nproc_per_node N -m uncurl_hf.cli prune ...` or call "
+                "`torchrun --nproc_per_node N -m uncurl_hf.cli prune ...` (or `accelerate launch --multi_gpu "
+                "--num_processes N -m uncurl_hf.cli prune ...`) or call "
                 "uncurl_hf.distributed.init_from_env() first."
             )
         return None
@@ -120,39 +134,119 @@ def check_same_batches(batches: Sequence[dict[str, torch.Tensor]]) -> None:
         )
 
 
+# (rank variable, world-size variable) per launcher, in order of precedence: torchrun (also what `accelerate launch
+# --multi_gpu` runs), then the MPI launchers behind `accelerate launch --cpu --mpirun_hostfile` (Intel MPI/MPICH,
+# Open MPI, MVAPICH2), the variables accelerate's own `get_cpu_distributed_information` reads.
+LAUNCHER_VARIABLES: tuple[tuple[str, str], ...] = (
+    ("RANK", "WORLD_SIZE"),
+    ("PMI_RANK", "PMI_SIZE"),
+    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
+    ("MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE"),
+)
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """What the launcher told this process: its rank, the number of processes, and which variables said so."""
+
+    rank: int = 0
+    world_size: int = 1
+    rank_variable: str | None = None  # None: not started by a multi-process launcher
+
+
+def _int_variable(environ: Mapping[str, str], name: str) -> int:
+    try:
+        return int(environ[name])
+    except ValueError:
+        raise UncurlError(
+            f"The launcher variable {name}={environ[name]!r} is not an integer; unset it or launch with "
+            "`torchrun --nproc_per_node N -m uncurl_hf.cli ...`."
+        ) from None
+
+
+def launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
+    """This process' rank and world size from the launcher's variables (``environ`` defaults to ``os.environ``).
+
+    The first launcher of :data:`LAUNCHER_VARIABLES` whose world-size variable is set wins, and its rank variable
+    must then be set too (a world size without a rank is not a launch we can join).
+    """
+    environ = os.environ if environ is None else environ
+    for rank_name, size_name in LAUNCHER_VARIABLES:
+        if size_name not in environ:
+            continue
+        world_size = _int_variable(environ, size_name)
+        if world_size <= 1:
+            return LaunchEnv()
+        if rank_name not in environ:
+            raise UncurlError(
+                f"{size_name}={world_size} is set but {rank_name} is not; launch with "
+                "`torchrun --nproc_per_node N -m uncurl_hf.cli ...` (which sets both) or unset it."
+            )
+        rank = _int_variable(environ, rank_name)
+        if not 0 <= rank < world_size:
+            raise UncurlError(f"{rank_name}={rank} is outside [0, {size_name}={world_size}); check the launcher.")
+        return LaunchEnv(rank=rank, world_size=world_size, rank_variable=rank_name)
+    return LaunchEnv()
+
+
+def single_process_accelerate_warning(environ: Mapping[str, str] | None = None) -> str | None:
+    """The warning for ``accelerate launch --num_processes N`` that started one process, else ``None``.
+
+    accelerate's simple launcher (``--cpu``, or no ``--multi_gpu`` on a machine without GPUs) exports
+    ``ACCELERATE_USE_CPU``, and ``MASTER_ADDR`` only when more than one process was asked for, but starts a single
+    process without rank variables unless ``--mpirun_hostfile`` is given. Silently calibrating in that one process
+    is correct but not what the user asked for.
+    """
+    environ = os.environ if environ is None else environ
+    if "ACCELERATE_USE_CPU" not in environ or "MASTER_ADDR" not in environ or launch_env(environ).world_size > 1:
+        return None
+    return (
+        "accelerate launch started a single process: without --multi_gpu (or --mpirun_hostfile) it does not start "
+        "several on CPU. Calibrating in this one process; for N CPU processes use `accelerate launch --multi_gpu "
+        "--num_processes N -m uncurl_hf.cli ...` (it runs torchrun and needs no GPU) or `torchrun --nproc_per_node N "
+        "-m uncurl_hf.cli ...`."
+    )
+
+
 def process_rank() -> int:
-    """This process' rank: from the process group when initialised, else torchrun's ``RANK``, else 0."""
+    """This process' rank: from the process group when initialised, else the launcher's (:func:`launch_env`)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank()
-    try:
-        return int(os.environ.get("RANK", "0"))
-    except ValueError:
-        return 0
+    return launch_env().rank
 
 
 def launched_world_size() -> int:
-    """``WORLD_SIZE`` set by torchrun / accelerate launch (1 when not launched by one)."""
-    try:
-        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
-    except ValueError:
-        return 1
+    """The number of processes the launcher started (1 when not launched by one); see :func:`launch_env`."""
+    return launch_env().world_size
 
 
 def init_from_env(backend: str | None = None) -> bool:
-    """Initialise the default process group from torchrun's environment when launched with several processes.
+    """Initialise the default process group from the launcher's environment when launched with several processes.
 
     Returns ``True`` when this call created the group (the caller then destroys it with :func:`shutdown`), ``False``
-    when there is nothing to do (single process, or a group already exists). ``MASTER_ADDR``/``MASTER_PORT``/
-    ``RANK``/``WORLD_SIZE`` come from the launcher. Backend: ``gloo`` on CPU-only machines, ``cpu:gloo,cuda:nccl``
-    when CUDA is available (statistics always travel as CPU tensors).
+    when there is nothing to do (single process, or a group already exists). Rank and world size come from
+    :func:`launch_env` (torchrun's or an MPI launcher's variables) and are passed explicitly, so that MPI launches
+    need no ``RANK``/``WORLD_SIZE``; the rendezvous address is ``MASTER_ADDR``/``MASTER_PORT``. Backend: ``gloo`` on
+    CPU-only machines, ``cpu:gloo,cuda:nccl`` when CUDA is available (statistics always travel as CPU tensors).
     """
-    if launched_world_size() == 1 or not torch.distributed.is_available():
+    launch = launch_env()
+    if launch.world_size == 1 or not torch.distributed.is_available():
+        warning = single_process_accelerate_warning()
+        if warning:
+            logger.warning(warning)
         return False
     if torch.distributed.is_initialized():
         return False
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+    if missing:
+        raise UncurlError(
+            f"{launch.rank_variable} says this is one of {launch.world_size} processes, but {' and '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not set: export the rank-0 host and a free port as MASTER_ADDR "
+            "and MASTER_PORT (accelerate launch and torchrun set them)."
+        )
     if backend is None:
         backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
-    torch.distributed.init_process_group(backend=backend)
+    torch.distributed.init_process_group(backend=backend, rank=launch.rank, world_size=launch.world_size)
     logger.info(
         "process group initialised: rank %d of %d (%s)",
         torch.distributed.get_rank(), torch.distributed.get_world_size(), backend,
@@ -217,7 +311,7 @@ def await_main() -> dict[str, Any]:
 
 
 def launched(fn: F) -> F:
-    """Decorator for entry points that ``torchrun``/``accelerate launch`` may start on several processes.
+    """Decorator for entry points that ``torchrun``/``accelerate launch``/``mpirun`` may start on several processes.
 
     Initialises the default process group from the launcher's environment (and destroys it afterwards when it
     created it), and delivers rank 0's outcome to the other ranks once :func:`arm_handoff` was called.
@@ -233,7 +327,8 @@ def launched(fn: F) -> F:
             except BaseException as exc:
                 handoff = _HANDOFF.get()
                 if handoff is not None and handoff.armed:
-                    broadcast_from_main(MainOutcome(error=f"{type(exc).__name__}: {exc}", error_type=type(exc).__name__))
+                    name = type(exc).__name__
+                    broadcast_from_main(MainOutcome(error=f"{name}: {exc}", error_type=name))
                 raise
             handoff = _HANDOFF.get()
             if handoff is not None and handoff.armed and handoff.export is not None:
