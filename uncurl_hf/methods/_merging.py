@@ -5,7 +5,9 @@
 * neuron alignment of a group's members to its anchor (weight matching with ``linear_sum_assignment``);
 * turning groups of expert indices into a :class:`LayerPlan` (anchor first, weights, permutations);
 * adaptive budgets: one global usage threshold across layers (M-SMoE's rule), or a split proportional to each
-  layer's effective number of experts.
+  layer's effective number of experts;
+* :class:`MergingMethod`, the base class of the three: validated options and the ``plan_layer`` around a method's
+  own grouping rule, so each method module holds only what makes it that method.
 
 Everything here is deterministic: ties are broken by gate mass and then by expert index, never by hash order.
 """
@@ -13,8 +15,9 @@ Everything here is deterministic: ties are broken by gate mass and then by exper
 from __future__ import annotations
 
 import logging
+from abc import abstractmethod
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -23,6 +26,7 @@ from torch import nn
 from uncurl_hf.calibration import ExpertStats
 from uncurl_hf.errors import UncurlError
 from uncurl_hf.families.base import MoEFamily, MoELayer
+from uncurl_hf.methods.base import PruningMethod, method_options
 from uncurl_hf.methods.frequency import rank_by_frequency
 from uncurl_hf.plan import ROUTER_RULES, LayerPlan
 
@@ -272,3 +276,68 @@ def adaptive_budget(
     counts = ALLOCATION_RULES[rule](stats, sum(budget.values()), list(budget))
     logger.info("adaptive per-layer expert counts (%s): %s", rule, counts)
     return counts
+
+
+class MergingMethod(PruningMethod):
+    """What UNCURL, M-SMoE and HC-SMoE share; a subclass says only how it groups one layer's experts.
+
+    Subclasses set ``defaults`` (their ``--method-arg`` options, ``router`` and ``uniform`` among them) and implement
+    :meth:`group_experts`. :meth:`plan_layer` validates the options on every layer (so a bad option fails before
+    any layer is planned, even one that keeps every expert), keeps all experts when ``k >= E``, and otherwise turns
+    the groups into a merged plan (:func:`merged_layer_plan`): neurons are aligned to each group's anchor unless the
+    method has an ``align`` option set to false.
+    """
+
+    merges = True
+    defaults: ClassVar[Mapping[str, Any]]
+    # False: always ``floor(E_l / factor)`` per layer (the ``uniform`` option is then accepted but has no effect)
+    adaptive_counts: ClassVar[bool] = True
+
+    def allocate(
+        self, stats: "CalibrationStats", budget: Mapping[str, int], config: "PruningConfig"
+    ) -> dict[str, int]:
+        """The budget's total re-split across layers by :func:`adaptive_budget` unless ``uniform`` is set; the rule
+        is the ``adaptive`` option, or M-SMoE's pooled usage for a method without one."""
+        if not self.adaptive_counts:
+            return dict(budget)
+        options = self.options(config)
+        return adaptive_budget(
+            stats, budget, config, uniform=options["uniform"], rule=options.get("adaptive", "usage")
+        )
+
+    def options(self, config: "PruningConfig") -> dict[str, Any]:
+        """``config.method_kwargs`` over :attr:`defaults`, validated; subclasses extend it with their own checks."""
+        options = method_options(config, self.name, self.defaults)
+        check_router_rule(self.name, options["router"])
+        return options
+
+    @abstractmethod
+    def group_experts(
+        self,
+        layer: MoELayer,
+        stats: ExpertStats,
+        k: int,
+        family: MoEFamily,
+        options: Mapping[str, Any],
+        seed: int,
+    ) -> list[list[int]]:
+        """``k`` groups (``1 <= k < E``) of the layer's expert indices; ``seed`` is the run's seed."""
+
+    def plan_layer(
+        self,
+        name: str,
+        num_experts: int,
+        stats: ExpertStats,
+        k: int,
+        model: nn.Module,
+        family: MoEFamily,
+        config: "PruningConfig",
+    ) -> LayerPlan:
+        options = self.options(config)
+        if k >= num_experts:
+            return LayerPlan.keep(name, num_experts, range(num_experts))
+        layer = find_layer(model, family, name)
+        groups = self.group_experts(layer, stats, k, family, options, config.seed)
+        logger.debug("%s (%s): groups %s", name, self.name, groups)
+        aligned = (family, layer) if options.get("align", True) else (None, None)
+        return merged_layer_plan(name, num_experts, groups, stats, options["router"], *aligned)

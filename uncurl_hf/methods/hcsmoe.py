@@ -20,19 +20,17 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from uncurl_hf.calibration import ExpertStats
 from uncurl_hf.errors import UncurlError
 from uncurl_hf.families.base import MoEFamily, MoELayer
 from uncurl_hf.methods import register_method
-from uncurl_hf.methods._merging import check_router_rule, find_layer, merged_layer_plan
-from uncurl_hf.methods.base import PruningMethod, method_options
-from uncurl_hf.plan import LayerPlan
+from uncurl_hf.methods._merging import MergingMethod
 from uncurl_hf.seeding import stable_seed
 
 logger = logging.getLogger(__name__)
@@ -80,31 +78,24 @@ def average_linkage_groups(features: np.ndarray, k: int) -> list[list[int]]:
 
 
 @register_method
-class HCSMoEMerging(PruningMethod):
+class HCSMoEMerging(MergingMethod):
     """HC-SMoE; the formula is in the module docstring."""
 
     name = "hcsmoe"
     description = (
         "HC-SMoE: average-linkage hierarchical clustering of experts' mean outputs on the task, usage-weighted merge."
     )
-    merges = True
+    defaults = DEFAULTS
+    adaptive_counts = False  # uniform k = floor(E / factor), as in the paper
 
     def options(self, config: Any) -> dict[str, Any]:
-        options = method_options(config, self.name, DEFAULTS)
-        check_router_rule(self.name, options["router"])
+        options = super().options(config)
         if options["max_tokens"] < 1:
             raise UncurlError(f"hcsmoe option max_tokens must be >= 1, got {options['max_tokens']}.")
         return options
 
-    def plan_layer(
-        self, name: str, num_experts: int, stats: ExpertStats, k: int, model: nn.Module, family: Any, config: Any
-    ) -> LayerPlan:
-        options = self.options(config)
-        if k >= num_experts:
-            return LayerPlan.keep(name, num_experts, range(num_experts))
-        layer = find_layer(model, family, name)
-        hidden = token_subset(stats.hidden_sample, options["max_tokens"], stable_seed(config.seed, self.name, name))
-        groups = average_linkage_groups(mean_expert_outputs(family, layer, hidden), k)
-        logger.debug("%s: groups %s", name, groups)
-        aligned = (family, layer) if options["align"] else (None, None)
-        return merged_layer_plan(name, num_experts, groups, stats, options["router"], *aligned)
+    def group_experts(
+        self, layer: MoELayer, stats: ExpertStats, k: int, family: MoEFamily, options: Mapping[str, Any], seed: int
+    ) -> list[list[int]]:
+        hidden = token_subset(stats.hidden_sample, options["max_tokens"], stable_seed(seed, self.name, layer.name))
+        return average_linkage_groups(mean_expert_outputs(family, layer, hidden), k)

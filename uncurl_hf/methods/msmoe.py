@@ -20,28 +20,16 @@ The compression stage of MC-SMoE (low-rank + pruning of the merged experts) is n
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from torch import nn
 
 from uncurl_hf.calibration import ExpertStats
+from uncurl_hf.families.base import MoEFamily, MoELayer
 from uncurl_hf.methods import register_method
-from uncurl_hf.methods._merging import (
-    adaptive_budget,
-    check_router_rule,
-    cosine_affinity,
-    find_layer,
-    logit_profiles,
-    merged_layer_plan,
-)
-from uncurl_hf.methods.base import PruningMethod, method_options
+from uncurl_hf.methods._merging import MergingMethod, cosine_affinity, logit_profiles
 from uncurl_hf.methods.frequency import rank_by_frequency
-from uncurl_hf.plan import LayerPlan
-
-logger = logging.getLogger(__name__)
 
 DEFAULTS: dict[str, Any] = {"router": "weighted", "uniform": False}
 
@@ -58,7 +46,7 @@ def groups_around_centres(similarity: np.ndarray, centres: list[int]) -> list[li
 
 
 @register_method
-class MSMoEMerging(PruningMethod):
+class MSMoEMerging(MergingMethod):
     """M-SMoE; the formula is in the module docstring."""
 
     name = "msmoe"
@@ -66,25 +54,10 @@ class MSMoEMerging(PruningMethod):
         "M-SMoE (MC-SMoE's merge): most-used experts are centres (one global usage threshold), the rest join the "
         "most similar centre by router logits; aligned, usage-weighted merge."
     )
-    merges = True
+    defaults = DEFAULTS
 
-    def options(self, config: Any) -> dict[str, Any]:
-        options = method_options(config, self.name, DEFAULTS)
-        check_router_rule(self.name, options["router"])
-        return options
-
-    def allocate(self, stats: Any, budget: Mapping[str, int], config: Any) -> dict[str, int]:
-        return adaptive_budget(stats, budget, config, uniform=self.options(config)["uniform"])
-
-    def plan_layer(
-        self, name: str, num_experts: int, stats: ExpertStats, k: int, model: nn.Module, family: Any, config: Any
-    ) -> LayerPlan:
-        options = self.options(config)
-        if k >= num_experts:
-            return LayerPlan.keep(name, num_experts, range(num_experts))
-        layer = find_layer(model, family, name)
+    def group_experts(
+        self, layer: MoELayer, stats: ExpertStats, k: int, family: MoEFamily, options: Mapping[str, Any], seed: int
+    ) -> list[list[int]]:
         similarity = cosine_affinity(logit_profiles(stats, layer.router.weight, "raw"))
-        centres = rank_by_frequency(stats)[:k]
-        groups = groups_around_centres(similarity, centres)
-        logger.debug("%s: groups %s", name, groups)
-        return merged_layer_plan(name, num_experts, groups, stats, options["router"], family, layer)
+        return groups_around_centres(similarity, rank_by_frequency(stats)[:k])

@@ -41,20 +41,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from torch import nn
 
 from uncurl_hf.calibration import ExpertStats
+from uncurl_hf.families.base import MoEFamily, MoELayer
 from uncurl_hf.methods import register_method
-from uncurl_hf.methods._merging import (
-    adaptive_budget,
-    check_router_rule,
-    cosine_affinity,
-    find_layer,
-    logit_profiles,
-    merged_layer_plan,
-)
-from uncurl_hf.methods.base import PruningMethod, method_options
-from uncurl_hf.plan import LayerPlan
+from uncurl_hf.methods._merging import MergingMethod, cosine_affinity, logit_profiles
 from uncurl_hf.seeding import stable_seed
 
 logger = logging.getLogger(__name__)
@@ -112,7 +103,7 @@ def _split_to_k(groups: list[list[int]], k: int, affinity: np.ndarray) -> list[l
 
 
 @register_method
-class UncurlMerging(PruningMethod):
+class UncurlMerging(MergingMethod):
     """UNCURL; the formula and the reading of the paper are in the module docstring."""
 
     name = "uncurl"
@@ -120,26 +111,10 @@ class UncurlMerging(PruningMethod):
         "UNCURL: spectral clustering of router-logit profiles, neuron alignment, usage-weighted merge; "
         "adaptive per-layer counts (--uniform to disable)."
     )
-    merges = True
+    defaults = DEFAULTS
 
-    def allocate(self, stats: Any, budget: Mapping[str, int], config: Any) -> dict[str, int]:
-        options = self.options(config)
-        return adaptive_budget(stats, budget, config, uniform=options["uniform"], rule=options["adaptive"])
-
-    def options(self, config: Any) -> dict[str, Any]:
-        options = method_options(config, self.name, DEFAULTS)
-        check_router_rule(self.name, options["router"])
-        return options
-
-    def plan_layer(
-        self, name: str, num_experts: int, stats: ExpertStats, k: int, model: nn.Module, family: Any, config: Any
-    ) -> LayerPlan:
-        options = self.options(config)
-        if k >= num_experts:
-            return LayerPlan.keep(name, num_experts, range(num_experts))
-        layer = find_layer(model, family, name)
+    def group_experts(
+        self, layer: MoELayer, stats: ExpertStats, k: int, family: MoEFamily, options: Mapping[str, Any], seed: int
+    ) -> list[list[int]]:
         affinity = cosine_affinity(logit_profiles(stats, layer.router.weight, options["profile"]))
-        groups = spectral_groups(affinity, k, stable_seed(config.seed, self.name, name))
-        logger.debug("%s: groups %s", name, groups)
-        aligned = (family, layer) if options["align"] else (None, None)
-        return merged_layer_plan(name, num_experts, groups, stats, options["router"], *aligned)
+        return spectral_groups(affinity, k, stable_seed(seed, self.name, layer.name))
