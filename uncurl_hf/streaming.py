@@ -233,21 +233,58 @@ class MetaReader:
     """A :class:`TensorReader` that returns meta tensors of the stored shapes and dtypes: no I/O, no memory.
 
     Running the surgery on it gives every output tensor's key, dtype and shape (the dry run of
-    :func:`stream_apply_plan`).
+    :func:`stream_apply_plan`). It also remembers which stored tensor each returned tensor is and how often each key
+    was asked for, so the dry run can tell an output that IS a stored tensor, unchanged (a kept expert), from one
+    computed from it: :meth:`verbatim_source`.
     """
 
     def __init__(self, reader: CheckpointReader) -> None:
         self._reader = reader
+        self._returned: dict[int, tuple[torch.Tensor, StoredTensor]] = {}  # id -> (tensor kept alive, source)
+        self.reads: dict[str, int] = {}
 
     def keys(self) -> list[str]:
         return self._reader.keys()
 
     def get(self, key: str) -> torch.Tensor:
         stored = self._reader.info(key)
-        return torch.empty(stored.shape, dtype=_torch_dtype(stored), device="meta")
+        tensor = torch.empty(stored.shape, dtype=_torch_dtype(stored), device="meta")
+        self._returned[id(tensor)] = (tensor, stored)
+        self.reads[key] = self.reads.get(key, 0) + 1
+        return tensor
 
     def get_rows(self, key: str, index: int) -> torch.Tensor:
-        return self.get(key)[index]
+        return self.get(key)[index]  # a view: never the stored tensor itself
+
+    def verbatim_source(self, tensor: torch.Tensor) -> StoredTensor | None:
+        """The stored tensor ``tensor`` is, unchanged (the very object :meth:`get` returned, read once), else None."""
+        entry = self._returned.get(id(tensor))
+        if entry is None or entry[0] is not tensor:
+            return None
+        stored = entry[1]
+        return stored if self.reads[stored.key] == 1 else None
+
+    def forget(self) -> None:
+        """Drop the tensors of the layer just measured (ids stay unique only while their tensors live)."""
+        self._returned.clear()
+
+
+class _SkippingReader:
+    """The real reader, except that the keys in ``skip`` come back as meta tensors: outputs that are stored tensors
+    unchanged are copied as bytes by the writer, so reading them would be wasted I/O."""
+
+    def __init__(self, reader: CheckpointReader, skip: set[str]) -> None:
+        self._reader, self._skip = reader, skip
+        self._meta = MetaReader(reader)
+
+    def keys(self) -> list[str]:
+        return self._reader.keys()
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._meta.get(key) if key in self._skip else self._reader.get(key)
+
+    def get_rows(self, key: str, index: int) -> torch.Tensor:
+        return self._meta.get_rows(key, index) if key in self._skip else self._reader.get_rows(key, index)
 
 
 def checkpoint_files(folder: str | Path) -> list[Path]:
@@ -531,19 +568,28 @@ def _plan_outputs(
             continue
         if layer.name in reduced_meta:
             continue
+        sources: dict[str, StoredTensor] = {}
         try:
             reduced = reduce(layer, meta)
             written = family.write_disk_layer(layer, reduced)
+            for out_key, tensor in written.items():
+                stored = meta.verbatim_source(tensor)
+                if stored is not None and stored.dtype == safetensors_dtype(tensor.dtype) \
+                        and stored.shape == tuple(tensor.shape):
+                    sources[out_key] = stored
         except (NotImplementedError, RuntimeError) as exc:
             logger.debug("%s: meta dry run failed (%s); measuring the layer on real tensors", layer.name, exc)
             reduced = reduce(layer, reader)
             written = family.write_disk_layer(layer, reduced)
             reduced = _to_meta(reduced)
+        meta.forget()
         reduced_meta[layer.name] = reduced
         for out_key in sorted(written):
             tensor = written[out_key]
             dtype = safetensors_dtype(tensor.dtype)
-            outputs.append(OutputTensor(out_key, dtype, tuple(tensor.shape), layer=layer.name))
+            # an output that is a stored tensor unchanged (a kept expert) is copied as bytes, like non-layer tensors
+            outputs.append(OutputTensor(out_key, dtype, tuple(tensor.shape), source=sources.get(out_key),
+                                        layer=layer.name))
         del written
     keys = [t.key for t in outputs]
     if len(set(keys)) != len(keys):
@@ -567,8 +613,12 @@ def _write_shards(
 
     A layer's outputs are cached only until they are all written; if a shard's layout interleaves two layers (mixed
     dtypes), the cache is dropped and the later layer recomputed when needed again, so memory stays one layer.
+    Outputs that are stored tensors unchanged (``source`` set: kept experts) are copied as bytes and never read.
     """
     from tqdm.auto import tqdm
+
+    copied = {t.source.key for shard in shards for t in shard if t.layer is not None and t.source is not None}
+    skipping = _SkippingReader(reader, copied)
 
     names = shard_names(len(shards))
     total = sum(t.nbytes for shard in shards for t in shard)
@@ -588,7 +638,7 @@ def _write_shards(
                             cache, cache_name = {}, None  # free the previous layer before computing the next
                             layer = layers[tensor.layer]
                             with torch.no_grad():
-                                cache = dict(family.write_disk_layer(layer, reduce(layer, reader)))
+                                cache = dict(family.write_disk_layer(layer, reduce(layer, skipping)))
                             cache_name = tensor.layer
                             logger.debug("%s: reduced to %d tensors", tensor.layer, len(cache))
                         writer.write(tensor.key, cache.pop(tensor.key))
