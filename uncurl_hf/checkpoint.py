@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 TEMP_PREFIX = ".uncurl-tmp-"
 OLD_PREFIX = ".uncurl-old-"
 DEFAULT_MAX_SHARD_SIZE = "2GB"
+ADAPTER_CONFIG = "adapter_config.json"  # a PEFT adapter folder (``uncurl recover --save adapter``) has no config.json
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -365,10 +366,10 @@ def check_output_dir(output: Path, source: Path | None, overwrite: bool) -> None
         raise OutputExistsError(f"Output folder {output} already exists; pass --overwrite or choose another -o.")
     if not output.is_dir():
         raise OutputExistsError(f"Output path {output} exists and is a file; remove it or choose another -o.")
-    if any(output.iterdir()) and not (output / "config.json").exists():
+    if any(output.iterdir()) and not any((output / marker).exists() for marker in ("config.json", ADAPTER_CONFIG)):
         raise OutputExistsError(
-            f"Output folder {output} is not empty and is not a model folder; refusing to replace it. "
-            "Choose another -o."
+            f"Output folder {output} is not empty and is not a model folder; refusing to replace it (only model and "
+            "PEFT adapter folders are replaced). Choose another -o."
         )
 
 

@@ -231,6 +231,22 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_recover(args: argparse.Namespace) -> int:
+    """``uncurl recover PRUNED --task T --steps N -o OUT``: LoRA fine-tune of a pruned checkpoint (peft), scores
+    before/after on the dev split, saved as an adapter or merged into the weights."""
+    from uncurl_hf.recover import DEFAULT_TARGET_MODULES, RecoverConfig, recover
+
+    config = RecoverConfig(
+        task=args.task, steps=args.steps, lr=args.lr, rank=args.rank, alpha=args.alpha, dropout=args.dropout,
+        batch_size=args.batch_size, seed=args.seed, warmup=args.warmup, weight_decay=args.weight_decay,
+        target_modules=args.target_modules or DEFAULT_TARGET_MODULES, save=args.save, eval_test=args.eval_test,
+        eval_limit=args.eval_limit, train_limit=args.train_limit, max_length=args.max_length,
+    )
+    result = recover(args.model, args.output, config, overwrite=args.overwrite, progress=not args.no_progress)
+    print(result.summary_table())
+    return 0
+
+
 def _factor(text: str | None) -> float | None:
     """``--factor`` as a float; parsed here (not by argparse) so a typo is an ``InvalidFactorError`` like the rest."""
     from uncurl_hf.errors import InvalidFactorError
@@ -407,6 +423,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-build", action="store_true", help="fail instead of training missing zoo models")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=cmd_study)
+
+    p = sub.add_parser("recover", help="LoRA fine-tune a pruned checkpoint on its task (needs peft)")
+    p.add_argument("model", help="pruned output folder written by `uncurl prune`")
+    p.add_argument("--task", required=True, help="registered task (trained on train, scored on dev)")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (default 1e-3)")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank r (default 8)")
+    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
+    p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (default 0)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup", type=int, help="warm-up steps (default 10%% of --steps)")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--target-modules", metavar="REGEX",
+                   help="modules to adapt (regex over module names; default: attention q/k/v/o + experts' wi/wo)")
+    p.add_argument("--save", choices=["adapter", "merged"], default="adapter",
+                   help="adapter: PEFT adapter folder; merged: LoRA folded in (merge_and_unload), a normal checkpoint")
+    p.add_argument("--eval-test", action="store_true", help="also score the test split before and after")
+    p.add_argument("--eval-limit", type=int, metavar="N", help="score only the first N examples of each split")
+    p.add_argument("--train-limit", type=int, metavar="N", help="train on the first N train examples only")
+    p.add_argument("--max-length", type=int, default=128, help="max source tokens per training example")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=cmd_recover)
 
     p = sub.add_parser("verify", help="check an output folder: hashes, config/plan/weights agreement, forward pass")
     p.add_argument("folder", help="output folder written by `uncurl prune`")
