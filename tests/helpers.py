@@ -177,3 +177,29 @@ def hash_tree(folder: Path) -> dict[str, str]:
         for p in sorted(folder.rglob("*"))
         if p.is_file()
     }
+
+
+def calibrate_one_block_at_a_time(offloaded: Any, blocks: list[str], batches: list[Any]) -> None:
+    """Calibrate an offloaded model and assert that exactly one block holds real weights whenever a block runs,
+    and that every block was loaded and freed once per batch, in forward order."""
+    from uncurl_hf import calibrate
+
+    model = offloaded.model
+    in_memory_seen: list[int] = []  # blocks holding real weights when each block starts its forward
+
+    def count(_module: Any, _args: Any) -> None:
+        in_memory_seen.append(sum(not next(model.get_submodule(b).parameters()).is_meta for b in blocks))
+
+    handles = [model.get_submodule(b).register_forward_pre_hook(count) for b in blocks]
+    try:
+        calibrate(model, offloaded.family, batches, progress=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    counters = offloaded.counters
+    # our pre-hook runs after the offload hook has loaded the block: exactly that one block is in memory
+    assert in_memory_seen == [1] * (len(blocks) * len(batches))
+    assert counters.loads == counters.frees == len(blocks) * len(batches)
+    assert counters.peak_blocks_in_memory == 1 and counters.blocks_in_memory == 0
+    assert counters.loaded_blocks[: len(blocks)] == blocks  # forward order
+

@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import CALIBRATION_TARGETS, CALIBRATION_TEXTS, hash_tree, tiny_switch_model, tiny_tokenizer
+from helpers import (
+    CALIBRATION_TARGETS,
+    CALIBRATION_TEXTS,
+    calibrate_one_block_at_a_time,
+    hash_tree,
+    tiny_switch_model,
+    tiny_tokenizer,
+)
 from safetensors.torch import load_file, save_file
 
 from uncurl_hf import build_batches, calibrate, load_model, prune
@@ -58,23 +65,8 @@ def test_one_block_in_memory_at_a_time(sharded_dir, batches):
         assert all(p.is_meta for block in BLOCKS for p in model.get_submodule(block).parameters())
         assert not model.shared.weight.is_meta and model.lm_head.weight is model.shared.weight  # resident, tied
 
-        in_memory_seen: list[int] = []  # blocks holding real weights when each block starts its forward
-
-        def count(_module, _args):
-            in_memory_seen.append(
-                sum(not next(model.get_submodule(b).parameters()).is_meta for b in BLOCKS)
-            )
-
-        handles = [model.get_submodule(b).register_forward_pre_hook(count) for b in BLOCKS]
-        calibrate(model, offloaded.family, batches, progress=False)
-        for handle in handles:
-            handle.remove()
+        calibrate_one_block_at_a_time(offloaded, BLOCKS, batches)
         counters = offloaded.counters
-        # our pre-hook runs after the offload hook has loaded the block: exactly that one block is in memory
-        assert in_memory_seen == [1] * (len(BLOCKS) * len(batches))
-        assert counters.loads == counters.frees == len(BLOCKS) * len(batches)
-        assert counters.peak_blocks_in_memory == 1 and counters.blocks_in_memory == 0
-        assert counters.loaded_blocks[: len(BLOCKS)] == BLOCKS  # forward order
         block_bytes = max(sum(p.numel() * 4 for p in load_model(sharded_dir).get_submodule(b).parameters())
                           for b in BLOCKS)
         assert counters.peak_bytes == counters.resident_bytes + block_bytes

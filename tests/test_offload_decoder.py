@@ -24,6 +24,7 @@ from helpers import (
     CALIBRATION_TARGETS,
     CALIBRATION_TEXTS,
     VOCAB,
+    calibrate_one_block_at_a_time,
     hash_tree,
     tiny_tokenizer,
 )
@@ -142,21 +143,8 @@ def test_offloaded_stats_equal_in_memory_stats_exactly(name, folders, batches):
 def test_one_decoder_layer_in_memory_at_a_time(folders, batches):
     with load_offloaded(folders["qwen2_moe"]) as offloaded:
         model = offloaded.model
-        in_memory_seen: list[int] = []  # blocks holding real weights when each block starts its forward
-
-        def count(_module, _args):
-            in_memory_seen.append(sum(not next(model.get_submodule(b).parameters()).is_meta for b in BLOCKS))
-
-        handles = [model.get_submodule(b).register_forward_pre_hook(count) for b in BLOCKS]
-        calibrate(model, offloaded.family, batches, progress=False)
-        for handle in handles:
-            handle.remove()
+        calibrate_one_block_at_a_time(offloaded, BLOCKS, batches)
         counters = offloaded.counters
-        # our pre-hook runs after the offload hook has loaded the block: exactly that one block is in memory
-        assert in_memory_seen == [1] * (len(BLOCKS) * len(batches))
-        assert counters.loads == counters.frees == len(BLOCKS) * len(batches)
-        assert counters.peak_blocks_in_memory == 1 and counters.blocks_in_memory == 0
-        assert counters.loaded_blocks[: len(BLOCKS)] == BLOCKS
         memory = load_model(folders["qwen2_moe"])
         block_bytes = [sum(p.numel() * 4 for p in memory.get_submodule(b).parameters()) for b in BLOCKS]
         resident = sum(p.numel() * 4 for n, p in memory.named_parameters() if not n.startswith("model.layers."))
