@@ -347,7 +347,8 @@ def render_markdown(report: StudyReport, findings: str | None = None) -> str:
         f"encoder blocks 1 and 3, decoder block 1), E in {list(c.all_experts)}; one pretraining per E on the same "
         "multi-domain corpus with the same token budget (800 span-corruption steps of 32 x 112 tokens + 200 "
         "review-polarity steps), then 5 fine-tuning epochs per task keeping the best dev epoch. Seed 0 everywhere; "
-        "one training seed per model (no seed variance measured: it would multiply the CPU time).",
+        "one training seed per model here; docs/study_seeds.md (examples/seed_variance.py) repeats topic at E=16 and "
+        "64 with two more fine-tuning seeds.",
         "- Tasks (test split sizes): " + ", ".join(f"{t} ({len(get_task(t).load_split('test'))})" for t in c.tasks)
         + ".",
         f"- Sweep: methods {', '.join(c.methods)}; factors 1, 2, ... E (x E keeps one expert per layer); "
