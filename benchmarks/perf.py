@@ -6,9 +6,13 @@
 1. Calibration-hook overhead: the same calibration batches (``--num-calibration`` task examples, ``uncurl prune``'s
    batch size and max length) forwarded plainly (``family.forward_inputs`` + ``model(**inputs)``, eval, no grad) and
    through :func:`uncurl_hf.calibrate` (hooks on every sparse block, router and expert, the token sample, float64
-   sums), alternated ``--repeats`` times after a warm-up. Timed in CPU seconds of this process (``process_time``:
-   with one thread, the work done, not the time spent waiting for a busy CPU) and in wall seconds; the ratio of the
-   fastest passes (least disturbed by other processes) is the headline, medians are reported too. Target: <= 1.10.
+   sums), ``--overhead-repeats`` times in alternating order (plain first, then calibrate first, ...) after a
+   warm-up of each. Timed in CPU seconds of this process (``process_time``) and in wall seconds; the ratio of the
+   fastest passes (least disturbed by other processes) is the headline; the ratio of the median passes and the
+   median of the per-repeat ratios (robust to the load changing between repeats) are reported too. Target: <= 1.10.
+   For a fair comparison on a shared machine both sides run with ``--threads`` torch threads (default 1: CPU time
+   is then the work done, not OpenMP threads spinning while they wait for a busy CPU), and the garbage collector
+   is emptied before every pass and paused during it (so no pass pays for the other's garbage).
 2. Pruned vs original: ``uncurl prune --method frequency`` at each factor (written to a temporary folder), then for
    the original and every pruned checkpoint, in a fresh forked process each (so allocations do not mix): load time
    (``from_pretrained`` via :func:`uncurl_hf.load_model`, median of 3), parameter bytes, RSS growth of the load, and
@@ -22,6 +26,7 @@ Numbers depend on the machine and its load: compare ratios measured in one run, 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import multiprocessing
@@ -30,6 +35,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +50,7 @@ class Overhead:
     num_examples: int
     num_batches: int
     repeats: int
+    threads: int
     plain_cpu: list[float]
     calibrate_cpu: list[float]
     plain_wall: list[float]
@@ -57,6 +64,12 @@ class Overhead:
     @property
     def median_ratio(self) -> float:
         return statistics.median(self.calibrate_cpu) / statistics.median(self.plain_cpu)
+
+    @property
+    def paired_ratio(self) -> float:
+        """Median over repeats of calibrate / plain CPU time of the same repeat (neighbours in time, so a change
+        of the machine's load between repeats cancels out)."""
+        return statistics.median(h / p for h, p in zip(self.calibrate_cpu, self.plain_cpu))
 
     @property
     def wall_ratio(self) -> float:
@@ -93,8 +106,37 @@ def _in_child(target: Callable[..., Any], *args: Any) -> Any:
         return pool.apply(target, args)
 
 
-def measure_overhead(model_dir: Path, task_name: str, num_examples: int, repeats: int, seed: int) -> Overhead:
-    """Median seconds of a plain forward pass and of :func:`calibrate` over the same batches, alternated."""
+@contextmanager
+def torch_threads(threads: int) -> Any:
+    """Run the block with ``threads`` torch intra-op threads (0: leave torch's setting), restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads > 0:
+        torch.set_num_threads(threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
+def _timed(run: Callable[[], None]) -> tuple[float, float]:
+    """``(CPU s, wall s)`` of ``run()``, after emptying the garbage collector, which stays off during the run."""
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        start_cpu, start_wall = time.process_time(), time.perf_counter()
+        run()
+        return time.process_time() - start_cpu, time.perf_counter() - start_wall
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def measure_overhead(model_dir: Path, task_name: str, num_examples: int, repeats: int, seed: int,
+                     threads: int = 1) -> Overhead:
+    """Seconds of a plain forward pass and of :func:`calibrate` over the same batches, in alternating order."""
     import torch
 
     from uncurl_hf import PruningConfig, build_batches, calibrate, get_family, load_model
@@ -115,16 +157,18 @@ def measure_overhead(model_dir: Path, task_name: str, num_examples: int, repeats
     def hooked() -> None:
         calibrate(model, family, batches, defaults.max_logit_samples, seed, progress=False)
 
-    plain(), hooked()  # warm-up: allocator, lazy imports, kernels
     cpu: dict[str, list[float]] = {"plain": [], "hooked": []}
     wall: dict[str, list[float]] = {"plain": [], "hooked": []}
-    for _ in range(repeats):
-        for name, run in (("plain", plain), ("hooked", hooked)):
-            start_cpu, start_wall = time.process_time(), time.perf_counter()
-            run()
-            cpu[name].append(time.process_time() - start_cpu)
-            wall[name].append(time.perf_counter() - start_wall)
-    return Overhead(len(examples), len(batches), repeats, cpu["plain"], cpu["hooked"], wall["plain"], wall["hooked"])
+    with torch_threads(threads) as used:
+        plain(), hooked()  # warm-up: allocator, lazy imports, kernels
+        runs = (("plain", plain), ("hooked", hooked))
+        for repeat in range(repeats):
+            for name, run in runs if repeat % 2 == 0 else runs[::-1]:  # ABBA: drifts in load cancel out
+                seconds_cpu, seconds_wall = _timed(run)
+                cpu[name].append(seconds_cpu)
+                wall[name].append(seconds_wall)
+    return Overhead(len(examples), len(batches), repeats, used, cpu["plain"], cpu["hooked"], wall["plain"],
+                    wall["hooked"])
 
 
 def _model_cost(folder: str, name: str, factor: float | None, task_name: str, repeats: int) -> dict[str, Any]:
@@ -178,11 +222,13 @@ def measure_models(model_dir: Path, task_name: str, factors: Sequence[float], re
 def format_report(overhead: Overhead, costs: Sequence[ModelCost]) -> str:
     o = overhead
     lines = [
-        f"calibration overhead ({o.num_examples} examples, {o.num_batches} batches, {o.repeats} alternated passes):",
+        f"calibration overhead ({o.num_examples} examples, {o.num_batches} batches, {o.repeats} alternated passes, "
+        f"{o.threads} torch thread{'s' if o.threads != 1 else ''}):",
         f"  CPU, fastest pass:  plain forward {1000 * min(o.plain_cpu):.1f} ms, calibrate {1000 * min(o.calibrate_cpu):.1f}"
         f" ms -> ratio {o.ratio:.3f} ({100 * (o.ratio - 1):+.1f}%, target <= +10%)",
         f"  CPU, median pass:   plain forward {1000 * statistics.median(o.plain_cpu):.1f} ms, calibrate "
         f"{1000 * statistics.median(o.calibrate_cpu):.1f} ms -> ratio {o.median_ratio:.3f}",
+        f"  CPU, paired:        median of calibrate / plain within each repeat -> ratio {o.paired_ratio:.3f}",
         f"  wall, fastest pass: plain forward {1000 * min(o.plain_wall):.1f} ms, calibrate "
         f"{1000 * min(o.calibrate_wall):.1f} ms -> ratio {o.wall_ratio:.3f}",
     ]
@@ -227,7 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--task", default="sentiment", help="registered classification task")
     parser.add_argument("--factors", type=_floats, default=[2.0, 4.0, 8.0], help="comma-separated (default 2,4,8)")
     parser.add_argument("--num-calibration", type=int, default=256, help="examples for the overhead (prune's default)")
-    parser.add_argument("--repeats", type=int, default=7, help="repeats per timing")
+    parser.add_argument("--repeats", type=int, default=7, help="repeats per timing of the checkpoints")
+    parser.add_argument("--overhead-repeats", type=int, default=21,
+                        help="alternated pairs of passes for the calibration overhead (default 21: a single pass "
+                             "varies by +-10%% on a busy machine)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads for the overhead timing (default 1; 0 keeps torch's default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-models", action="store_true", help="only the calibration overhead")
     parser.add_argument("--json", help="also write the results as JSON here")
@@ -247,7 +298,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     model_dir = resolve_model(args.model)
     logger.info("calibration overhead on %s", model_dir)
-    overhead = measure_overhead(model_dir, args.task, args.num_calibration, args.repeats, args.seed)
+    overhead = measure_overhead(model_dir, args.task, args.num_calibration, args.overhead_repeats, args.seed,
+                                args.threads)
     costs: list[ModelCost] = []
     if not args.skip_models:
         with tempfile.TemporaryDirectory(prefix="uncurl-perf-") as tmp:
@@ -258,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         payload = {
             "model": str(model_dir),
             "overhead": {**asdict(overhead), "ratio": overhead.ratio, "median_ratio": overhead.median_ratio,
-                         "wall_ratio": overhead.wall_ratio},
+                         "paired_ratio": overhead.paired_ratio, "wall_ratio": overhead.wall_ratio},
             "models": [asdict(c) for c in costs],
         }
         Path(args.json).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")

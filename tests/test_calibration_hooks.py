@@ -3,12 +3,15 @@ from running the expert again) and always equal a direct recomputation; the toke
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from helpers import CALIBRATION_TARGETS, CALIBRATION_TEXTS, tiny_switch_model, tiny_tokenizer
 
-from uncurl_hf import build_batches, calibrate
+from uncurl_hf import build_batches, calibrate, calibration
+from uncurl_hf.calibration import token_keys
 from uncurl_hf.families import get_family
+from uncurl_hf.seeding import stable_seed
 from uncurl_hf.tasks import Example
 
 EXAMPLES = [Example(s, t) for s, t in zip(CALIBRATION_TEXTS, CALIBRATION_TARGETS)]
@@ -94,3 +97,128 @@ def test_sample_depends_on_the_data_not_on_batching_or_padding():
         for name, tokens in reference.items():
             assert tokens.shape == (15, 2)
             assert torch.equal(got[name], tokens), name
+
+
+# ---- what the fast paths must not change ---------------------------------------------------------------------------
+
+FIELDS = ("num_tokens", "counts", "gate_mass", "output_norm_sum", "weighted_output_norm_sum", "logit_sample",
+          "hidden_sample", "sample_tokens")
+
+
+def assert_same_stats(actual, expected) -> None:
+    """Every statistic of every layer identical, bit for bit."""
+    assert list(actual) == list(expected) and actual.num_sequences == expected.num_sequences
+    for name in expected:
+        for field in FIELDS:
+            got, want = getattr(actual[name], field), getattr(expected[name], field)
+            assert got == want if isinstance(want, int) else torch.equal(got, want), (name, field)
+
+
+@pytest.fixture()
+def count_router_recomputations(monkeypatch):
+    """Counts calls of ``family.router_logits`` (calibration's check of the router output, or its fallback)."""
+    calls: list[str] = []
+    family_class = type(get_family(tiny_switch_model()))
+    original = family_class.router_logits
+
+    def counting(self, layer, hidden):
+        calls.append(layer.name)
+        return original(self, layer, hidden)
+
+    monkeypatch.setattr(family_class, "router_logits", counting)
+    return calls
+
+
+def test_router_logits_are_recomputed_once_per_layer_not_per_batch(count_router_recomputations):
+    """The router's output is checked against a recomputation on the first batch only; the check's own call of the
+    router must not be taken for the next batch's forward (which made every later batch recompute)."""
+    model = tiny_switch_model(seed=3)
+    family = get_family(model)
+    batches = build_batches(EXAMPLES, tiny_tokenizer(), batch_size=2)
+    assert len(batches) == 6
+    calibrate(model, family, batches, progress=False)
+    assert sorted(count_router_recomputations) == sorted(layer.name for layer in family.sparse_layers(model))
+
+
+def test_a_re_run_batch_does_not_make_later_batches_re_run(count_expert_reruns):
+    """Capacity 2 drops tokens of long sequences only: the long batch re-runs its experts, the short batches after it
+    read the forward's outputs (the re-run's own expert calls are not taken for theirs), and the norms still equal a
+    direct recomputation."""
+    model = tiny_switch_model(seed=2, expert_capacity=2)
+    family = get_family(model)
+    tokenizer = tiny_tokenizer()
+    long = build_batches(EXAMPLES[:4], tokenizer, batch_size=4)
+    short = build_batches([Example(w, "good") for w in ("fun", "dull", "lovely", "boring")], tokenizer, batch_size=2)
+
+    def reruns(batches) -> int:
+        count_expert_reruns.clear()
+        stats = calibrate(model, family, batches, max_logit_samples=10_000, progress=False)
+        return len(count_expert_reruns), stats
+
+    long_alone, _ = reruns(long)
+    short_alone, _ = reruns(short)
+    assert long_alone > 0 and short_alone == 0  # the premise: only long sequences overflow capacity 2
+    together, stats = reruns(long + short)
+    assert together == long_alone
+    for name, (plain, weighted) in expected_norm_sums(family, model, stats).items():
+        torch.testing.assert_close(stats[name].output_norm_sum, plain, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(stats[name].weighted_output_norm_sum, weighted, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("max_samples", [1, 6, 10_000])
+def test_sample_is_the_smallest_keys_in_token_order_for_lists_and_streams(max_samples):
+    """A list of batches has each layer's sample chosen before the forward; batches that can only be iterated once
+    are sampled on the fly (buffered, cut back to the smallest keys). Both give exactly the ``max_samples`` tokens
+    with the smallest keys (brute force over every real token), listed in (sequence, position) order, with the
+    logits and inputs those tokens have in a run that samples everything."""
+    model = tiny_switch_model(seed=5)
+    family = get_family(model)
+    batches = build_batches(EXAMPLES, tiny_tokenizer(), batch_size=1)  # 12 batches: the stream is cut many times
+    everything = calibrate(model, family, batches, max_logit_samples=10_000, seed=7, progress=False)
+    listed = calibrate(model, family, batches, max_logit_samples=max_samples, seed=7, progress=False)
+    streamed = calibrate(model, family, iter(batches), max_logit_samples=max_samples, seed=7, progress=False)
+    assert_same_stats(streamed, listed)
+    for name, full in everything.items():
+        assert full.sample_tokens.shape[0] == full.num_tokens  # every real token, in token order
+        sequence, position = full.sample_tokens[:, 0], full.sample_tokens[:, 1]
+        keys = token_keys(stable_seed(7, "calibration-sample", name), sequence, position)
+        winners = torch.argsort(keys)[:max_samples].sort().values  # distinct 63-bit keys: no ties here
+        assert torch.equal(listed[name].sample_tokens, full.sample_tokens[winners]), name
+        assert torch.equal(listed[name].logit_sample, full.logit_sample[winners]), name
+        assert torch.equal(listed[name].hidden_sample, full.hidden_sample[winners]), name
+
+
+@pytest.mark.parametrize("capacity", [64, 3])
+def test_bookkeeping_for_many_batches_at_once_equals_batch_by_batch(capacity, monkeypatch):
+    """Counts and float64 sums wait until many batches are routed and are then computed together; flushing after
+    every batch gives the same statistics bit for bit (capacity 3 mixes re-run batches with forward-read ones)."""
+    model = tiny_switch_model(seed=2, expert_capacity=capacity)
+    family = get_family(model)
+    batches = build_batches(EXAMPLES, tiny_tokenizer(), batch_size=3)
+    together = calibrate(model, family, batches, max_logit_samples=9, progress=False)
+    monkeypatch.setattr(calibration, "_FLUSH_BYTES", 1)
+    one_by_one = calibrate(model, family, batches, max_logit_samples=9, progress=False)
+    assert_same_stats(together, one_by_one)
+
+
+def test_a_model_in_training_mode_is_calibrated_in_eval_mode_and_left_training():
+    """Dropout and router jitter are off while calibrating (the statistics equal those of the model in eval
+    mode), and the model is handed back in training mode."""
+    model = tiny_switch_model(seed=6, dropout_rate=0.3, router_jitter_noise=0.3)
+    family = get_family(model)
+    batches = build_batches(EXAMPLES, tiny_tokenizer(), batch_size=4)
+    in_eval = calibrate(model, family, batches, progress=False)
+    model.train()
+    in_train = calibrate(model, family, batches, progress=False)
+    assert model.training and all(module.training for module in model.modules())
+    assert_same_stats(in_train, in_eval)
+
+
+def test_ties_at_the_cut_are_broken_by_sequence_then_position():
+    keys = np.array([5, 1, 5, 5])
+    sequence = np.array([0, 0, 1, 0])
+    position = np.array([2, 0, 0, 1])
+    # key 1 first, then of the three keys 5 the token (sequence 0, position 1)
+    assert calibration._smallest(keys, sequence, position, 2).tolist() == [1, 3]
+    assert calibration._smallest(keys, sequence, position, 3).tolist() == [0, 1, 3]
+    assert calibration._smallest(keys, sequence, position, 9).tolist() == [0, 1, 2, 3]
