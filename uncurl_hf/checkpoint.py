@@ -351,8 +351,15 @@ def write_atomically(
     return output
 
 
-def check_output_dir(output: Path, source: Path | None, overwrite: bool) -> None:
-    """Refuse an output that is (inside) the source, contains it, or exists without ``overwrite``."""
+def check_output_dir(
+    output: Path,
+    source: Path | None,
+    overwrite: bool,
+    markers: tuple[str, ...] = ("config.json", ADAPTER_CONFIG),
+    kind: str = "model folder",
+) -> None:
+    """Refuse an output that is (inside) the source, contains it, or exists without ``overwrite``; with
+    ``overwrite``, replace only a folder of the same ``kind`` (one holding one of the ``markers``) or an empty one."""
     if source is not None:
         if output == source:
             raise OutputExistsError(f"The output folder {output} is the input model folder; choose another -o.")
@@ -366,10 +373,10 @@ def check_output_dir(output: Path, source: Path | None, overwrite: bool) -> None
         raise OutputExistsError(f"Output folder {output} already exists; pass --overwrite or choose another -o.")
     if not output.is_dir():
         raise OutputExistsError(f"Output path {output} exists and is a file; remove it or choose another -o.")
-    if any(output.iterdir()) and not any((output / marker).exists() for marker in ("config.json", ADAPTER_CONFIG)):
+    if any(output.iterdir()) and not any((output / marker).exists() for marker in markers):
         raise OutputExistsError(
-            f"Output folder {output} is not empty and is not a model folder; refusing to replace it (only model and "
-            "PEFT adapter folders are replaced). Choose another -o."
+            f"Output folder {output} is not empty and is not a {kind}; refusing to replace it (a {kind} holds "
+            f"{' or '.join(markers)}). Choose another -o."
         )
 
 

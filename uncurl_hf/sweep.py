@@ -50,7 +50,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from uncurl_hf.errors import OutputExistsError, UncurlError
+from uncurl_hf.checkpoint import check_output_dir
+from uncurl_hf.errors import UncurlError
 
 logger = logging.getLogger(__name__)
 
@@ -718,17 +719,7 @@ def load_sweep(path: str | Path) -> SweepResult:
 
 def _check_output(output: Path, overwrite: bool) -> None:
     """Refuse an existing output without ``overwrite``, and never replace a folder that is not a sweep's."""
-    if not output.exists():
-        return
-    if not overwrite:
-        raise OutputExistsError(f"Output folder {output} already exists; pass --overwrite or choose another -o.")
-    if not output.is_dir():
-        raise OutputExistsError(f"Output path {output} exists and is a file; remove it or choose another -o.")
-    if any(output.iterdir()) and not (output / RESULTS_JSON).exists():
-        raise OutputExistsError(
-            f"Output folder {output} is not empty and holds no {RESULTS_JSON} (not a sweep folder); refusing to "
-            "replace it. Choose another -o."
-        )
+    check_output_dir(output, None, overwrite, markers=(RESULTS_JSON,), kind="sweep folder")
 
 
 def write_sweep(result: SweepResult, output_dir: str | Path, overwrite: bool = False) -> Path:
