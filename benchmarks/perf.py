@@ -16,7 +16,7 @@
 2. Pruned vs original: ``uncurl prune --method frequency`` at each factor (written to a temporary folder), then for
    the original and every pruned checkpoint, in a fresh forked process each (so allocations do not mix): load time
    (``from_pretrained`` via :func:`uncurl_hf.load_model`, median of 3), parameter bytes, RSS growth of the load, and
-   ms/example to score the task's test examples at batch 1 and batch 32 (:func:`uncurl_hf.evaluation.measure_latency`,
+   ms/example to score the task's test examples at batch 1 and batch 32 (:func:`uncurl_hf.evaluation.scoring.measure_latency`,
    median of ``--repeats``), plus weight bytes on disk. Printed side by side with ratios to the original; ``--json``
    writes every number.
 
@@ -140,8 +140,8 @@ def measure_overhead(model_dir: Path, task_name: str, num_examples: int, repeats
     import torch
 
     from uncurl_hf import PruningConfig, build_batches, calibrate, get_family, load_model
-    from uncurl_hf.checkpoint import load_tokenizer
-    from uncurl_hf.tasks import get_task
+    from uncurl_hf.io.checkpoint import load_tokenizer
+    from uncurl_hf.evaluation.tasks import get_task
 
     model = load_model(model_dir)
     family = get_family(model)
@@ -174,9 +174,9 @@ def measure_overhead(model_dir: Path, task_name: str, num_examples: int, repeats
 def _model_cost(folder: str, name: str, factor: float | None, task_name: str, repeats: int) -> dict[str, Any]:
     """Runs in a forked child: load time, memory and latency of one checkpoint."""
     from uncurl_hf import load_model
-    from uncurl_hf.checkpoint import count_parameters, load_tokenizer, weights_size
-    from uncurl_hf.evaluation import measure_latency
-    from uncurl_hf.tasks import get_task
+    from uncurl_hf.io.checkpoint import count_parameters, load_tokenizer, weights_size
+    from uncurl_hf.evaluation.scoring import measure_latency
+    from uncurl_hf.evaluation.tasks import get_task
 
     before = _rss_mb()
     start = time.perf_counter()

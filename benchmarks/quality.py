@@ -9,13 +9,13 @@ A method spec may carry options: ``uncurl:router=anchor,uniform=true`` (values p
 
 Per task the model is calibrated ONCE (the same seeded draw of ``--num-calibration`` training examples that
 ``uncurl prune --task`` uses) and every method plans from those statistics; the pruned model is built in memory with
-:func:`uncurl_hf.apply_plan` and scored on the test split with :func:`uncurl_hf.evaluation.label_distribution`. That is
+:func:`uncurl_hf.apply_plan` and scored on the test split with :func:`uncurl_hf.evaluation.scoring.label_distribution`. That is
 ``uncurl prune`` minus the checkpoint writing; ``--from-disk`` also writes every pruned model and scores the
 reloaded checkpoint instead. "plan s" is the wall time of the method alone (calibration is shared and reported once).
 
 ``--sequential`` adds a row ``METHOD +seq`` per method and factor: the same method planned layer by layer, each
 layer on statistics of the model whose earlier layers are already pruned (``uncurl prune --sequential``, see
-:mod:`uncurl_hf.sequential`); its "plan s" includes the extra calibration passes (one per sparse layer after the
+:mod:`uncurl_hf.pipeline.sequential`); its "plan s" includes the extra calibration passes (one per sparse layer after the
 first).
 """
 
@@ -93,14 +93,14 @@ def run_task(
 ) -> tuple[TaskInfo, list[Cell]]:
     """Calibrate once on ``task_name`` and score every method spec at every factor."""
     from uncurl_hf import PruningConfig, apply_plan, build_batches, calibrate, get_family, load_model
-    from uncurl_hf.budget import expert_budget
-    from uncurl_hf.checkpoint import load_tokenizer
+    from uncurl_hf.surgery.budget import expert_budget
+    from uncurl_hf.io.checkpoint import load_tokenizer
     from uncurl_hf.errors import InvalidFactorError
-    from uncurl_hf.sweep import parse_method_spec
-    from uncurl_hf.evaluation import label_distribution
+    from uncurl_hf.experiments.sweep import parse_method_spec
+    from uncurl_hf.evaluation.scoring import label_distribution
     from uncurl_hf.methods import get_method
-    from uncurl_hf.sequential import calibrate_and_plan
-    from uncurl_hf.tasks import get_task
+    from uncurl_hf.pipeline.sequential import calibrate_and_plan
+    from uncurl_hf.evaluation.tasks import get_task
 
     task = get_task(task_name)
     model = load_model(model_dir)
@@ -156,7 +156,7 @@ def run_task(
 
 def _score(task: Any, distribution: Any, examples: Sequence[Any]) -> float:
     """The task metric of the argmax predictions of an [N, L] label distribution (one forward pass serves both)."""
-    from uncurl_hf.evaluation import metric_score
+    from uncurl_hf.evaluation.scoring import metric_score
 
     return metric_score(task, [task.labels[i] for i in distribution.argmax(-1).tolist()], examples)
 

@@ -5,7 +5,7 @@
 
 For every zoo model (``NAME:TASK``; study models default to the task in their name) and factor: prune with
 ``--method`` (frequency by default) on the task, exactly as ``uncurl prune --task`` does, then recover the pruned
-folder with ``uncurl_hf.recover.recover`` (LoRA on attention + surviving experts, adapter kept, scores before and
+folder with ``uncurl_hf.recover.train.recover`` (LoRA on attention + surviving experts, adapter kept, scores before and
 after measured on dev and test). The table shows test accuracy of the original, pruned and recovered models, and
 "won back" = (recovered - pruned) / (original - pruned), printed only when pruning lost at least ``--min-loss``
 points (otherwise there is nothing to win back and the ratio is noise). The control column ``orig.+LoRA`` is the
@@ -95,9 +95,9 @@ def locate(name: str) -> Path | None:
 
 
 def score(path: Path, task: str, split: str, limit: int | None) -> float:
-    from uncurl_hf.checkpoint import load_model, load_tokenizer
-    from uncurl_hf.evaluation import task_score
-    from uncurl_hf.tasks import get_task
+    from uncurl_hf.io.checkpoint import load_model, load_tokenizer
+    from uncurl_hf.evaluation.scoring import task_score
+    from uncurl_hf.evaluation.tasks import get_task
 
     task_obj = get_task(task)
     examples = task_obj.load_split(split)
@@ -107,10 +107,10 @@ def score(path: Path, task: str, split: str, limit: int | None) -> float:
 def lora_control(source: Path, task: str, args: argparse.Namespace) -> dict[str, float]:
     """Test and dev scores of the *unpruned* model after the same LoRA budget: how much of a gain above the
     original is recovery of what pruning lost, and how much is just more fine-tuning of an under-trained model."""
-    from uncurl_hf.checkpoint import load_model, load_tokenizer
-    from uncurl_hf.evaluation import task_score
-    from uncurl_hf.recover import RecoverConfig, add_lora, train_lora, training_batches
-    from uncurl_hf.tasks import get_task
+    from uncurl_hf.io.checkpoint import load_model, load_tokenizer
+    from uncurl_hf.evaluation.scoring import task_score
+    from uncurl_hf.recover.train import RecoverConfig, add_lora, train_lora, training_batches
+    from uncurl_hf.evaluation.tasks import get_task
 
     config = RecoverConfig(task=task, steps=args.steps, lr=args.lr, rank=args.rank, batch_size=args.batch_size,
                            seed=args.seed)
@@ -130,7 +130,7 @@ def run_one(
 ) -> Row:
     """Prune ``source`` at ``factor``, recover it, and compare with the original's scores (``original[split]``)."""
     import uncurl_hf
-    from uncurl_hf.recover import RecoverConfig, recover
+    from uncurl_hf.recover.train import RecoverConfig, recover
 
     pruned_dir = workdir / f"{name}-x{factor:g}"
     t0 = time.perf_counter()

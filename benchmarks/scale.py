@@ -134,7 +134,7 @@ def generate_checkpoint(
     import torch
     from tqdm.auto import tqdm
 
-    from uncurl_hf.streaming import (
+    from uncurl_hf.surgery.streaming import (
         SAFE_WEIGHTS_INDEX_NAME,
         OutputTensor,
         ShardWriter,
@@ -176,12 +176,12 @@ def generate_checkpoint(
 
 def config_plan(folder: Path, factor: float = 2.0, seed: int = 0) -> Any:
     """A ``random`` plan from ``config.json`` and the tensor keys alone (no model, no calibration)."""
-    from uncurl_hf.budget import experts_to_keep
-    from uncurl_hf.config import PruningConfig
+    from uncurl_hf.surgery.budget import experts_to_keep
+    from uncurl_hf.recipe import PruningConfig
     from uncurl_hf.families import get_family
     from uncurl_hf.methods import get_method
     from uncurl_hf.plan import PruningPlan
-    from uncurl_hf.streaming import disk_layer_sizes
+    from uncurl_hf.surgery.streaming import disk_layer_sizes
 
     config = json.loads((folder / "config.json").read_text())
     family = get_family(config)
@@ -198,7 +198,7 @@ def config_plan(folder: Path, factor: float = 2.0, seed: int = 0) -> Any:
 def largest_layer_bytes(folder: Path) -> int:
     """Bytes stored for the largest sparse layer (its experts and router)."""
     from uncurl_hf.families import get_family
-    from uncurl_hf.streaming import CheckpointReader
+    from uncurl_hf.surgery.streaming import CheckpointReader
 
     config = json.loads((folder / "config.json").read_text())
     with CheckpointReader(folder) as reader:
@@ -337,7 +337,7 @@ def _same_weights(a: Path, b: Path) -> bool:
     """Streaming and in-memory outputs hold bit-identical tensors (and, single-shard, identical files)."""
     from safetensors import safe_open
 
-    from uncurl_hf.streaming import checkpoint_files
+    from uncurl_hf.surgery.streaming import checkpoint_files
 
     def tensors(folder: Path) -> dict[str, Any]:
         found = {}

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from uncurl_hf.study import SMALL, StudyConfig, run_study
+from uncurl_hf.experiments.study import SMALL, StudyConfig, run_study
 
 
 def main() -> None:

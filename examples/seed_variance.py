@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from uncurl_hf.errors import UncurlError
-from uncurl_hf.study import StudyConfig, sweep_models
+from uncurl_hf.experiments.study import StudyConfig, sweep_models
 from uncurl_hf.zoo import registry, sources
 from uncurl_hf.zoo.recipe import ZooRecipe
 
@@ -94,7 +94,7 @@ def study_config(num_experts: int, task: str) -> StudyConfig:
 
 def sweep_variant(num_experts: int, task: str, seed: int, progress: bool = False) -> Any:
     """The variant's sweep: seed 0 through the study's own cache; other seeds keyed the same way plus the seed."""
-    from uncurl_hf.sweep import load_sweep, run_sweep
+    from uncurl_hf.experiments.sweep import load_sweep, run_sweep
 
     config = study_config(num_experts, task)
     if seed == 0:

@@ -20,8 +20,8 @@ sys.path.insert(0, str(ROOT / "tests"))  # the shared Playwright helpers live be
 
 from browser import chromium_page, open_app, run_compare  # noqa: E402
 
-from uncurl_hf import space  # noqa: E402
-from uncurl_hf.tasks import get_task  # noqa: E402
+from uncurl_hf.space import app as space  # noqa: E402
+from uncurl_hf.evaluation.tasks import get_task  # noqa: E402
 
 logger = logging.getLogger("space_screenshot")
 

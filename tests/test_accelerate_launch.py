@@ -7,7 +7,7 @@ What accelerate 1.x does on a machine without GPUs (read in ``accelerate/command
   MPI (tested end to end below);
 * ``--cpu --num_processes N`` (and ``--num_processes N`` alone) goes through the "simple launcher": ONE process, with
   ``MASTER_ADDR``/``MASTER_PORT`` but no rank; several only with ``--mpirun_hostfile`` (mpirun exports its own rank
-  variables). ``uncurl_hf.distributed`` reads those variables and warns about the single-process case.
+  variables). ``uncurl_hf.calibration.distributed`` reads those variables and warns about the single-process case.
 
 The environments below are copied from what accelerate 1.15.0 exported to a script that dumped its environment.
 """
@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 from helpers import hash_tree
 
-from uncurl_hf.cli import main
-from uncurl_hf.distributed import (
+from uncurl_hf.cli.main import main
+from uncurl_hf.calibration.distributed import (
     LAUNCHER_VARIABLES,
     LaunchEnv,
     init_from_env,
@@ -110,7 +110,7 @@ def clean_launch_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 def test_init_from_env_warns_when_accelerate_started_one_of_several_processes(clean_launch_env, caplog):
     for name, value in SIMPLE_LAUNCHER.items():
         clean_launch_env.setenv(name, value)
-    with caplog.at_level(logging.WARNING, logger="uncurl_hf.distributed"):
+    with caplog.at_level(logging.WARNING, logger="uncurl_hf.calibration.distributed"):
         assert init_from_env() is False
     assert [r.getMessage() for r in caplog.records] == [single_process_accelerate_warning()]
 
@@ -145,7 +145,7 @@ def test_accelerate_launch_multi_gpu_starts_two_cpu_processes_that_write_the_sin
     )
     launch = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--multi_gpu",
               "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", "0", "-m", "uncurl_hf.cli", "-v"]
+              "--main_process_port", "0", "-m", "uncurl_hf.cli.main", "-v"]
     dist = tmp_path / "dist" / "out"
     proc = subprocess.run([*launch, *argv(dist)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=480)
     assert proc.returncode == 0, proc.stderr[-4000:]

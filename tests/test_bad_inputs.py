@@ -28,7 +28,7 @@ import torch
 import forked
 import uncurl_hf.errors as errors
 from uncurl_hf import LayerPlan, PruningPlan
-from uncurl_hf.cli import main
+from uncurl_hf.cli.main import main
 
 REPO = Path(__file__).resolve().parents[1]
 LAYERS = ("encoder.block.1", "encoder.block.3", "decoder.block.1", "decoder.block.3")

@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 from uncurl_hf import build_batches, calibrate, load_calibration_file, load_model
 from uncurl_hf.errors import CalibrationDataError
 from uncurl_hf.families import get_family
-from uncurl_hf.tasks import Example
+from uncurl_hf.evaluation.tasks import Example
 
 EXAMPLES = [Example(s, t) for s, t in zip(CALIBRATION_TEXTS, CALIBRATION_TARGETS)]
 

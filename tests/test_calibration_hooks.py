@@ -8,11 +8,12 @@ import pytest
 import torch
 from helpers import CALIBRATION_TARGETS, CALIBRATION_TEXTS, tiny_switch_model, tiny_tokenizer
 
-from uncurl_hf import build_batches, calibrate, calibration
-from uncurl_hf.calibration import token_keys
+from uncurl_hf import build_batches, calibrate
+from uncurl_hf.calibration import run as calibration
+from uncurl_hf.calibration.run import token_keys
 from uncurl_hf.families import get_family
 from uncurl_hf.seeding import stable_seed
-from uncurl_hf.tasks import Example
+from uncurl_hf.evaluation.tasks import Example
 
 EXAMPLES = [Example(s, t) for s, t in zip(CALIBRATION_TEXTS, CALIBRATION_TARGETS)]
 

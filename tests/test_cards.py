@@ -11,11 +11,11 @@ from hub_server import validate_card_metadata
 from huggingface_hub import ModelCard, ModelCardData
 
 import uncurl_hf
-from uncurl_hf.cards import BASE_MODEL_RELATION, format_ms, format_score, hub_model_id, prune_command
-from uncurl_hf.config import PruningConfig
+from uncurl_hf.cards.model_card import BASE_MODEL_RELATION, format_ms, format_score, hub_model_id, prune_command
+from uncurl_hf.recipe import PruningConfig
 from uncurl_hf.errors import UncurlError
-from uncurl_hf.evaluation import evaluate_checkpoint
-from uncurl_hf.tasks import Example, Task, register_task
+from uncurl_hf.evaluation.scoring import evaluate_checkpoint
+from uncurl_hf.evaluation.tasks import Example, Task, register_task
 
 TASK = "tiny-sentiment-cards"
 EXAMPLES = [Example(text, label) for text, label in zip(CALIBRATION_TEXTS, CALIBRATION_TARGETS)]

@@ -14,7 +14,7 @@ from transformers import AutoModelForSeq2SeqLM
 
 import uncurl_hf
 from uncurl_hf import LayerPlan, PruningPlan, load_model, write_checkpoint
-from uncurl_hf.checkpoint import TEMP_PREFIX, sweep_stale_temp_dirs
+from uncurl_hf.io.checkpoint import TEMP_PREFIX, sweep_stale_temp_dirs
 from uncurl_hf.errors import CheckpointError, ModelNotFoundError, OutputExistsError, UnsupportedModelError
 from uncurl_hf.families import get_family
 

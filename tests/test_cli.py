@@ -11,7 +11,7 @@ import pytest
 from helpers import hash_tree
 from transformers import AutoModelForSeq2SeqLM
 
-from uncurl_hf.cli import main
+from uncurl_hf.cli.main import main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -93,7 +93,7 @@ def test_subprocess_error_has_no_traceback(switch_dir, calibration_txt, tmp_path
 def test_prune_with_a_registered_task(switch_dir, tmp_path, capsys):
     from helpers import CALIBRATION_TARGETS, CALIBRATION_TEXTS
 
-    from uncurl_hf.tasks import Example, Task, register_task
+    from uncurl_hf.evaluation.tasks import Example, Task, register_task
 
     examples = [Example(s, t) for s, t in zip(CALIBRATION_TEXTS, CALIBRATION_TARGETS)]
 

@@ -16,7 +16,7 @@ import torch
 from helpers import hash_tree
 
 import forked
-from uncurl_hf.cli import main
+from uncurl_hf.cli.main import main
 
 METHODS = ["frequency", "uncurl"]
 

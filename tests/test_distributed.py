@@ -17,11 +17,12 @@ from helpers import CALIBRATION_TARGETS, CALIBRATION_TEXTS, hash_tree
 from transformers import AutoTokenizer
 
 import forked
-from uncurl_hf import PruningConfig, build_batches, calibrate, distributed, get_method, load_model
-from uncurl_hf.budget import expert_budget
-from uncurl_hf.cli import main
+from uncurl_hf import PruningConfig, build_batches, calibrate, get_method, load_model
+from uncurl_hf.calibration import distributed
+from uncurl_hf.surgery.budget import expert_budget
+from uncurl_hf.cli.main import main
 from uncurl_hf.families import get_family
-from uncurl_hf.tasks import Example
+from uncurl_hf.evaluation.tasks import Example
 
 EXAMPLES = [Example(s, t) for s, t in zip(CALIBRATION_TEXTS, CALIBRATION_TARGETS)]
 MAX_SAMPLES = 20  # fewer than the encoder's ~100 real tokens: the sample really is a choice

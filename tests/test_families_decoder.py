@@ -31,9 +31,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import uncurl_hf
-from uncurl_hf.apply import apply_plan, reduce_layer
-from uncurl_hf.calibration import calibrate
-from uncurl_hf.checkpoint import load_model, write_checkpoint
+from uncurl_hf.surgery.apply import apply_plan, reduce_layer
+from uncurl_hf.calibration.run import calibrate
+from uncurl_hf.io.checkpoint import load_model, write_checkpoint
 from uncurl_hf.errors import UncurlError, UnsupportedModelError
 from uncurl_hf.families import available_families, get_family
 from uncurl_hf.plan import LayerPlan, PruningPlan
@@ -142,7 +142,7 @@ class FolderReader:
 
 
 def test_families_are_registered_for_stock_and_pruned_model_types(capsys):
-    from uncurl_hf.cli import main
+    from uncurl_hf.cli.main import main
 
     assert set(FAMILIES) <= set(available_families())
     for family in FAMILIES:
@@ -493,7 +493,7 @@ def test_prune_a_tiny_mixtral_folder_end_to_end(tmp_path):
     assert generated.shape == (1, prompt["input_ids"].shape[1] + 5)
     assert (result.output_dir / "tokenizer.json").is_file()
     # the files are stored one tensor per expert while the model holds them fused: verify maps one onto the other
-    from uncurl_hf.verify import verify_checkpoint
+    from uncurl_hf.io.verify import verify_checkpoint
 
     report = verify_checkpoint(result.output_dir)
     assert report.ok, report.format()
@@ -506,8 +506,8 @@ def test_prune_a_tiny_mixtral_folder_end_to_end(tmp_path):
 
 
 def test_task_evaluation_refuses_causal_lms_with_a_clear_error(tmp_path, capsys):
-    from uncurl_hf.cli import main
-    from uncurl_hf.pruning import check_evaluable_family
+    from uncurl_hf.cli.main import main
+    from uncurl_hf.pipeline.prune import check_evaluable_family
 
     tiny_model("olmoe").save_pretrained(tmp_path / "olmoe")
     with pytest.raises(UncurlError, match="encoder-decoder models only; olmoe is a decoder-only"):
@@ -518,9 +518,9 @@ def test_task_evaluation_refuses_causal_lms_with_a_clear_error(tmp_path, capsys)
 
 @pytest.mark.parametrize("family_name", FAMILIES)
 def test_streaming_writer_produces_the_in_memory_checkpoint(family_name, tmp_path):
-    """The out-of-core writer (:mod:`uncurl_hf.streaming`) only talks to the family's disk methods: same tensors,
+    """The out-of-core writer (:mod:`uncurl_hf.surgery.streaming`) only talks to the family's disk methods: same tensors,
     same config.json and same files as ``apply_plan`` + ``write_checkpoint``."""
-    from uncurl_hf.streaming import stream_apply_plan
+    from uncurl_hf.surgery.streaming import stream_apply_plan
 
     tiny_model(family_name).save_pretrained(tmp_path / "src", max_shard_size="40KB")
     model = load_model(tmp_path / "src")

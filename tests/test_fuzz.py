@@ -16,10 +16,10 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from uncurl_hf.budget import expert_budget
-from uncurl_hf.calibration import load_calibration_file
-from uncurl_hf.cli import _counts, _factor
-from uncurl_hf.config import PruningConfig
+from uncurl_hf.surgery.budget import expert_budget
+from uncurl_hf.calibration.run import load_calibration_file
+from uncurl_hf.cli.main import _counts, _factor
+from uncurl_hf.recipe import PruningConfig
 from uncurl_hf.errors import CalibrationDataError, InvalidFactorError, InvalidPlanError, UncurlError
 from uncurl_hf.plan import PruningPlan
 

@@ -33,9 +33,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSeq2SeqLM
 
 import uncurl_hf
-from uncurl_hf.cli import main
+from uncurl_hf.cli.main import main
 from uncurl_hf.errors import HubAuthError, HubConnectionError, HubError, RepoExistsError
-from uncurl_hf.hub import commit_message, push_folder, resolve_endpoint
+from uncurl_hf.io.hub import commit_message, push_folder, resolve_endpoint
 
 TOKEN = "hf_test_token"
 REPO = Path(__file__).resolve().parents[1]

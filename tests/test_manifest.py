@@ -14,14 +14,14 @@ import pytest
 from helpers import hash_tree
 
 import uncurl_hf
-from uncurl_hf.manifest import (
+from uncurl_hf.io.manifest import (
     MANIFEST_FILENAME,
     FileDigest,
     FollowingDigest,
     build_manifest,
     file_digest,
 )
-from uncurl_hf.verify import verify_checkpoint
+from uncurl_hf.io.verify import verify_checkpoint
 
 
 @pytest.mark.parametrize("sync", [False, True])

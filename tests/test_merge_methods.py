@@ -15,17 +15,17 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 import uncurl_hf  # noqa: F401  (registers the pruned model type with the Auto classes)
 from uncurl_hf import LayerPlan, PruningConfig, PruningPlan, apply_plan, build_batches, calibrate, load_model, prune
-from uncurl_hf.budget import expert_budget
-from uncurl_hf.calibration import ExpertStats
-from uncurl_hf.checkpoint import write_checkpoint
-from uncurl_hf.cli import main as cli_main
+from uncurl_hf.surgery.budget import expert_budget
+from uncurl_hf.calibration.run import ExpertStats
+from uncurl_hf.io.checkpoint import write_checkpoint
+from uncurl_hf.cli.main import main as cli_main
 from uncurl_hf.errors import UncurlError
 from uncurl_hf.families import get_family
 from uncurl_hf.methods import available_methods, get_method
 from uncurl_hf.methods._merging import allocate_by_effective_experts, allocate_by_pooled_usage, match_neurons
 from uncurl_hf.methods.reap import rank_by_reap
 from uncurl_hf.methods.uncurl import spectral_groups
-from uncurl_hf.tasks import Example
+from uncurl_hf.evaluation.tasks import Example
 
 EXAMPLES = [Example(s, t) for s, t in zip(CALIBRATION_TEXTS, CALIBRATION_TARGETS)]
 LAYER = "encoder.block.1"  # the first sparse layer: editing it does not change what reaches it

@@ -10,14 +10,14 @@ from helpers import CALIBRATION_TEXTS, tiny_switch_model
 from transformers import AutoTokenizer
 
 from uncurl_hf import PruningConfig, build_batches, calibrate
-from uncurl_hf.budget import expert_budget, experts_to_keep
-from uncurl_hf.calibration import ExpertStats
+from uncurl_hf.surgery.budget import expert_budget, experts_to_keep
+from uncurl_hf.calibration.run import ExpertStats
 from uncurl_hf.errors import InvalidFactorError, UnknownMethodError
 from uncurl_hf.families import get_family
 from uncurl_hf.methods import available_methods, get_method
 from uncurl_hf.methods.frequency import rank_by_frequency
 from uncurl_hf.seeding import stable_seed
-from uncurl_hf.tasks import Example
+from uncurl_hf.evaluation.tasks import Example
 
 SIZES = {"encoder.block.1": 8, "encoder.block.3": 8, "decoder.block.1": 8, "decoder.block.3": 8}
 

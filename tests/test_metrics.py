@@ -1,6 +1,6 @@
 """The project's own `evaluate` modules load by path, offline, and compute exactly."""
 
-from uncurl_hf.metrics import available_metrics, load_metric
+from uncurl_hf.evaluation.metrics import available_metrics, load_metric
 
 
 def test_accuracy_module_loads_offline_and_is_exact(monkeypatch):

@@ -20,8 +20,8 @@ from safetensors.torch import load_file, save_file
 from uncurl_hf import build_batches, calibrate, load_model, prune
 from uncurl_hf.errors import CheckpointError, UncurlError
 from uncurl_hf.families import get_family
-from uncurl_hf.offload import find_blocks, load_offloaded
-from uncurl_hf.tasks import Example
+from uncurl_hf.calibration.offload import find_blocks, load_offloaded
+from uncurl_hf.evaluation.tasks import Example
 
 EXAMPLES = [Example(s, t) for s, t in zip(CALIBRATION_TEXTS, CALIBRATION_TARGETS)]
 BLOCKS = [f"{side}.block.{i}" for side in ("encoder", "decoder") for i in range(4)]

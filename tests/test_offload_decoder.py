@@ -33,8 +33,8 @@ from test_families_decoder import tiny_config, tiny_model
 
 from uncurl_hf import build_batches, calibrate, load_model, prune
 from uncurl_hf.errors import CheckpointError
-from uncurl_hf.offload import find_blocks, load_offloaded
-from uncurl_hf.tasks import Example
+from uncurl_hf.calibration.offload import find_blocks, load_offloaded
+from uncurl_hf.evaluation.tasks import Example
 
 EXAMPLES = [Example(s, t) for s, t in zip(CALIBRATION_TEXTS, CALIBRATION_TARGETS)]
 BLOCKS = ["model.layers.0", "model.layers.1", "model.layers.2"]

@@ -1,4 +1,4 @@
-"""`uncurl recover`: LoRA recovery of a pruned checkpoint (uncurl_hf/recover.py).
+"""`uncurl recover`: LoRA recovery of a pruned checkpoint (uncurl_hf/recover/train.py).
 
 Every test starts from the tiny random-init Switch model (``switch_dir``: d_model 32, 4+4 layers, 8 experts in
 each of 4 sparse layers) pruned x2 with frequency on the sentiment task, so each sparse layer keeps 4 experts.
@@ -17,11 +17,11 @@ from helpers import hash_tree
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 import uncurl_hf
-from uncurl_hf.checkpoint import TOKENIZER_FILES, load_model, load_tokenizer
-from uncurl_hf.cli import main
+from uncurl_hf.io.checkpoint import TOKENIZER_FILES, load_model, load_tokenizer
+from uncurl_hf.cli.main import main
 from uncurl_hf.errors import ModelNotFoundError, OutputExistsError, UnknownTaskError
 from uncurl_hf.families import get_family
-from uncurl_hf.recover import (
+from uncurl_hf.recover.train import (
     RECOVERY_FILENAME,
     RecoverConfig,
     RecoveryError,
@@ -31,7 +31,7 @@ from uncurl_hf.recover import (
     train_lora,
     training_batches,
 )
-from uncurl_hf.tasks import get_task
+from uncurl_hf.evaluation.tasks import get_task
 
 pytest.importorskip("peft")
 # peft 0.21 reads a transformers attribute that transformers 5 deprecates; not what these tests are about.
@@ -193,7 +193,7 @@ def test_merged_model_loads_with_auto_class_close_to_the_adapter(
 
 
 def test_merged_output_passes_verify_and_has_a_recovery_card(merged_run, pruned_dir: Path) -> None:
-    from uncurl_hf.verify import verify_checkpoint
+    from uncurl_hf.io.verify import verify_checkpoint
 
     verify_checkpoint(merged_run.output_dir).raise_for_failures()
     card = ModelCard.load(merged_run.output_dir / "README.md")

@@ -9,12 +9,12 @@ import torch
 from helpers import BANNED_HALF, CALIBRATION_TARGETS, CALIBRATION_TEXTS, tiny_tokenizer
 
 from uncurl_hf import PruningConfig, apply_plan, build_batches, calibrate, get_method, load_model
-from uncurl_hf.budget import expert_budget
-from uncurl_hf.cli import main
+from uncurl_hf.surgery.budget import expert_budget
+from uncurl_hf.cli.main import main
 from uncurl_hf.families import get_family
 from uncurl_hf.plan import LayerPlan, PruningPlan
-from uncurl_hf.sequential import calibrate_and_plan
-from uncurl_hf.tasks import Example
+from uncurl_hf.pipeline.sequential import calibrate_and_plan
+from uncurl_hf.evaluation.tasks import Example
 
 EXAMPLES = [Example(s, t) for s, t in zip(CALIBRATION_TEXTS, CALIBRATION_TARGETS)]
 LAYERS = ["encoder.block.1", "encoder.block.3", "decoder.block.1", "decoder.block.3"]

@@ -1,7 +1,7 @@
-"""The Gradio Space (uncurl_hf/space.py): the pure functions, the running server through gradio_client, and the page
+"""The Gradio Space (uncurl_hf/space/app.py): the pure functions, the running server through gradio_client, and the page
 in a real browser (Debian's Chromium through Playwright), on tiny random models so nothing waits for the zoo model.
 
-Browser tests check that what the page shows equals what :func:`uncurl_hf.space.compare` returns for the same input.
+Browser tests check that what the page shows equals what :func:`uncurl_hf.space.app.compare` returns for the same input.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 from browser import RESULT_TIMEOUT_MS, chromium_page, chromium_path, open_app, run_compare
 
-from uncurl_hf import space
+from uncurl_hf.space import app as space
 from uncurl_hf.errors import ModelNotFoundError
-from uncurl_hf.pruning import prune
-from uncurl_hf.tasks import get_task
+from uncurl_hf.pipeline.prune import prune
+from uncurl_hf.evaluation.tasks import get_task
 
 REPO = Path(__file__).resolve().parents[1]
 LATENCY = re.compile(r"^\d+\.\d{2} ms$")
@@ -190,7 +190,7 @@ def test_default_models_prunes_once(switch_dir: Path, tmp_path: Path) -> None:
 
 
 def test_cli_demo_forwards_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
-    from uncurl_hf.cli import main
+    from uncurl_hf.cli.main import main
 
     calls: list[dict[str, Any]] = []
     monkeypatch.setattr(space, "launch", lambda **kwargs: calls.append(kwargs))
@@ -320,7 +320,7 @@ def test_concurrent_requests_are_all_answered_correctly(app_url: str, models: tu
 
     from gradio_client import Client
 
-    from uncurl_hf.tasks import get_task
+    from uncurl_hf.evaluation.tasks import get_task
 
     base, pruned = models
     texts = [e.source.removeprefix("sentiment: ") for e in get_task("sentiment").load_split("test")[:5]]

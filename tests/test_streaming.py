@@ -1,4 +1,4 @@
-"""Out-of-core surgery (``uncurl_hf.streaming``): the same output as the in-memory path, one layer in memory at a time.
+"""Out-of-core surgery (``uncurl_hf.surgery.streaming``): the same output as the in-memory path, one layer in memory at a time.
 
 The reference is always the in-memory path on the same inputs (``prune`` / ``apply_plan`` + ``write_checkpoint``):
 the streamed folder must hold bit-identical tensors, and for single-shard outputs be byte-identical file by file
@@ -25,11 +25,11 @@ from transformers import AutoModelForSeq2SeqLM
 
 import uncurl_hf
 from uncurl_hf import LayerPlan, PruningPlan, apply_plan, load_model
-from uncurl_hf.checkpoint import OLD_PREFIX, TEMP_PREFIX, write_checkpoint
-from uncurl_hf.cli import main
+from uncurl_hf.io.checkpoint import OLD_PREFIX, TEMP_PREFIX, write_checkpoint
+from uncurl_hf.cli.main import main
 from uncurl_hf.errors import CheckpointError, InvalidPlanError
 from uncurl_hf.families import get_family
-from uncurl_hf.streaming import (
+from uncurl_hf.surgery.streaming import (
     CheckpointReader,
     OutputTensor,
     ShardWriter,
@@ -37,7 +37,7 @@ from uncurl_hf.streaming import (
     stored_parameters,
     stream_apply_plan,
 )
-from uncurl_hf.verify import verify_checkpoint
+from uncurl_hf.io.verify import verify_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -247,7 +247,7 @@ def test_cli_streaming_with_a_plan_never_loads_the_model(switch_dir, tmp_path, m
     def no_loading(*args, **kwargs):
         raise AssertionError("the streaming path with --plan must not load the model")
 
-    monkeypatch.setattr(uncurl_hf.pruning, "load_model", no_loading)
+    monkeypatch.setattr(uncurl_hf.pipeline.prune, "load_model", no_loading)
     out = tmp_path / "out"
     code = main(["prune", str(switch_dir), "--plan", str(plan_path), "--streaming", "-o", str(out), "--no-progress"])
     assert code == 0

@@ -1,4 +1,4 @@
-"""`uncurl study` (uncurl_hf/study.py): work split into training lanes, Table 1 / Table 2 from sweep results, and the
+"""`uncurl study` (uncurl_hf/experiments/study.py): work split into training lanes, Table 1 / Table 2 from sweep results, and the
 written report — on synthetic per-example scores and stand-in zoo folders, so no model is trained here (the recipes
 themselves are exercised end to end in test_zoo_recipe.py, and sweeps on real models in test_sweep.py)."""
 
@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from uncurl_hf import study
+from uncurl_hf.experiments import study
 from uncurl_hf.errors import UncurlError
-from uncurl_hf.sweep import SweepConfig, SweepPoint, SweepResult, compute_thresholds
+from uncurl_hf.experiments.sweep import SweepConfig, SweepPoint, SweepResult, compute_thresholds
 from uncurl_hf.zoo import registry
 
 CONFIG = study.StudyConfig(experts=(8,), scratch_experts=(2, 4), tasks=("sentiment",), methods=("uncurl", "frequency"),

@@ -8,12 +8,12 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 import uncurl_hf
 from uncurl_hf import LayerPlan, PruningConfig, PruningPlan, apply_plan, build_batches, calibrate, load_model
-from uncurl_hf.apply import merge_experts
-from uncurl_hf.budget import expert_budget
-from uncurl_hf.checkpoint import count_parameters, weights_size, write_checkpoint
+from uncurl_hf.surgery.apply import merge_experts
+from uncurl_hf.surgery.budget import expert_budget
+from uncurl_hf.io.checkpoint import count_parameters, weights_size, write_checkpoint
 from uncurl_hf.families import get_family
 from uncurl_hf.methods import get_method
-from uncurl_hf.tasks import Example
+from uncurl_hf.evaluation.tasks import Example
 
 EXAMPLES = [Example(s, t) for s, t in zip(CALIBRATION_TEXTS, CALIBRATION_TARGETS)]
 

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from helpers import CALIBRATION_TARGETS, CALIBRATION_TEXTS, hash_tree
 
-from uncurl_hf.cli import main
-from uncurl_hf.evaluation import evaluate_checkpoint
+from uncurl_hf.cli.main import main
+from uncurl_hf.evaluation.scoring import evaluate_checkpoint
 from uncurl_hf.plan import PruningPlan
-from uncurl_hf.sweep import (
+from uncurl_hf.experiments.sweep import (
     bootstrap_thresholds,
     bootstrap_weights,
     generate_predictions,
@@ -25,7 +25,7 @@ from uncurl_hf.sweep import (
     run_sweep,
     threshold_factor,
 )
-from uncurl_hf.tasks import Example, Task, get_task, register_task
+from uncurl_hf.evaluation.tasks import Example, Task, get_task, register_task
 
 TASK = "unit-test-sweep"
 GEN_TASK = "unit-test-sweep-generation"
@@ -146,7 +146,7 @@ def test_sweep_writes_one_row_per_method_and_factor(sweep):
 
 def test_sweep_scores_match_pruned_checkpoints(sweep, switch_dir, tmp_path):
     """The in-memory point equals `uncurl prune` + `uncurl eval` on the written checkpoint."""
-    from uncurl_hf.pruning import prune
+    from uncurl_hf.pipeline.prune import prune
 
     result, _ = sweep
     point = result.point("uncurl", 2.0)
@@ -183,7 +183,7 @@ def test_plot_is_a_png_and_outputs_are_deterministic(sweep, switch_dir, tmp_path
 def test_plot_sweeps_draws_one_panel_per_sweep(sweep, tmp_path):
     from matplotlib.image import imread
 
-    from uncurl_hf.sweep import plot_sweeps
+    from uncurl_hf.experiments.sweep import plot_sweeps
 
     _, out = sweep
     path = plot_sweeps([out, out / "results.json"], tmp_path / "study.png")
@@ -191,7 +191,7 @@ def test_plot_sweeps_draws_one_panel_per_sweep(sweep, tmp_path):
 
 
 def test_generation_task_plugs_in_with_a_per_example_metric(switch_dir):
-    from uncurl_hf.checkpoint import load_model, load_tokenizer
+    from uncurl_hf.io.checkpoint import load_model, load_tokenizer
 
     result = run_sweep(switch_dir, GEN_TASK, ["frequency"], [2], num_calibration_examples=12, progress=False,
                        bootstrap=20, max_eval_examples=3)
@@ -209,7 +209,7 @@ def test_generation_task_plugs_in_with_a_per_example_metric(switch_dir):
 
 @pytest.mark.parametrize("max_drop", [100.0, 0.0])
 def test_max_drop_searches_on_dev_never_test(max_drop, switch_dir, tmp_path):
-    from uncurl_hf.pruning import prune
+    from uncurl_hf.pipeline.prune import prune
 
     REQUESTED.clear()
     result = prune(switch_dir, output_dir=tmp_path / "auto", task=TASK, method="frequency", max_drop=max_drop,
@@ -232,19 +232,19 @@ def test_max_drop_searches_on_dev_never_test(max_drop, switch_dir, tmp_path):
 def test_max_drop_calibrates_once_and_plans_like_an_explicit_counts_run(switch_dir, tmp_path, monkeypatch):
     """The search's statistics also plan the output: one calibration pass, and the same layers as a run given the
     chosen counts explicitly (which calibrates on the same seeded train examples)."""
-    import uncurl_hf.calibration
-    import uncurl_hf.pruning
-    import uncurl_hf.sequential
-    from uncurl_hf.pruning import prune
+    import uncurl_hf.calibration.run
+    import uncurl_hf.pipeline.prune
+    import uncurl_hf.pipeline.sequential
+    from uncurl_hf.pipeline.prune import prune
 
     passes: list[int] = []
-    real = uncurl_hf.calibration.calibrate
+    real = uncurl_hf.calibration.run.calibrate
 
     def counting(*args, **kwargs):
         passes.append(1)
         return real(*args, **kwargs)
 
-    for module in (uncurl_hf.pruning, uncurl_hf.sequential):
+    for module in (uncurl_hf.pipeline.prune, uncurl_hf.pipeline.sequential):
         monkeypatch.setattr(module, "calibrate", counting)
     common = dict(task=TASK, method="msmoe", num_calibration_examples=12, progress=False, card=False)
     searched = prune(switch_dir, output_dir=tmp_path / "auto", max_drop=0.0, **common)
@@ -255,8 +255,8 @@ def test_max_drop_calibrates_once_and_plans_like_an_explicit_counts_run(switch_d
 
 
 def test_max_drop_with_offload_is_refused_before_loading(switch_dir, tmp_path):
-    from uncurl_hf.autofactor import MaxDropError
-    from uncurl_hf.pruning import prune
+    from uncurl_hf.errors import MaxDropError
+    from uncurl_hf.pipeline.prune import prune
 
     with pytest.raises(MaxDropError, match="cannot run with --offload"):
         prune(switch_dir, output_dir=tmp_path / "x", task=TASK, max_drop=1.0, offload=True, progress=False)

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 import uncurl_hf
-from uncurl_hf.cli import main
+from uncurl_hf.cli.main import main
 from uncurl_hf.errors import ModelNotFoundError, VerificationError
-from uncurl_hf.manifest import MANIFEST_FILENAME, write_manifest
-from uncurl_hf.verify import verify_checkpoint
+from uncurl_hf.io.manifest import MANIFEST_FILENAME, write_manifest
+from uncurl_hf.io.verify import verify_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from transformers import AutoTokenizer
 
-from uncurl_hf.tasks import get_task
+from uncurl_hf.evaluation.tasks import get_task
 from uncurl_hf.zoo import sources
 from uncurl_hf.zoo.span_corruption import corrupt, noise_mask
 from uncurl_hf.zoo.tokenizer import SPECIAL_TOKENS, train_tokenizer

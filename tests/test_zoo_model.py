@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from uncurl_hf.cli import main
-from uncurl_hf.evaluation import evaluate_checkpoint
+from uncurl_hf.cli.main import main
+from uncurl_hf.evaluation.scoring import evaluate_checkpoint
 from uncurl_hf.zoo.baselines import tfidf_logreg_score
 from uncurl_hf.zoo.registry import SHIPPED_DIR, zoo_path
 

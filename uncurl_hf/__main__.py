@@ -2,6 +2,6 @@
 
 import sys
 
-from uncurl_hf.cli import main
+from uncurl_hf.cli.main import main
 
 sys.exit(main())

@@ -77,3 +77,23 @@ class VerificationError(UncurlError):
     """``uncurl verify`` found an output folder that does not match what was written (hashes, counts, forward)."""
 
     exit_code = 1
+
+
+class RecoveryError(UncurlError):
+    """A recovery run cannot start or finish (bad settings, missing ``peft``, not a pruned folder)."""
+
+
+class MaxDropError(UncurlError):
+    """``--max-drop`` cannot be used as asked (missing task, conflicting options, no dev split)."""
+
+
+class SpaceInputError(UncurlError):
+    """What the user typed or picked cannot be run (empty, too long, batch size out of range, unknown model)."""
+
+
+class RequestTimeoutError(SpaceInputError):
+    """A request used up its processing budget (:data:`REQUEST_TIMEOUT_S` by default) and was stopped."""
+
+
+class SweepError(UncurlError):
+    """A sweep cannot run as asked (bad factors, split, metric, or output folder)."""

@@ -1,14 +1,14 @@
 """Pruning plans: which original experts become each output expert, with what merge weights.
 
 A plan is the complete, JSON-serialisable description of the surgery, separate from how it was found (methods)
-and from how it is executed (:mod:`uncurl_hf.apply`). Every output expert is a *group* of original experts:
+and from how it is executed (:mod:`uncurl_hf.surgery.apply`). Every output expert is a *group* of original experts:
 
 * pruning keeps expert ``j`` as the singleton group ``[j]`` (weight ``[1.0]``);
 * merging averages the members' weights with ``weights[g]`` (summing to 1); the first member is the *anchor*.
 
 ``router`` says how a merged group's router row is built: ``"weighted"`` (weighted sum of the member rows with
 the group's weights) or ``"anchor"`` (the anchor's row). ``extras`` carries method-specific, JSON-able data; the
-one :mod:`uncurl_hf.apply` understands is ``extras["permutations"]``: per group, per member, either ``None`` or a
+one :mod:`uncurl_hf.surgery.apply` understands is ``extras["permutations"]``: per group, per member, either ``None`` or a
 permutation ``p`` of the expert's hidden neurons, applied as ``W[p]`` along the family's neuron axis before
 averaging (neuron alignment à la weight matching / M-SMoE).
 """

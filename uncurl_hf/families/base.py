@@ -152,7 +152,7 @@ class MoEFamily(ABC):
         """``{layer name: num_experts}`` for every sparse layer."""
         return {layer.name: layer.num_experts for layer in self.sparse_layers(model)}
 
-    # ---- the on-disk view, for out-of-core surgery (uncurl_hf/streaming.py) -----------------------------------
+    # ---- the on-disk view, for out-of-core surgery (uncurl_hf/surgery/streaming.py) -----------------------------------
     # A family that implements these five methods can be pruned without ever holding the model in memory: the
     # streaming writer reads one layer's expert tensors at a time, merges them exactly like apply.py does, and
     # writes the layer's new tensors in the same on-disk layout the family's loader expects.

@@ -213,7 +213,7 @@ class SwitchTransformersFamily(MoEFamily):
         values["uncurl_base_model"] = previous_base or base_model
         return PrunedSwitchTransformersConfig(**values)
 
-    # ---- on-disk view (out-of-core surgery, uncurl_hf/streaming.py) ---------------------------------------------
+    # ---- on-disk view (out-of-core surgery, uncurl_hf/surgery/streaming.py) ---------------------------------------------
     # Stored keys: ``{prefix}.router.classifier.{weight,bias}`` and ``{prefix}.experts.expert_{j}.{wi,wo}.weight``
     # with ``prefix = {side}.block.{i}.layer.{1 encoder | 2 decoder}.mlp``: one tensor per expert, no fusing.
 

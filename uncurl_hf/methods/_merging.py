@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from uncurl_hf.calibration import ExpertStats
+from uncurl_hf.calibration.run import ExpertStats
 from uncurl_hf.errors import UncurlError
 from uncurl_hf.families.base import MoEFamily, MoELayer
 from uncurl_hf.methods.base import PruningMethod, method_options
@@ -31,8 +31,8 @@ from uncurl_hf.methods.frequency import rank_by_frequency
 from uncurl_hf.plan import ROUTER_RULES, LayerPlan
 
 if TYPE_CHECKING:
-    from uncurl_hf.calibration import CalibrationStats
-    from uncurl_hf.config import PruningConfig
+    from uncurl_hf.calibration.run import CalibrationStats
+    from uncurl_hf.recipe import PruningConfig
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def find_layer(model: nn.Module, family: MoEFamily, name: str) -> MoELayer:
 
 
 def check_router_rule(method: str, rule: str) -> str:
-    """``rule`` if it is a router rule :mod:`uncurl_hf.apply` knows, else an error naming the choices."""
+    """``rule`` if it is a router rule :mod:`uncurl_hf.surgery.apply` knows, else an error naming the choices."""
     if rule not in ROUTER_RULES:
         raise UncurlError(f"Method {method!r}: option router must be one of {', '.join(ROUTER_RULES)}, got {rule!r}.")
     return rule

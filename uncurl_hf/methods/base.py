@@ -11,8 +11,8 @@ from uncurl_hf.errors import UncurlError
 from uncurl_hf.plan import LayerPlan, PruningPlan
 
 if TYPE_CHECKING:
-    from uncurl_hf.calibration import CalibrationStats
-    from uncurl_hf.config import PruningConfig
+    from uncurl_hf.calibration.run import CalibrationStats
+    from uncurl_hf.recipe import PruningConfig
     from uncurl_hf.families.base import MoEFamily
 
 
@@ -54,7 +54,7 @@ class PruningMethod(ABC):
 
         The default keeps ``budget``. Adaptive methods re-split the same total across layers from the task
         statistics. The result must depend on ``budget`` only through its total, so that applying it to its own
-        output changes nothing: :func:`uncurl_hf.pruning.prune` calls it to know the per-layer counts to validate.
+        output changes nothing: :func:`uncurl_hf.pipeline.prune.prune` calls it to know the per-layer counts to validate.
         """
         return dict(budget)
 
@@ -71,7 +71,7 @@ class PruningMethod(ABC):
     ) -> LayerPlan:
         """The plan of one layer with ``num_experts`` experts reduced to ``k`` output experts.
 
-        ``stats`` is the layer's :class:`~uncurl_hf.calibration.ExpertStats` (``None`` without calibration).
+        ``stats`` is the layer's :class:`~uncurl_hf.calibration.run.ExpertStats` (``None`` without calibration).
         """
 
 

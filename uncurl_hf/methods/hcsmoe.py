@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from uncurl_hf.calibration import ExpertStats
+from uncurl_hf.calibration.run import ExpertStats
 from uncurl_hf.errors import UncurlError
 from uncurl_hf.families.base import MoEFamily, MoELayer
 from uncurl_hf.methods import register_method

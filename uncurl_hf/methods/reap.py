@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from uncurl_hf.calibration import ExpertStats
+from uncurl_hf.calibration.run import ExpertStats
 from uncurl_hf.errors import UncurlError
 from uncurl_hf.methods import register_method
 from uncurl_hf.methods.base import PruningMethod, method_options

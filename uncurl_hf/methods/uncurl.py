@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from uncurl_hf.calibration import ExpertStats
+from uncurl_hf.calibration.run import ExpertStats
 from uncurl_hf.families.base import MoEFamily, MoELayer
 from uncurl_hf.methods import register_method
 from uncurl_hf.methods._merging import MergingMethod, cosine_affinity, logit_profiles

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from uncurl_hf.tasks import get_task
+from uncurl_hf.evaluation.tasks import get_task
 
 
 def tfidf_logreg_score(task_name: str, split: str = "test") -> float:

@@ -367,8 +367,8 @@ def finetune(recipe: ZooRecipe, pretrained: Path, out: Path, progress: bool = Tr
     """Fine-tune text-to-text on the recipe's task; keep the best dev-accuracy epoch. Returns its record."""
     from transformers import AutoTokenizer
 
-    from uncurl_hf.evaluation import task_score
-    from uncurl_hf.tasks import get_task
+    from uncurl_hf.evaluation.scoring import task_score
+    from uncurl_hf.evaluation.tasks import get_task
 
     spec = recipe.finetune
     seed_everything(spec.seed)

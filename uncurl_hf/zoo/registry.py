@@ -15,6 +15,7 @@ from pathlib import Path
 
 from uncurl_hf.errors import UncurlError
 from uncurl_hf.zoo import sources
+from uncurl_hf.zoo.decoder_recipe import DecoderRecipe
 from uncurl_hf.zoo.recipe import (
     FinetuneSpec,
     IntermediateSpec,
@@ -54,8 +55,10 @@ def study_recipe(num_experts: int, task: str) -> ZooRecipe:
     )
 
 
-RECIPES: dict[str, ZooRecipe] = {
+RECIPES: dict[str, ZooRecipe | DecoderRecipe] = {
     "tiny-switch-8": ZooRecipe("tiny-switch-8"),
+    # the embedded decoder: stock Qwen3MoeForCausalLM, 64 experts top-8, six pretraining domains (docs/zoo_decoder.md)
+    "tiny-qwen3moe-64": DecoderRecipe("tiny-qwen3moe-64"),
     **{study_name(e, t): study_recipe(e, t) for e in STUDY_EXPERTS for t in STUDY_TASKS},
 }
 
@@ -64,7 +67,7 @@ def available_models() -> list[str]:
     return sorted(RECIPES)
 
 
-def get_recipe(name: str) -> ZooRecipe:
+def get_recipe(name: str) -> ZooRecipe | DecoderRecipe:
     try:
         return RECIPES[name]
     except KeyError:
@@ -86,7 +89,9 @@ def zoo_path(name: str, build_if_missing: bool = True, progress: bool = True) ->
     return build(name, sources.cache_dir() / "zoo" / name, progress=progress)
 
 
-def build(recipe: ZooRecipe | str, out: Path, workdir: Path | None = None, progress: bool = True) -> Path:
+def build(
+    recipe: ZooRecipe | DecoderRecipe | str, out: Path, workdir: Path | None = None, progress: bool = True
+) -> Path:
     """Run the full recipe (tokenizer, pretraining, fine-tuning) and write ``out`` with a manifest.
 
     ``workdir`` keeps the tokenizer, the pretrained model and resumable pretraining checkpoints, so an
@@ -94,6 +99,10 @@ def build(recipe: ZooRecipe | str, out: Path, workdir: Path | None = None, progr
     """
     if isinstance(recipe, str):
         recipe = get_recipe(recipe)
+    if isinstance(recipe, DecoderRecipe):
+        from uncurl_hf.zoo.decoder_build import build_decoder
+
+        return build_decoder(recipe, out, workdir, progress=progress)
     workdir = workdir or sources.cache_dir() / "zoo-work" / recipe.work_name
     t0 = time.time()
     pretrained = intermediate(recipe, pretrain(recipe, workdir, progress=progress), workdir, progress=progress)
@@ -111,7 +120,7 @@ def build(recipe: ZooRecipe | str, out: Path, workdir: Path | None = None, progr
 
 def write_manifest(folder: Path, recipe: ZooRecipe, finetune_record: dict, pretrain_s: float, finetune_s: float) -> None:
     """Record data, recipe, seeds, wall time and measured quality beside the weights."""
-    from uncurl_hf.evaluation import evaluate_checkpoint
+    from uncurl_hf.evaluation.scoring import evaluate_checkpoint
     from uncurl_hf.zoo.baselines import tfidf_logreg_score
     from uncurl_hf.zoo.report import routing_report
 

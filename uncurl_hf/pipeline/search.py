@@ -18,7 +18,7 @@ Search (deterministic; every candidate is planned by the chosen method from ONE 
    accepted move, each evaluation = plan + in-memory surgery + one pass over the dev split.
 
 The result (chosen counts, dev scores, and every candidate tried) goes into the plan's metadata under
-``"max_drop"``, and :func:`uncurl_hf.pruning.prune` plans and writes the model with those counts from the same
+``"max_drop"``, and :func:`uncurl_hf.pipeline.prune.prune` plans and writes the model with those counts from the same
 calibration statistics the search used (one calibration pass per run).
 """
 
@@ -31,7 +31,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from uncurl_hf.errors import UncurlError
+from uncurl_hf.errors import MaxDropError, UncurlError
 
 logger = logging.getLogger(__name__)
 
@@ -39,9 +39,6 @@ SEARCH_SPLIT = "dev"
 DEFAULT_MAX_EVALUATIONS = 200
 _SLACK = 1e-9
 
-
-class MaxDropError(UncurlError):
-    """``--max-drop`` cannot be used as asked (missing task, conflicting options, no dev split)."""
 
 
 @dataclass
@@ -97,7 +94,7 @@ class AutoCounts:
             "evaluations": len(self.trace),
             "stopped_by_max_evaluations": self.capped,
             "search": "uniform factors 2,4,8,... to the first failure, then greedy per-layer reductions "
-            "(uncurl_hf.autofactor)",
+            "(uncurl_hf.pipeline.search)",
             "trace": [step.to_dict() for step in self.trace],
         }
 
@@ -125,7 +122,7 @@ def check_max_drop(
             "--max-drop needs --task (not --calibration-file): it calibrates on the task's train split and checks "
             "the quality budget on its dev split."
         )
-    from uncurl_hf.tasks import get_task
+    from uncurl_hf.evaluation.tasks import get_task
 
     if SEARCH_SPLIT not in get_task(task).splits:
         raise MaxDropError(
@@ -150,7 +147,7 @@ def search_counts(
     progress: bool = False,
 ) -> AutoCounts:
     """Per-layer counts with the fewest experts whose ``task`` dev score stays >= unpruned - ``max_drop`` points."""
-    from uncurl_hf.sweep import score_examples, sweep_budget
+    from uncurl_hf.experiments.sweep import score_examples, sweep_budget
 
     start = time.perf_counter()
     dev = task.load_split(SEARCH_SPLIT)[:limit]
@@ -223,9 +220,9 @@ class _CandidateScorer:
         self.cache: dict[tuple[tuple[str, int], ...], float] = {}
 
     def __call__(self, counts: dict[str, int]) -> float:
-        from uncurl_hf.apply import apply_plan
-        from uncurl_hf.config import PruningConfig
-        from uncurl_hf.sweep import score_examples
+        from uncurl_hf.surgery.apply import apply_plan
+        from uncurl_hf.recipe import PruningConfig
+        from uncurl_hf.experiments.sweep import score_examples
 
         key = tuple(sorted(counts.items()))
         if key not in self.cache:

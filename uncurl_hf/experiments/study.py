@@ -8,7 +8,7 @@ smaller SMoE trained from scratch. This module reproduces both questions on the 
 
 1. **build** the zoo models that are missing (``uncurl zoo build`` in worker subprocesses, one expert count per
    worker so fine-tunes reuse their pretraining; resumable, cached in ``$UNCURL_HF_CACHE/zoo``);
-2. **sweep** every (E, task) model over methods x factors 1..E (:func:`uncurl_hf.sweep.run_sweep`: one calibration,
+2. **sweep** every (E, task) model over methods x factors 1..E (:func:`uncurl_hf.experiments.sweep.run_sweep`: one calibration,
    in-memory pruning, per-example scores on the test split, thresholds with bootstrap intervals), cached per model;
 3. **report**: Table 1 (threshold per E per task and method), Table 2 (pruned-from-E at E/k experts vs the zoo's
    from-scratch model with E/k experts, same task, same fine-tune budget), the sweep figure, written as Markdown.
@@ -156,7 +156,7 @@ def _start_lane(lane: list[str], log_dir: Path) -> tuple[subprocess.Popen, list[
 
 def sweep_models(config: StudyConfig, progress: bool = True) -> dict[tuple[int, str], Any]:
     """Sweep (or load the cached sweep of) every swept model; ``{(E, task): SweepResult}``."""
-    from uncurl_hf.sweep import load_sweep, run_sweep
+    from uncurl_hf.experiments.sweep import load_sweep, run_sweep
 
     results = {}
     root = sources.cache_dir() / "study" / "sweeps"
@@ -275,7 +275,7 @@ def draw_figure(config: StudyConfig, sweeps: dict[tuple[int, str], Any], path: P
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from uncurl_hf.sweep import draw_panel
+    from uncurl_hf.experiments.sweep import draw_panel
 
     rows, cols = len(config.tasks), len(config.experts)
     fig = Figure(figsize=(4.2 * cols, 3.4 * rows), layout="constrained")
@@ -332,7 +332,7 @@ def _pct(x: float | None) -> str:
 def render_markdown(report: StudyReport, findings: str | None = None) -> str:
     """The study as Markdown: setup, findings (a person's reading of the tables, kept in ``<name>_findings.md`` so a
     rerun keeps it), models, Table 1, Table 2, figure."""
-    from uncurl_hf.tasks import get_task
+    from uncurl_hf.evaluation.tasks import get_task
 
     c = report.config
     lines = [

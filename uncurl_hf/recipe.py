@@ -15,7 +15,7 @@ class PruningConfig:
     """How to prune.
 
     Exactly one of ``factor`` (every layer keeps ``floor(E / factor)`` experts, see
-    :func:`uncurl_hf.budget.expert_budget`) or ``num_experts_per_layer`` (``{layer name: k}``, or a list of counts in
+    :func:`uncurl_hf.surgery.budget.expert_budget`) or ``num_experts_per_layer`` (``{layer name: k}``, or a list of counts in
     the family's sparse-layer order, as the CLI's ``--num-experts-per-layer 4,4,2,2`` gives) must be given.
     ``factor`` must be > 1: a factor of 1 would prune nothing, so it is almost always a typo (e.g. for 0.1) and is
     refused; a run that keeps every expert on purpose (a baseline, a format conversion) gives the full counts.
@@ -85,7 +85,7 @@ def _checked_counts(counts: Any) -> dict[str, int] | list[int]:
     """Per-layer counts as ``{layer name: k}`` or ``[k, ...]`` (layer order), every ``k`` an integer >= 1.
 
     Counts are checked here, before any model is loaded; whether they fit the model (layer names, list length,
-    ``k <= E``) is checked by :func:`uncurl_hf.budget.expert_budget` once the layers are known.
+    ``k <= E``) is checked by :func:`uncurl_hf.surgery.budget.expert_budget` once the layers are known.
     """
     if isinstance(counts, Mapping):
         if not all(isinstance(name, str) for name in counts):

@@ -83,7 +83,7 @@ def reduce_tensors(
 
     ``expert(i)`` returns expert ``i``'s tensors (keyed like ``neuron_axes``), so the caller decides where they come
     from: views of a loaded model (:func:`reduce_layer`) or reads from safetensors files
-    (:mod:`uncurl_hf.streaming`). Each expert is asked for at most once, and experts no group uses never are, so an
+    (:mod:`uncurl_hf.surgery.streaming`). Each expert is asked for at most once, and experts no group uses never are, so an
     out-of-core caller reads only the experts that survive. ``router`` holds the router tensors whose first axis
     indexes experts; ``capacity`` is the layer's per-expert token capacity (``None`` when the family has none).
     ``copy=False`` lets a kept (singleton) expert be the very tensors ``expert(i)`` returned: right for a reader

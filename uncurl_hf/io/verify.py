@@ -3,7 +3,7 @@
 Three independent checks, so a report says *what* is wrong rather than "does not load":
 
 1. **hashes** — every file listed in ``uncurl_manifest.json`` (written inside the atomic write, see
-   :mod:`uncurl_hf.manifest`) exists with its recorded size and sha256. Extra files that change what loads (weights,
+   :mod:`uncurl_hf.io.manifest`) exists with its recorded size and sha256. Extra files that change what loads (weights,
    indexes, code, config) are failures; an edited model card (``README.md``) or other extra files are warnings,
    because cards are meant to be edited.
 2. **agreement** — the per-layer expert counts of ``config.json``, of ``uncurl_plan.json`` and of the weight tensors
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from uncurl_hf.errors import ModelNotFoundError, UncurlError, VerificationError
-from uncurl_hf.manifest import MANIFEST_FILENAME, file_digest, manifest_files
+from uncurl_hf.io.manifest import MANIFEST_FILENAME, file_digest, manifest_files
 from uncurl_hf.plan import PLAN_FILENAME, PruningPlan
 
 # Extra files that would change what a loader reads or runs: an unlisted one is a failure, not a warning.
@@ -192,7 +192,7 @@ def _meta_model(root: Path) -> tuple[Any, Any]:
     from transformers import AutoConfig
 
     import uncurl_hf  # noqa: F401  (registers the pruned model types)
-    from uncurl_hf.checkpoint import _refuse_remote_code
+    from uncurl_hf.io.checkpoint import _refuse_remote_code
     from uncurl_hf.families import get_family
 
     config_dict = json.loads((root / "config.json").read_text(encoding="utf-8"))
@@ -269,7 +269,7 @@ def _stored_key(model: Any, key: str, tensor: Any) -> str:
 def _check_forward(root: Path, report: VerifyReport) -> None:
     import torch
 
-    from uncurl_hf.checkpoint import load_model
+    from uncurl_hf.io.checkpoint import load_model
     from uncurl_hf.families import get_family
 
     try:

@@ -1,8 +1,8 @@
 """The integrity manifest of an output folder: the sha256 and size of every file, recorded at write time.
 
-:func:`uncurl_hf.checkpoint.write_checkpoint` writes ``uncurl_manifest.json`` inside the temporary folder as the last
+:func:`uncurl_hf.io.checkpoint.write_checkpoint` writes ``uncurl_manifest.json`` inside the temporary folder as the last
 step before the atomic rename, so the manifest describes exactly the bytes that were validated (reloaded and run) and
-covers the model card too. ``uncurl verify`` (:mod:`uncurl_hf.verify`) recomputes the hashes later: a truncated copy,
+covers the model card too. ``uncurl verify`` (:mod:`uncurl_hf.io.verify`) recomputes the hashes later: a truncated copy,
 a bit flip or a hand edit of weights, config or plan shows up as a mismatch.
 
 The manifest holds no timestamps or paths, so identical runs still give byte-identical folders. Hashing reads every

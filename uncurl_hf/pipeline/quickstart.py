@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from uncurl_hf.evaluation import EvalResult, evaluate_checkpoint
+from uncurl_hf.evaluation.scoring import EvalResult, evaluate_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def run_demo(
     """Prune the zoo model ``model`` on ``task`` and evaluate original vs pruned on the test split."""
     import time
 
-    from uncurl_hf.pruning import prune
+    from uncurl_hf.pipeline.prune import prune
     from uncurl_hf.zoo.registry import zoo_path
 
     src = zoo_path(model, progress=progress)

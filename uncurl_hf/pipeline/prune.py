@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from uncurl_hf._version import __version__
-from uncurl_hf.apply import apply_plan
-from uncurl_hf.budget import expert_budget
-from uncurl_hf.cards import CardFacts, finalize_output, hub_model_id, is_hub_id, prune_command
-from uncurl_hf.calibration import build_batches, calibrate, check_coverage, load_calibration_file
-from uncurl_hf.sequential import calibrate_and_plan
-from uncurl_hf.checkpoint import (
+from uncurl_hf.surgery.apply import apply_plan
+from uncurl_hf.surgery.budget import expert_budget
+from uncurl_hf.cards.model_card import CardFacts, finalize_output, hub_model_id, is_hub_id, prune_command
+from uncurl_hf.calibration.run import build_batches, calibrate, check_coverage, load_calibration_file
+from uncurl_hf.pipeline.sequential import calibrate_and_plan
+from uncurl_hf.io.checkpoint import (
     DEFAULT_MAX_SHARD_SIZE,
     check_output_dir,
     count_parameters,
@@ -33,15 +33,15 @@ from uncurl_hf.checkpoint import (
     weights_size,
     write_checkpoint,
 )
-from uncurl_hf.config import PruningConfig
+from uncurl_hf.recipe import PruningConfig
 from uncurl_hf.errors import CalibrationDataError, HubError, InvalidPlanError, UncurlError
-from uncurl_hf.export import check_export_format, to_stock, uniform_count
-from uncurl_hf import distributed
+from uncurl_hf.surgery.export import check_export_format, to_stock, uniform_count
+from uncurl_hf.calibration import distributed
 from uncurl_hf.families import get_family
 from uncurl_hf.methods import get_method
 from uncurl_hf.plan import PruningPlan
-from uncurl_hf.streaming import disk_layer_sizes, stored_parameters, stream_apply_plan
-from uncurl_hf.tasks import Example, get_task
+from uncurl_hf.surgery.streaming import disk_layer_sizes, stored_parameters, stream_apply_plan
+from uncurl_hf.evaluation.tasks import Example, get_task
 
 logger = logging.getLogger(__name__)
 
@@ -60,9 +60,9 @@ class PruneResult:
     wall_time_s: float
     experts_before: dict[str, int] = field(default_factory=dict)
     experts_after: dict[str, int] = field(default_factory=dict)
-    eval_original: Any = None  # uncurl_hf.evaluation.EvalResult when prune(evaluate=True)
+    eval_original: Any = None  # uncurl_hf.evaluation.scoring.EvalResult when prune(evaluate=True)
     eval_pruned: Any = None
-    push: Any = None  # uncurl_hf.hub.PushResult when prune(push_to_hub=True)
+    push: Any = None  # uncurl_hf.io.hub.PushResult when prune(push_to_hub=True)
 
     def summary_table(self) -> str:
         """A short plain-text table: parameters, weight bytes, experts per layer, wall time."""
@@ -133,45 +133,46 @@ def prune(
 ) -> PruneResult:
     """Prune the local checkpoint ``model`` for a task and write the result to ``output_dir``.
 
-    Calibration data is exactly one of ``task`` (a registered task name, see :mod:`uncurl_hf.tasks`) or
+    Calibration data is exactly one of ``task`` (a registered task name, see :mod:`uncurl_hf.evaluation.tasks`) or
     ``calibration_file`` (``.txt``/``.jsonl``). When ``config`` is given it supplies method, factor, counts,
     calibration size, batch size, max length, seed, sample bound and capacity scaling; the matching keyword
     arguments are then ignored.
 
-    Outputs: ``card`` writes ``README.md`` (:mod:`uncurl_hf.cards`; ``base_model_id`` names the Hub id of the source
+    Outputs: ``card`` writes ``README.md`` (:mod:`uncurl_hf.cards.model_card`; ``base_model_id`` names the Hub id of the source
     when its folder does not tell). ``evaluate`` scores the original and the written pruned checkpoint on the task's
     test split (first ``eval_limit`` examples) before the folder is moved into place, and the card reports them.
     ``export="stock"`` writes a plain ``switch_transformers`` checkpoint (every layer must keep the same count).
-    ``push_to_hub`` uploads the folder to ``repo_id`` (:func:`uncurl_hf.hub.push_folder`; token and Hub are checked
+    ``push_to_hub`` uploads the folder to ``repo_id`` (:func:`uncurl_hf.io.hub.push_folder`; token and Hub are checked
     before any heavy work, and a failed push keeps the local folder).
 
     ``plan`` (a :class:`PruningPlan` or its JSON file) applies a saved plan instead of running a method: no
     calibration data is needed (a ``task`` is still used by ``evaluate``), and factor / counts / ``config`` must not
     be given. A plan made for another model (other family, layers or expert counts) raises ``InvalidPlanError``.
     ``allow_pickle`` reads pickle-only checkpoints with ``torch.load(weights_only=True)``; ``trust_remote_code`` lets
-    transformers run code shipped with the checkpoint (both off by default, see :mod:`uncurl_hf.checkpoint`).
+    transformers run code shipped with the checkpoint (both off by default, see :mod:`uncurl_hf.io.checkpoint`).
 
-    ``streaming`` writes the output out of core (:func:`uncurl_hf.streaming.stream_apply_plan`: one layer in memory at
+    ``streaming`` writes the output out of core (:func:`uncurl_hf.surgery.streaming.stream_apply_plan`: one layer in memory at
     a time, same files as the in-memory writer). With a saved ``plan`` the model is never loaded; otherwise it is
     loaded for calibration and freed before writing. Not available with ``export="stock"``.
 
-    ``max_drop`` (points, e.g. 1.0) replaces ``factor``/counts: :mod:`uncurl_hf.autofactor` searches the per-layer
+    ``max_drop`` (points, e.g. 1.0) replaces ``factor``/counts: :mod:`uncurl_hf.pipeline.search` searches the per-layer
     counts with the fewest experts whose score on the task's dev split stays within ``max_drop`` of the unpruned
     model (calibration on train, never test), records the search in ``plan.metadata["max_drop"]`` and prunes with them;
     one calibration serves both the search and the plan. The search scores candidates in memory, so not with
     ``offload``.
 
     ``offload`` calibrates with the weights left on disk, one transformer block in memory at a time
-    (:mod:`uncurl_hf.offload`); the surgery then loads the model, unless ``streaming``. ``sequential`` plans layer
-    ``l`` on statistics of the model whose earlier layers are already pruned (:mod:`uncurl_hf.sequential`; one
+    (:mod:`uncurl_hf.calibration.offload`); the surgery then loads the model, unless ``streaming``. ``sequential`` plans layer
+    ``l`` on statistics of the model whose earlier layers are already pruned (:mod:`uncurl_hf.pipeline.sequential`; one
     calibration pass per sparse layer). Launched by ``torchrun --nproc_per_node N -m uncurl_hf.cli prune ...``, the
-    ranks share the calibration batches (:mod:`uncurl_hf.distributed`; same statistics and plan as one process) and
+    ranks share the calibration batches (:mod:`uncurl_hf.calibration.distributed`; same statistics and plan as one process) and
     only rank 0 writes; the others return the same result once it is written. ``fsync=False`` leaves the output's
-    durability to the kernel (see :func:`uncurl_hf.checkpoint.write_atomically`).
+    durability to the kernel (see :func:`uncurl_hf.io.checkpoint.write_atomically`).
     """
     start = time.perf_counter()
     if max_drop is not None:  # the counts come from a search on the task's dev split, after calibration
-        from uncurl_hf.autofactor import MaxDropError, check_max_drop
+        from uncurl_hf.errors import MaxDropError
+        from uncurl_hf.pipeline.search import check_max_drop
 
         check_max_drop(max_drop, task, calibration_file, factor, num_experts_per_layer, plan, config)
         if offload:
@@ -198,7 +199,7 @@ def prune(
         raise UncurlError(f"base_model_id {base_model_id!r} is not a Hub model id; give it as namespace/name.")
     base_model_id = base_model_id or hub_model_id(source)
     if push_to_hub:
-        from uncurl_hf.hub import preflight
+        from uncurl_hf.io.hub import preflight
 
         if repo_id is None:
             raise HubError("push_to_hub needs a repo id (--repo-id namespace/name).")
@@ -331,7 +332,7 @@ class _Source:
     family: Any
     sizes: dict[str, int]
     model: Any = None
-    offloaded: Any = None  # uncurl_hf.offload.OffloadedModel while calibration reads weights from disk
+    offloaded: Any = None  # uncurl_hf.calibration.offload.OffloadedModel while calibration reads weights from disk
     tokenizer: Any = None
 
 
@@ -371,7 +372,7 @@ def _load_source(
     if streaming and saved_plan is not None:  # out of core: the model is never loaded
         return _Source(source, family, disk_layer_sizes(source, family))
     if offload and saved_plan is None:  # calibration reads one transformer block at a time from disk
-        from uncurl_hf.offload import load_offloaded
+        from uncurl_hf.calibration.offload import load_offloaded
 
         offloaded = load_offloaded(source, trust_remote_code=trust_remote_code)
         sizes = offloaded.family.layer_sizes(offloaded.model)
@@ -388,12 +389,12 @@ def _calibrate_and_plan(
     """Calibrate on ``examples`` and plan with ``method``: ``(plan, config, stats summary)``.
 
     With ``max_drop``, the calibration statistics first drive the dev-split search for per-layer counts
-    (:func:`uncurl_hf.autofactor.search_counts`), then plan with the chosen counts: one calibration for both.
+    (:func:`uncurl_hf.pipeline.search.search_counts`), then plan with the chosen counts: one calibration for both.
     """
     batches = build_batches(examples, loaded.tokenizer, batch_size=settings.batch_size, max_length=settings.max_length)
     initial_stats = auto_counts = None
     if max_drop is not None:
-        from uncurl_hf.autofactor import search_counts
+        from uncurl_hf.pipeline.search import search_counts
 
         assert task is not None
         logger.info("calibrating on %d examples", len(examples))
@@ -527,7 +528,7 @@ def _write_output(
 
 def _push(output: Path, repo_id: str, *, token: str | None, private: bool, exist_ok: bool) -> Any:
     """Upload the written folder; a failed push keeps it and says how to push it later."""
-    from uncurl_hf.hub import push_folder
+    from uncurl_hf.io.hub import push_folder
 
     try:
         return push_folder(output, repo_id, token=token, private=private, exist_ok=exist_ok)

@@ -3,7 +3,7 @@
 :func:`stream_apply_plan` reads the source safetensors lazily and writes the reduced checkpoint shard by shard:
 
 * a dry run on the **meta device** (no memory) computes every output tensor's key, dtype and shape: the family's
-  on-disk methods and the shared surgery (:func:`uncurl_hf.apply.reduce_tensors`) run on meta tensors, so the shard
+  on-disk methods and the shared surgery (:func:`uncurl_hf.surgery.apply.reduce_tensors`) run on meta tensors, so the shard
   layout and every shard's safetensors header are known before a byte is written;
 * tensors no sparse layer owns (embeddings, attention, norms, dense FFs) are **copied as raw bytes** from the source
   file to the output file (``copy_file_range``): they are never decoded, never held in memory, and their dtype and
@@ -14,11 +14,11 @@
   lays them out), so no output shard is buffered: peak memory is about one layer's surviving experts plus the
   reduced layer.
 
-The output is what the in-memory path (:func:`uncurl_hf.apply.apply_plan` + :func:`uncurl_hf.checkpoint
+The output is what the in-memory path (:func:`uncurl_hf.surgery.apply.apply_plan` + :func:`uncurl_hf.io.checkpoint
 .write_checkpoint`) writes: the same tensors bit for bit (same merging code), the same ``config.json`` (the family's
 :meth:`~uncurl_hf.families.base.MoEFamily.reduced_config_dict`), the modeling code and ``auto_map``, the plan, the
 tokenizer and generation config of the source, a manifest, and the same atomic temp-folder-then-rename protocol
-(:func:`uncurl_hf.checkpoint.write_atomically`). Shards follow the transformers conventions (``model.safetensors``,
+(:func:`uncurl_hf.io.checkpoint.write_atomically`). Shards follow the transformers conventions (``model.safetensors``,
 or ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``) but group tensors in key order, so a
 multi-shard output splits differently from ``save_pretrained``'s module order (same tensors, other files); a
 single-shard output folder is byte-identical to the in-memory one, card and manifest included.
@@ -44,8 +44,8 @@ from typing import Any, BinaryIO
 
 import torch
 
-from uncurl_hf.apply import reduce_tensors
-from uncurl_hf.checkpoint import (
+from uncurl_hf.surgery.apply import reduce_tensors
+from uncurl_hf.io.checkpoint import (
     DEFAULT_MAX_SHARD_SIZE,
     copy_side_files,
     inspect_checkpoint,
@@ -55,7 +55,7 @@ from uncurl_hf.checkpoint import (
 from uncurl_hf.errors import CheckpointError
 from uncurl_hf.families import get_family
 from uncurl_hf.families.base import DiskLayer, MoEFamily, ReducedLayer
-from uncurl_hf.manifest import FileDigest, FollowingDigest
+from uncurl_hf.io.manifest import FileDigest, FollowingDigest
 from uncurl_hf.plan import PLAN_FILENAME, PruningPlan
 
 logger = logging.getLogger(__name__)
@@ -347,7 +347,7 @@ class ShardWriter:
 
     The header (``safetensors.serialize``'s exact bytes: tensors ordered by dtype rank then name, compact JSON,
     space-padded to 8 bytes) is written first; :meth:`write` and :meth:`copy` must then follow :attr:`order`.
-    A :class:`~uncurl_hf.manifest.FollowingDigest` hashes (and with ``sync``, syncs) the file while it is written;
+    A :class:`~uncurl_hf.io.manifest.FollowingDigest` hashes (and with ``sync``, syncs) the file while it is written;
     :meth:`close` returns its digest for the manifest.
     """
 
@@ -486,9 +486,9 @@ def stream_apply_plan(
     :class:`CheckpointError`. ``validate`` re-reads the written headers (exactly the planned tensors) and checks
     that the layers the new ``config.json`` describes have the plan's counts, without building a model or reading
     weights (``uncurl verify`` does the full check). ``finalize(temp_folder)`` runs before the manifest (the model
-    card), as in :func:`~uncurl_hf.checkpoint.write_checkpoint`. Shards are hashed (and with ``sync``, synced) while
+    card), as in :func:`~uncurl_hf.io.checkpoint.write_checkpoint`. Shards are hashed (and with ``sync``, synced) while
     they are written, so the manifest does not read the weights again; ``sync=False`` skips every fsync (see
-    :func:`~uncurl_hf.checkpoint.write_atomically`).
+    :func:`~uncurl_hf.io.checkpoint.write_atomically`).
     """
     source = Path(source_dir).expanduser().resolve()
     checked = inspect_checkpoint(source, trust_remote_code=trust_remote_code)

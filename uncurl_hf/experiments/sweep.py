@@ -15,7 +15,7 @@ Definitions (the choices, and why):
   computed example by example with its ``evaluate`` module, and refused when that mean differs from the corpus
   metric, because the bootstrap needs a mean). A *point* of tolerance is 0.01 of the metric (1 accuracy point).
 * Factor 1 is the unpruned model; it is always part of a sweep (the reference every threshold needs).
-* A factor ``f`` keeps ``max(1, floor(E / f))`` experts per layer (:mod:`uncurl_hf.budget`'s rule, except that a
+* A factor ``f`` keeps ``max(1, floor(E / f))`` experts per layer (:mod:`uncurl_hf.surgery.budget`'s rule, except that a
   factor larger than a layer's ``E`` is *clamped* to 1 expert there instead of refused: a sweep is about the
   curve, and the clamped layers plus the effective factor ``sum E / sum kept`` are recorded on the point).
 * Threshold of a method: the largest swept factor ``f`` such that ``score(g) >= score(1) - tol`` for EVERY swept
@@ -50,8 +50,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from uncurl_hf.checkpoint import check_output_dir
-from uncurl_hf.errors import UncurlError
+from uncurl_hf.io.checkpoint import check_output_dir
+from uncurl_hf.errors import SweepError, UncurlError
 
 logger = logging.getLogger(__name__)
 
@@ -66,9 +66,6 @@ _SLACK = 1e-9  # float slack of the tolerance comparison: a drop of exactly ``to
 
 PerExampleScorer = Callable[[Sequence[str], Sequence[str]], np.ndarray]
 
-
-class SweepError(UncurlError):
-    """A sweep cannot run as asked (bad factors, split, metric, or output folder)."""
 
 
 # ----------------------------------------------------------------------------------------------- per-example scores
@@ -99,8 +96,8 @@ def per_example_scores(task: Any, predictions: Sequence[str], examples: Sequence
     scorer = _PER_EXAMPLE.get(task.metric)
     if scorer is not None:
         return np.asarray(scorer(list(predictions), references), dtype=np.float64)
-    from uncurl_hf.evaluation import metric_score
-    from uncurl_hf.metrics import load_metric
+    from uncurl_hf.evaluation.scoring import metric_score
+    from uncurl_hf.evaluation.metrics import load_metric
 
     metric = load_metric(task.metric)
     values = np.array(
@@ -112,7 +109,7 @@ def per_example_scores(task: Any, predictions: Sequence[str], examples: Sequence
         raise SweepError(
             f"Metric {task.metric!r} is not the mean of its per-example values ({values.mean():.6f} vs "
             f"{corpus:.6f}), so a sweep cannot bootstrap it; register its per-example form with "
-            "uncurl_hf.sweep.register_per_example_metric, or sweep a task with a mean metric."
+            "uncurl_hf.experiments.sweep.register_per_example_metric, or sweep a task with a mean metric."
         )
     return values
 
@@ -157,7 +154,7 @@ def score_examples(
 ) -> ScoredExamples:
     """Score ``model`` on ``examples``: label likelihood for classification tasks, greedy generation otherwise."""
     if task.labels:
-        from uncurl_hf.evaluation import label_distribution
+        from uncurl_hf.evaluation.scoring import label_distribution
 
         distribution = label_distribution(model, tokenizer, task, examples, batch_size, progress)
         predictions = [task.labels[i] for i in distribution.argmax(-1).tolist()]
@@ -473,7 +470,7 @@ def split_methods(text: str) -> list[str]:
 
 def sweep_budget(layer_sizes: Mapping[str, int], factor: float) -> tuple[dict[str, int], list[str]]:
     """``({layer: max(1, floor(E / factor))}, [clamped layers])``: the budget rule, clamped at one expert."""
-    from uncurl_hf.budget import experts_to_keep
+    from uncurl_hf.surgery.budget import experts_to_keep
 
     raw = {name: experts_to_keep(size, factor) for name, size in layer_sizes.items()}
     return {name: max(1, k) for name, k in raw.items()}, [name for name, k in raw.items() if k < 1]
@@ -514,13 +511,13 @@ def run_sweep(
 
 
 def _measure(config: SweepConfig, progress: bool) -> SweepResult:
-    from uncurl_hf.apply import apply_plan
-    from uncurl_hf.calibration import build_batches, calibrate, check_coverage
-    from uncurl_hf.checkpoint import inspect_checkpoint, load_model, load_tokenizer
-    from uncurl_hf.config import PruningConfig
+    from uncurl_hf.surgery.apply import apply_plan
+    from uncurl_hf.calibration.run import build_batches, calibrate, check_coverage
+    from uncurl_hf.io.checkpoint import inspect_checkpoint, load_model, load_tokenizer
+    from uncurl_hf.recipe import PruningConfig
     from uncurl_hf.families import get_family
     from uncurl_hf.methods import get_method
-    from uncurl_hf.tasks import get_task
+    from uncurl_hf.evaluation.tasks import get_task
 
     task = get_task(config.task)
     if config.split not in task.splits:
@@ -725,8 +722,8 @@ def _check_output(output: Path, overwrite: bool) -> None:
 def write_sweep(result: SweepResult, output_dir: str | Path, overwrite: bool = False) -> Path:
     """Write ``results.json``, ``results.csv`` and ``plot.png`` into a temporary sibling, then rename it into place
     (an interrupted write leaves no partial folder; the next write cleans it up)."""
-    from uncurl_hf.checkpoint import TEMP_PREFIX, _move_into_place, sweep_stale_temp_dirs
-    from uncurl_hf.manifest import fsync_dir
+    from uncurl_hf.io.checkpoint import TEMP_PREFIX, _move_into_place, sweep_stale_temp_dirs
+    from uncurl_hf.io.manifest import fsync_dir
 
     output = Path(output_dir).expanduser().resolve()
     sweep_stale_temp_dirs(output)

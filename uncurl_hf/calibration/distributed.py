@@ -1,7 +1,7 @@
 """Calibration across processes with ``torch.distributed`` (``torchrun`` / ``accelerate launch``).
 
 Every rank is given the SAME full list of calibration batches and forwards only its contiguous shard of them
-(:func:`shard_bounds`); :func:`uncurl_hf.calibration.calibrate` then combines the per-rank measurements so that the
+(:func:`shard_bounds`); :func:`uncurl_hf.calibration.run.calibrate` then combines the per-rank measurements so that the
 result equals a single-process run on the same batches:
 
 * integer counts (tokens routed per expert, tokens, sequences): ``all_reduce(SUM)`` — exact;
@@ -13,7 +13,7 @@ result equals a single-process run on the same batches:
   so "the ``M`` tokens with the smallest keys" is the same set however tokens are split across ranks; ranks first
   gather keys only, agree on the winners, then send just those rows.
 
-Rank 0 is the main process: it alone writes outputs (:func:`uncurl_hf.pruning.prune`); the others wait for its
+Rank 0 is the main process: it alone writes outputs (:func:`uncurl_hf.pipeline.prune.prune`); the others wait for its
 result in :func:`broadcast_from_main` and exit cleanly. Works on CPU with the ``gloo`` backend (tested with two
 processes on 127.0.0.1) and on GPUs (``cpu:gloo,cuda:nccl``: statistics are exchanged as CPU tensors).
 
@@ -76,7 +76,7 @@ def current(distributed: bool | None = None) -> ProcessGroupInfo | None:
                 "distributed=True needs an initialised torch.distributed process group: launch with "
                 "`torchrun --nproc_per_node N -m uncurl_hf.cli prune ...` (or `accelerate launch --multi_gpu "
                 "--num_processes N -m uncurl_hf.cli prune ...`) or call "
-                "uncurl_hf.distributed.init_from_env() first."
+                "uncurl_hf.calibration.distributed.init_from_env() first."
             )
         return None
     world_size = torch.distributed.get_world_size()

@@ -18,9 +18,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from uncurl_hf.checkpoint import count_parameters, load_model, load_tokenizer, weights_size
-from uncurl_hf.metrics import load_metric
-from uncurl_hf.tasks import Example, Task, get_task
+from uncurl_hf.io.checkpoint import count_parameters, load_model, load_tokenizer, weights_size
+from uncurl_hf.evaluation.metrics import load_metric
+from uncurl_hf.evaluation.tasks import Example, Task, get_task
 
 logger = logging.getLogger(__name__)
 

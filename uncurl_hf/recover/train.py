@@ -49,7 +49,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from uncurl_hf.errors import ModelNotFoundError, UncurlError
+from uncurl_hf.errors import ModelNotFoundError, RecoveryError, UncurlError
 
 logger = logging.getLogger(__name__)
 
@@ -62,9 +62,6 @@ RECOVERY_FILENAME = "uncurl_recovery.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 INSTALL_HINT = "pip install 'uncurl-hf[recover]'"
 
-
-class RecoveryError(UncurlError):
-    """A recovery run cannot start or finish (bad settings, missing ``peft``, not a pruned folder)."""
 
 
 @dataclass(frozen=True)
@@ -194,9 +191,9 @@ def check_pruned_folder(path: str | Path) -> Path:
     A model folder without ``uncurl_plan.json`` was not written by ``uncurl prune``: recovery is meant for what
     pruning lost, and its card and plan are what the merged output carries on.
     """
-    from uncurl_hf.checkpoint import inspect_checkpoint
+    from uncurl_hf.io.checkpoint import inspect_checkpoint
     from uncurl_hf.plan import PLAN_FILENAME
-    from uncurl_hf.pruning import check_evaluable_family
+    from uncurl_hf.pipeline.prune import check_evaluable_family
 
     folder = Path(path).expanduser()
     family = inspect_checkpoint(folder)
@@ -329,15 +326,15 @@ def recover(
     (and test with ``eval_test``), train the adapters, score again, write ``output_dir`` atomically (temporary folder,
     reload check, card, ``uncurl_manifest.json``, rename). ``pruned_dir`` is only read.
     """
-    from uncurl_hf.checkpoint import (
+    from uncurl_hf.io.checkpoint import (
         check_output_dir,
         count_parameters,
         load_model,
         load_tokenizer,
         sweep_stale_temp_dirs,
     )
-    from uncurl_hf.evaluation import task_score
-    from uncurl_hf.tasks import get_task
+    from uncurl_hf.evaluation.scoring import task_score
+    from uncurl_hf.evaluation.tasks import get_task
 
     start = time.perf_counter()
     config.validate()
@@ -444,8 +441,8 @@ def _write_merged(
     model: nn.Module, output: Path, source: Path, record: dict[str, Any], *, overwrite: bool, sync: bool
 ) -> list[str]:
     """The merged model as an ordinary pruned checkpoint: weights + config, the source's plan/tokenizer, new card."""
-    from uncurl_hf.cards import CARD_FILENAME
-    from uncurl_hf.checkpoint import write_checkpoint
+    from uncurl_hf.cards.model_card import CARD_FILENAME
+    from uncurl_hf.io.checkpoint import write_checkpoint
     from uncurl_hf.plan import PruningPlan
 
     def finalize(folder: Path) -> None:
@@ -462,8 +459,8 @@ def _write_adapter(
     model: Any, output: Path, source: Path, record: dict[str, Any], *, overwrite: bool, sync: bool
 ) -> list[str]:
     """The PEFT adapter folder (+ the source's tokenizer, a card, ``uncurl_recovery.json``), checked by reloading."""
-    from uncurl_hf.cards import CARD_FILENAME
-    from uncurl_hf.checkpoint import TOKENIZER_FILES, write_atomically
+    from uncurl_hf.cards.model_card import CARD_FILENAME
+    from uncurl_hf.io.checkpoint import TOKENIZER_FILES, write_atomically
 
     def fill(temp: Path) -> None:
         model.save_pretrained(str(temp))
@@ -483,7 +480,7 @@ def _validate_adapter(model: Any, source: Path, folder: Path) -> None:
     """The written adapter, loaded on a fresh copy of the pruned model, must reproduce the in-memory logits."""
     from peft import PeftModel
 
-    from uncurl_hf.checkpoint import load_model
+    from uncurl_hf.io.checkpoint import load_model
     from uncurl_hf.families import get_family
 
     base = load_model(source)
@@ -515,7 +512,7 @@ _RECOVERY_TAGS = ("peft", "lora", "uncurl-recovered")
 
 
 def _read_card(source: Path) -> str | None:
-    from uncurl_hf.cards import CARD_FILENAME
+    from uncurl_hf.cards.model_card import CARD_FILENAME
 
     path = source / CARD_FILENAME
     return path.read_text(encoding="utf-8") if path.is_file() else None
@@ -630,8 +627,8 @@ def _recovered_eval_results(data: Any, record: dict[str, Any]) -> list[Any] | No
     test score from this run, the recovered score first and this run's pruned score beside it."""
     from huggingface_hub import EvalResult
 
-    from uncurl_hf.cards import ORIGINAL_SUFFIX, TASK_HUB_DATASETS
-    from uncurl_hf.tasks import get_task
+    from uncurl_hf.cards.model_card import ORIGINAL_SUFFIX, TASK_HUB_DATASETS
+    from uncurl_hf.evaluation.tasks import get_task
 
     old = []
     for entry in data.eval_results or []:

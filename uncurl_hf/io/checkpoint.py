@@ -4,7 +4,7 @@ Loading accepts only local folders with ``config.json`` + safetensors weights; p
 code and are refused unless ``allow_pickle`` (then read with ``torch.load(weights_only=True)``), and code shipped
 with a checkpoint (``auto_map``) runs only with ``trust_remote_code``. Writing goes to a hidden temporary folder
 next to the output (same filesystem), is reloaded and checked against the in-memory model, gets an integrity
-manifest (:mod:`uncurl_hf.manifest`, checked by ``uncurl verify``) and only then is renamed into place — a crash
+manifest (:mod:`uncurl_hf.io.manifest`, checked by ``uncurl verify``) and only then is renamed into place — a crash
 or a kill never leaves a half-written output folder, and leftovers of killed runs are swept on the next write.
 Output files are deterministic: same model + plan -> byte-identical folder.
 """
@@ -35,7 +35,7 @@ from uncurl_hf.errors import (
 )
 from uncurl_hf.families import get_family
 from uncurl_hf.families.base import MoEFamily
-from uncurl_hf.manifest import FileDigest, fsync_dir, write_manifest
+from uncurl_hf.io.manifest import FileDigest, fsync_dir, write_manifest
 from uncurl_hf.plan import PLAN_FILENAME, PruningPlan
 
 logger = logging.getLogger(__name__)
@@ -315,7 +315,7 @@ def write_atomically(
     rename is still atomic against a killed process, and ``uncurl verify`` detects a folder a crash left incomplete).
 
     The one atomic-output protocol of every writer (in-memory :func:`write_checkpoint`, out-of-core
-    :func:`uncurl_hf.streaming.stream_apply_plan`): stale temporary folders are swept and the output is checked first
+    :func:`uncurl_hf.surgery.streaming.stream_apply_plan`): stale temporary folders are swept and the output is checked first
     (:class:`OutputExistsError`); on any failure the temporary folder is removed and nothing reaches ``output_dir``
     (:class:`CheckpointError` naming disk space and permissions, unless ``fill`` raised an ``UncurlError`` itself).
     """

@@ -11,7 +11,7 @@ methods that cluster experts by their logit profiles (UNCURL) or compare expert 
 The sample keeps the ``max_logit_samples`` tokens with the smallest keys, where a token's key is a hash of (seed,
 layer, global sequence index, position among the sequence's real tokens) — not a random stream consumed in
 arrival order. That makes the sample a property of the data alone: the same tokens are chosen however the batches
-are split across processes (:mod:`uncurl_hf.distributed`) or padded, and it is listed in (sequence, position) order.
+are split across processes (:mod:`uncurl_hf.calibration.distributed`) or padded, and it is listed in (sequence, position) order.
 Expert output norms are read off the model's own forward (hooks on the expert modules) instead of re-running every
 expert, so calibration costs little more than a plain forward (``benchmarks/perf.py`` measures it). What keeps it
 cheap on a small model, where every tensor op's fixed cost counts: given a list of batches, each layer's sample is
@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from uncurl_hf.errors import CalibrationDataError
 from uncurl_hf.families.base import MoEFamily, MoELayer
 from uncurl_hf.seeding import stable_seed
-from uncurl_hf.tasks import Example
+from uncurl_hf.evaluation.tasks import Example
 
 logger = logging.getLogger(__name__)
 
@@ -235,7 +235,7 @@ class LayerPartial:
 
     ``sums`` holds one ``[3, E]`` float64 tensor per batch (gate mass, output norms, gate-weighted output norms),
     keyed by the batch's global index, so the final sums can be added in global batch order wherever the batches
-    were forwarded (:mod:`uncurl_hf.distributed`).
+    were forwarded (:mod:`uncurl_hf.calibration.distributed`).
     """
 
     num_tokens: int
@@ -778,7 +778,7 @@ def _gather_partial(partial: LayerPartial, max_samples: int) -> LayerPartial:
     floats per batch). Samples go in two steps: keys first, so every rank knows the global winners, then only the
     winning rows.
     """
-    from uncurl_hf import distributed
+    from uncurl_hf.calibration import distributed
 
     counts = distributed.all_sum(torch.cat([partial.counts, torch.tensor([partial.num_tokens])]))
     sums: dict[int, torch.Tensor] = {}
@@ -837,7 +837,7 @@ def _prepare(
     they are on the CPU; on an accelerator they are made again batch by batch (no device memory for all of them)."""
     start, stop = 0, len(batches)
     if group is not None:
-        from uncurl_hf.distributed import shard_bounds
+        from uncurl_hf.calibration.distributed import shard_bounds
 
         start, stop = shard_bounds(len(batches), group.rank, group.world_size)
     prepared = _Prepared([], {}, set(range(start, stop)))
@@ -877,7 +877,7 @@ def _assigned_batches(batches: Iterable[Batch], group: Any) -> _Assigned:
         start, stop = 0, None
         total = len(batches) if isinstance(batches, Sequence) else None
     else:
-        from uncurl_hf.distributed import shard_bounds
+        from uncurl_hf.calibration.distributed import shard_bounds
 
         start, stop = shard_bounds(len(batches), group.rank, group.world_size)  # type: ignore[arg-type]
         total = stop - start
@@ -912,10 +912,10 @@ def calibrate(
 
     Across processes (``distributed=None`` and an initialised ``torch.distributed`` group of several processes, or
     ``distributed=True``): every rank passes the SAME full list of batches, forwards its contiguous shard, and gets
-    the statistics of the whole list, equal to a single-process run (see :mod:`uncurl_hf.distributed` for what is
+    the statistics of the whole list, equal to a single-process run (see :mod:`uncurl_hf.calibration.distributed` for what is
     exact). ``distributed=False`` calibrates on this process' batches only.
     """
-    from uncurl_hf import distributed as dist_utils
+    from uncurl_hf.calibration import distributed as dist_utils
 
     layers = family.sparse_layers(model)
     if not layers:

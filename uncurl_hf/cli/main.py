@@ -23,7 +23,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     """``uncurl prune SRC (--task T | --calibration-file F) (--factor F | --num-experts-per-layer K,..) -o OUT``,
     or ``uncurl prune SRC --plan PLAN.json -o OUT`` (apply a saved plan: no method, no calibration data)."""
     from uncurl_hf.errors import InvalidPlanError
-    from uncurl_hf.pruning import prune
+    from uncurl_hf.pipeline.prune import prune
 
     if args.plan is not None and args.method is not None:
         raise InvalidPlanError("--plan applies a saved plan, so there is no method to run; drop --method.")
@@ -63,7 +63,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         sequential=args.sequential,
         fsync=not args.no_fsync,
     )
-    from uncurl_hf.distributed import process_rank
+    from uncurl_hf.calibration.distributed import process_rank
 
     if process_rank() != 0:  # torchrun: rank 0 prints (and wrote) the result
         return 0
@@ -81,7 +81,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     from dataclasses import replace
     from pathlib import Path
 
-    from uncurl_hf.study import SMALL, StudyConfig, run_study
+    from uncurl_hf.experiments.study import SMALL, StudyConfig, run_study
 
     config = SMALL if args.small else StudyConfig()
     config = replace(config, workers=args.workers, **({"max_eval_examples": args.limit} if args.limit else {}))
@@ -99,7 +99,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     (calibrated once, pruned in memory), write results.json/.csv + plot.png, print thresholds with bootstrap CIs."""
     import time
 
-    from uncurl_hf.sweep import resolve_model, run_sweep, split_methods
+    from uncurl_hf.experiments.sweep import resolve_model, run_sweep, split_methods
 
     try:
         factors = [float(v) for v in args.factors.split(",") if v.strip()]
@@ -121,7 +121,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_push(args: argparse.Namespace) -> int:
     """``uncurl push OUT --repo-id user/name``: upload a pruned output folder to the Hub (HF_ENDPOINT honoured)."""
-    from uncurl_hf.hub import push_folder
+    from uncurl_hf.io.hub import push_folder
 
     result = push_folder(
         args.folder, args.repo_id, token=args.token, private=args.private, exist_ok=args.exist_ok,
@@ -156,9 +156,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """``uncurl eval SRC --task T``: metric, params, disk MB and ms/example (batch 1 and batched)."""
     from pathlib import Path
 
-    from uncurl_hf.evaluation import evaluate_checkpoint
+    from uncurl_hf.evaluation.scoring import evaluate_checkpoint
     from uncurl_hf.families import get_family
-    from uncurl_hf.pruning import check_evaluable_family
+    from uncurl_hf.pipeline.prune import check_evaluable_family
 
     try:
         family = get_family(args.model) if (Path(args.model) / "config.json").is_file() else None
@@ -197,7 +197,7 @@ def cmd_zoo(args: argparse.Namespace) -> int:
 
 def cmd_demo_run(args: argparse.Namespace) -> int:
     """``uncurl demo-run``: the README's main command (prune the zoo model, print original vs pruned)."""
-    from uncurl_hf.quickstart import format_table, run_demo
+    from uncurl_hf.pipeline.quickstart import format_table, run_demo
 
     result = run_demo(
         model=args.model, task=args.task, method=args.method, factor=args.factor, output_dir=args.output,
@@ -211,7 +211,7 @@ def cmd_demo_run(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """``uncurl demo``: the Gradio Space locally (original vs pruned side by side); offline, blocks until Ctrl-C."""
-    from uncurl_hf.space import launch
+    from uncurl_hf.space.app import launch
 
     launch(
         base=args.base, pruned=args.pruned or None, host=args.host, port=args.port, share=args.share == "true",
@@ -223,7 +223,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """``uncurl verify OUT``: manifest hashes, config/plan/weights agreement, load + one forward pass."""
-    from uncurl_hf.verify import verify_checkpoint
+    from uncurl_hf.io.verify import verify_checkpoint
 
     report = verify_checkpoint(args.folder, forward=not args.no_forward)
     print(report.format())
@@ -234,7 +234,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_recover(args: argparse.Namespace) -> int:
     """``uncurl recover PRUNED --task T --steps N -o OUT``: LoRA fine-tune of a pruned checkpoint (peft), scores
     before/after on the dev split, saved as an adapter or merged into the weights."""
-    from uncurl_hf.recover import DEFAULT_TARGET_MODULES, RecoverConfig, recover
+    from uncurl_hf.recover.train import DEFAULT_TARGET_MODULES, RecoverConfig, recover
 
     config = RecoverConfig(
         task=args.task, steps=args.steps, lr=args.lr, rank=args.rank, alpha=args.alpha, dropout=args.dropout,

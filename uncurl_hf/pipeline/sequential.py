@@ -13,12 +13,12 @@ calibration pass per sparse layer. Details:
 * layer ``l``'s plan indexes the original experts of layer ``l`` (earlier layers never change later layers'
   experts), so the union of the per-layer plans applied to the original model equals the sequentially pruned model:
   the written plan is an ordinary :class:`~uncurl_hf.plan.PruningPlan` (``metadata["sequential"] = True``);
-* the intermediate models are built with :func:`uncurl_hf.apply.apply_plan` from the original model and the plans
+* the intermediate models are built with :func:`uncurl_hf.surgery.apply.apply_plan` from the original model and the plans
   so far (every later layer kept whole), with the run's capacity scaling;
 * the family's sparse-layer order must be the forward order (true for Switch: encoder then decoder, and for
   decoder-only stacks).
 
-With an :class:`~uncurl_hf.offload.OffloadedModel`, planning holds the block of the layer being planned in memory
+With an :class:`~uncurl_hf.calibration.offload.OffloadedModel`, planning holds the block of the layer being planned in memory
 (merging methods read its expert weights); sequential mode needs the pruned intermediate models in memory, so it is
 not available offloaded.
 """
@@ -34,16 +34,16 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 from tqdm.auto import tqdm
 
-from uncurl_hf.apply import apply_plan
-from uncurl_hf.calibration import Batch, CalibrationStats, calibrate, check_coverage
+from uncurl_hf.surgery.apply import apply_plan
+from uncurl_hf.calibration.run import Batch, CalibrationStats, calibrate, check_coverage
 from uncurl_hf.errors import UncurlError
 from uncurl_hf.families.base import MoEFamily
 from uncurl_hf.methods.base import PruningMethod, make_plan
 from uncurl_hf.plan import LayerPlan, PruningPlan
 
 if TYPE_CHECKING:
-    from uncurl_hf.config import PruningConfig
-    from uncurl_hf.offload import OffloadedModel
+    from uncurl_hf.recipe import PruningConfig
+    from uncurl_hf.calibration.offload import OffloadedModel
 
 logger = logging.getLogger(__name__)
 

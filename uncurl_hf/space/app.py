@@ -30,13 +30,13 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is i
 
 import torch  # noqa: E402
 
-from uncurl_hf.calibration import build_batches, calibrate  # noqa: E402
-from uncurl_hf.checkpoint import count_parameters, load_model, load_tokenizer, weights_size  # noqa: E402
-from uncurl_hf.errors import ModelNotFoundError, UncurlError  # noqa: E402
-from uncurl_hf.evaluation import label_logprobs  # noqa: E402
+from uncurl_hf.calibration.run import build_batches, calibrate  # noqa: E402
+from uncurl_hf.io.checkpoint import count_parameters, load_model, load_tokenizer, weights_size  # noqa: E402
+from uncurl_hf.errors import ModelNotFoundError, RequestTimeoutError, SpaceInputError, UncurlError  # noqa: E402
+from uncurl_hf.evaluation.scoring import label_logprobs  # noqa: E402
 from uncurl_hf.families import get_family  # noqa: E402
 from uncurl_hf.plan import PLAN_FILENAME, PruningPlan  # noqa: E402
-from uncurl_hf.tasks import Example, Task, get_task  # noqa: E402
+from uncurl_hf.evaluation.tasks import Example, Task, get_task  # noqa: E402
 
 if TYPE_CHECKING:
     import gradio as gr
@@ -62,12 +62,6 @@ EMPTY_INPUT_MESSAGE = "The input is empty: type a sentence or pick one of the ex
 T = TypeVar("T")
 
 
-class SpaceInputError(UncurlError):
-    """What the user typed or picked cannot be run (empty, too long, batch size out of range, unknown model)."""
-
-
-class RequestTimeoutError(SpaceInputError):
-    """A request used up its processing budget (:data:`REQUEST_TIMEOUT_S` by default) and was stopped."""
 
 
 @dataclass
@@ -144,7 +138,7 @@ def resolve_model(ref: str | Path) -> Path:
 
     if text in registry.available_models():
         return registry.zoo_path(text, build_if_missing=False)
-    from uncurl_hf.cards import is_hub_id
+    from uncurl_hf.cards.model_card import is_hub_id
 
     if is_hub_id(text):
         from huggingface_hub import snapshot_download
@@ -409,7 +403,7 @@ def compare_batch(
     Examples run one at a time, alternating models, so both see the same background load. Raises
     :class:`RequestTimeoutError` when the batch takes longer than ``timeout`` seconds (checked between examples).
     """
-    from uncurl_hf.metrics import load_metric
+    from uncurl_hf.evaluation.metrics import load_metric
 
     deadline = Deadline(timeout)
     count = check_batch_size(n)
@@ -673,14 +667,14 @@ def build_demo(
         return f"Ran {batch['n']} examples.", batch_html(batch), latency_figure(batch), rows
 
     def api_compare(text: str, base: str, pruned: str) -> dict:
-        """Compare one input (the Python `uncurl_hf.space.compare` result)."""
+        """Compare one input (the Python `uncurl_hf.space.app.compare` result)."""
         try:
             return compare(text, base, pruned, task, timeout=request_timeout)
         except UncurlError as exc:
             raise gr.Error(str(exc)) from exc
 
     def api_compare_batch(n: int, base: str, pruned: str) -> dict:
-        """Compare the first n test examples (the Python `uncurl_hf.space.compare_batch` result)."""
+        """Compare the first n test examples (the Python `uncurl_hf.space.app.compare_batch` result)."""
         try:
             return compare_batch(n, base, pruned, task, timeout=request_timeout)
         except UncurlError as exc:
@@ -763,7 +757,7 @@ def default_models(
     ``<cache_root or cache_dir()/space>/<name>-<fingerprint>-<task>-<method>-x<factor>``, keyed by the base's
     content so a rebuilt base never pairs with stale pruned copies.
     """
-    from uncurl_hf.pruning import prune
+    from uncurl_hf.pipeline.prune import prune
     from uncurl_hf.zoo import registry, sources
 
     ref = str(base)

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from uncurl_hf.checkpoint import inspect_checkpoint, weight_files
+from uncurl_hf.io.checkpoint import inspect_checkpoint, weight_files
 from uncurl_hf.errors import CheckpointError
 from uncurl_hf.families.base import MoEFamily
 

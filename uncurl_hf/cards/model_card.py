@@ -1,7 +1,7 @@
 """Model cards for pruned checkpoints, rendered with ``huggingface_hub.ModelCard`` from ``model_cards/``.
 
 A card is built from :class:`CardFacts` only — the plan, the sizes measured on the in-memory models and the written
-files, and (optionally) the :class:`~uncurl_hf.evaluation.EvalResult` of the original and the pruned checkpoint from
+files, and (optionally) the :class:`~uncurl_hf.evaluation.scoring.EvalResult` of the original and the pruned checkpoint from
 the same run — so every number in it is a measurement, never a copy of a claim. Without evaluation the card says so
 instead of showing scores.
 
@@ -42,12 +42,12 @@ from uncurl_hf._version import __version__
 from uncurl_hf.plan import PruningPlan
 
 if TYPE_CHECKING:
-    from uncurl_hf.config import PruningConfig
-    from uncurl_hf.evaluation import EvalResult
+    from uncurl_hf.recipe import PruningConfig
+    from uncurl_hf.evaluation.scoring import EvalResult
 
 logger = logging.getLogger(__name__)
 
-TEMPLATE_PATH = Path(__file__).parent / "model_cards" / "pruned_model_card.md"
+TEMPLATE_PATH = Path(__file__).parent / "templates" / "pruned_model_card.md"
 CARD_FILENAME = "README.md"
 BASE_MODEL_RELATION = "finetune"  # see the module docstring for why
 PIPELINE_TAG = "text2text-generation"
@@ -171,7 +171,7 @@ def prune_command(
 def build_card(facts: CardFacts, template_path: str | Path = TEMPLATE_PATH) -> ModelCard:
     """Render the card of a pruned checkpoint (metadata + body) from ``facts``."""
     from uncurl_hf.methods import get_method
-    from uncurl_hf.tasks import get_task
+    from uncurl_hf.evaluation.tasks import get_task
 
     plan = facts.plan
     task_obj = None
@@ -369,12 +369,12 @@ def finalize_output(
     """
     from dataclasses import replace
 
-    from uncurl_hf.checkpoint import weights_size
+    from uncurl_hf.io.checkpoint import weights_size
 
     folder = Path(folder)
     facts = replace(facts, disk_bytes_after=weights_size(folder))
     if evaluate:
-        from uncurl_hf.evaluation import evaluate_checkpoint
+        from uncurl_hf.evaluation.scoring import evaluate_checkpoint
 
         if facts.task is None:
             raise ValueError("evaluation needs a task")

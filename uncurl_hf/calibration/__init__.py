@@ -1,0 +1,1 @@
+"""Calibration: forward the data once with hooks on every router -> ExpertStats per layer."""

@@ -1,0 +1,1 @@
+"""Evaluation: tasks, scoring (seq2seq and causal LM), metric modules."""

@@ -1,0 +1,1 @@
+"""Experiments: factor sweeps, thresholds, the paper's study."""

@@ -1,0 +1,1 @@
+"""Checkpoint I/O: the safetensors reader, shards, loading, atomic writes, manifest, Hub, verify."""

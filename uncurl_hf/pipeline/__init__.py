@@ -1,0 +1,1 @@
+"""The pipeline's orchestration: prune, the one planning step, sequential planning, the max-drop search."""

@@ -1,0 +1,1 @@
+"""The Gradio Space: original vs pruned side by side."""
