@@ -2,3 +2,6 @@
 
 from uncurl_hf.modeling import pruned_decoder_moe  # noqa: F401  (registers on import)
 from uncurl_hf.modeling import pruned_switch_transformers  # noqa: F401  (registers on import)
+from uncurl_hf.modeling.kernels import experts_implementation
+
+__all__ = ["experts_implementation"]

@@ -18,6 +18,11 @@ count and are handled here:
   conversions under the pruned model types (when the first pruned model is built, also as remote code) makes pruned
   checkpoints use exactly the stock layout.
 
+The experts kernel (``set_experts_implementation``: eager loop, ``batched_mm``, ``grouped_mm``) is chosen by the
+upstream experts modules, which dispatch on ``config._experts_implementation``; whether the model may set it,
+transformers decides from the source of the class's module. That answer is delegated to the stock class (see
+``_PrunedCausalLM._can_set_experts_implementation``), so a pruned model offers and defaults to its family's kernels.
+
 Only ``torch``/``transformers`` are imported, so ``save_pretrained`` can copy this file next to the weights.
 """
 
@@ -28,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts, GptOssForCausalLM, GptOssTopKRouter
 from transformers.models.mixtral.modeling_mixtral import MixtralExperts, MixtralForCausalLM, MixtralTopKRouter
@@ -147,6 +153,26 @@ class _PrunedCausalLM:
             super().__init__(config)
         resize_sparse_layers(self.model.layers, config)
         self.post_init()
+
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        """Whether the experts kernel may be chosen: the stock family's answer, whichever class is asked first.
+
+        transformers answers by searching the source of the class's module for the experts-dispatch decorator and
+        caches the answer on the class asked. The decorated experts classes live in the stock modules, not this one,
+        so the search alone says no: a pruned model would run the eager loop where its family runs ``grouped_mm``,
+        ignore ``set_experts_implementation("batched_mm")`` and refuse ``"grouped_mm"`` -- unless the stock class
+        had been asked first in the process, whose cached yes the subclass then inherits. The experts modules are
+        the stock ones (and read the model's config), so the stock answer is the right one.
+        """
+        return _stock_class(cls)._can_set_experts_implementation()
+
+
+def _stock_class(cls: type) -> type:
+    """The upstream ``*ForCausalLM`` a pruned class (or a subclass of one) extends."""
+    return next(
+        base for base in cls.__mro__ if issubclass(base, PreTrainedModel) and not issubclass(base, _PrunedCausalLM)
+    )
 
 
 class PrunedMixtralForCausalLM(_PrunedCausalLM, MixtralForCausalLM):

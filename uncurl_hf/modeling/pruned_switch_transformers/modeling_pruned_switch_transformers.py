@@ -9,7 +9,9 @@ are the upstream ones, state-dict keys are identical to a Switch checkpoint's (`
 
 Three upstream pieces assume one expert count and are overridden here:
 ``_init_weights`` (loops over ``config.num_experts``), the router-loss computation in ``forward`` (it
-``torch.cat``\\ s the router logits of all layers) and ``__init__`` (builds upstream stacks).
+``torch.cat``\\ s the router logits of all layers) and ``__init__`` (builds upstream stacks). The overriding
+``forward`` repeats upstream's signature parameter for parameter, since callers (``Trainer``'s column filter,
+``generate``) read it.
 
 Only ``torch``/``transformers`` are imported, so ``save_pretrained`` can copy this file next to the weights.
 """
@@ -22,6 +24,7 @@ import torch
 from torch import nn
 from torch.nn import CrossEntropyLoss
 from transformers import initialization as init
+from transformers.cache_utils import Cache
 from transformers.modeling_outputs import Seq2SeqMoEOutput
 from transformers.models.switch_transformers.modeling_switch_transformers import (
     SwitchTransformersExperts,
@@ -34,6 +37,9 @@ from transformers.models.switch_transformers.modeling_switch_transformers import
     load_balancing_loss_func,
     router_z_loss_func,
 )
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_pruned_switch_transformers import PrunedSwitchTransformersConfig
@@ -130,23 +136,39 @@ class PrunedSwitchTransformersForConditionalGeneration(
         self.post_init()
 
     @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         decoder_input_ids: torch.LongTensor | None = None,
+        decoder_attention_mask: torch.BoolTensor | None = None,
+        encoder_outputs: tuple[tuple[torch.Tensor]] | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
         decoder_inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         output_router_logits: bool | None = False,
-        **kwargs,
-    ) -> Seq2SeqMoEOutput:
-        """Upstream forward without labels, then the LM loss plus per-layer router losses (see ``router_losses``)."""
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor] | Seq2SeqMoEOutput:
+        """Upstream forward without labels, then the LM loss plus per-layer router losses (see ``router_losses``).
+
+        The parameters are exactly upstream's, named rather than left in ``**kwargs``: ``Trainer`` keeps only the
+        dataset columns named in ``inspect.signature(model.forward)`` (a ``decoder_attention_mask`` column would be
+        dropped silently) and ``generate`` checks its model kwargs against the same signature. The
+        ``past_key_values`` alias is renamed to ``cache`` here, as upstream does, so that it is not lost when the
+        named ``cache=None`` is passed on.
+        """
         if labels is not None and decoder_input_ids is None and decoder_inputs_embeds is None:
             decoder_input_ids = self._shift_right(labels)
         outputs = super().forward(
             input_ids=input_ids,
             attention_mask=attention_mask,
             decoder_input_ids=decoder_input_ids,
+            decoder_attention_mask=decoder_attention_mask,
+            encoder_outputs=encoder_outputs,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
             decoder_inputs_embeds=decoder_inputs_embeds,
             output_router_logits=output_router_logits,
             return_dict=True,
