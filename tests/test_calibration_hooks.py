@@ -9,11 +9,11 @@ import torch
 from helpers import CALIBRATION_TARGETS, CALIBRATION_TEXTS, tiny_switch_model, tiny_tokenizer
 
 from uncurl_hf import build_batches, calibrate
-from uncurl_hf.calibration import run as calibration
-from uncurl_hf.calibration.run import token_keys
+from uncurl_hf.calibration import hooks, sampling
+from uncurl_hf.calibration.sampling import token_keys
+from uncurl_hf.evaluation.tasks import Example
 from uncurl_hf.families import get_family
 from uncurl_hf.seeding import stable_seed
-from uncurl_hf.evaluation.tasks import Example
 
 EXAMPLES = [Example(s, t) for s, t in zip(CALIBRATION_TEXTS, CALIBRATION_TARGETS)]
 
@@ -197,7 +197,7 @@ def test_bookkeeping_for_many_batches_at_once_equals_batch_by_batch(capacity, mo
     family = get_family(model)
     batches = build_batches(EXAMPLES, tiny_tokenizer(), batch_size=3)
     together = calibrate(model, family, batches, max_logit_samples=9, progress=False)
-    monkeypatch.setattr(calibration, "_FLUSH_BYTES", 1)
+    monkeypatch.setattr(hooks, "_FLUSH_BYTES", 1)
     one_by_one = calibrate(model, family, batches, max_logit_samples=9, progress=False)
     assert_same_stats(together, one_by_one)
 
@@ -220,6 +220,6 @@ def test_ties_at_the_cut_are_broken_by_sequence_then_position():
     sequence = np.array([0, 0, 1, 0])
     position = np.array([2, 0, 0, 1])
     # key 1 first, then of the three keys 5 the token (sequence 0, position 1)
-    assert calibration._smallest(keys, sequence, position, 2).tolist() == [1, 3]
-    assert calibration._smallest(keys, sequence, position, 3).tolist() == [0, 1, 3]
-    assert calibration._smallest(keys, sequence, position, 9).tolist() == [0, 1, 2, 3]
+    assert sampling._smallest(keys, sequence, position, 2).tolist() == [1, 3]
+    assert sampling._smallest(keys, sequence, position, 3).tolist() == [0, 1, 3]
+    assert sampling._smallest(keys, sequence, position, 9).tolist() == [0, 1, 2, 3]

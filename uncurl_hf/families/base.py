@@ -201,7 +201,6 @@ def model_type_of(obj: Any) -> str | None:
 
 
 def _device_of(model: nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
+    from uncurl_hf.families.devices import input_device
+
+    return input_device(model)

@@ -10,7 +10,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from uncurl_hf.calibration.run import build_batches, calibrate
+from uncurl_hf.calibration.data import build_batches
+from uncurl_hf.calibration.run import calibrate
 from uncurl_hf.io.checkpoint import load_model, load_tokenizer
 from uncurl_hf.families import get_family
 from uncurl_hf.evaluation.tasks import get_task
