@@ -14,9 +14,10 @@ from transformers import AutoModelForSeq2SeqLM
 
 import uncurl_hf
 from uncurl_hf import LayerPlan, PruningPlan, load_model, write_checkpoint
-from uncurl_hf.io.checkpoint import TEMP_PREFIX, sweep_stale_temp_dirs
+from uncurl_hf.io.atomic import TEMP_PREFIX, sweep_stale_temp_dirs
 from uncurl_hf.errors import CheckpointError, ModelNotFoundError, OutputExistsError, UnsupportedModelError
 from uncurl_hf.families import get_family
+from helpers import prune_flat
 
 
 def half_plan(model) -> PruningPlan:
@@ -28,8 +29,8 @@ def half_plan(model) -> PruningPlan:
 def test_pruning_twice_gives_byte_identical_folders(switch_dir, calibration_jsonl, tmp_path):
     before = hash_tree(switch_dir)
     kwargs = dict(factor=2, method="frequency", calibration_file=calibration_jsonl, seed=5, progress=False)
-    a = uncurl_hf.prune(switch_dir, output_dir=tmp_path / "a", **kwargs)
-    b = uncurl_hf.prune(switch_dir, output_dir=tmp_path / "b", **kwargs)
+    a = prune_flat(switch_dir, output_dir=tmp_path / "a", **kwargs)
+    b = prune_flat(switch_dir, output_dir=tmp_path / "b", **kwargs)
     assert hash_tree(a.output_dir) == hash_tree(b.output_dir)
     assert hash_tree(switch_dir) == before
     names = set(hash_tree(a.output_dir))
@@ -123,7 +124,7 @@ def test_load_model_errors(switch_dir, t5_dir, tmp_path):
 
 
 def test_plan_file_matches_config(switch_dir, calibration_txt, tmp_path):
-    result = uncurl_hf.prune(
+    result = prune_flat(
         switch_dir, output_dir=tmp_path / "o", factor=4, calibration_file=calibration_txt, progress=False
     )
     plan = PruningPlan.load(result.output_dir)
@@ -132,3 +133,61 @@ def test_plan_file_matches_config(switch_dir, calibration_txt, tmp_path):
     assert config["num_experts_per_encoder_layer"] == [plan.counts["encoder.block.1"], plan.counts["encoder.block.3"]]
     assert plan.metadata["calibration"]["num_examples"] == 12
     assert plan.metadata["stats"]["encoder.block.1"]["num_tokens"] > 0
+
+
+@pytest.mark.parametrize("dtype, expected", [("float32", torch.float32), ("bfloat16", torch.bfloat16),
+                                             ("float16", torch.float16), (torch.bfloat16, torch.bfloat16)])
+def test_load_model_dtypes(switch_dir, dtype, expected):
+    model = load_model(switch_dir, dtype=dtype)
+    assert {p.dtype for p in model.parameters()} == {expected}
+    reference = load_model(switch_dir)
+    for (name, a), (_, b) in zip(model.state_dict().items(), reference.state_dict().items()):
+        assert torch.equal(a, b.to(a.dtype)), name
+
+
+def test_load_model_auto_dtype_is_the_stored_dtype_as_before(switch_dir, tmp_path):
+    bf16 = tmp_path / "bf16"
+    load_model(switch_dir, dtype="bfloat16").save_pretrained(bf16)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(switch_dir / name, bf16)
+    assert {p.dtype for p in load_model(bf16).parameters()} == {torch.bfloat16}  # "auto", the default
+    plain = AutoModelForSeq2SeqLM.from_pretrained(bf16)  # what the loader passed before: no dtype at all
+    assert {p.dtype for p in load_model(bf16, dtype="auto").parameters()} == {p.dtype for p in plain.parameters()}
+
+
+def test_load_model_devices_are_checked_before_loading(switch_dir, tmp_path, monkeypatch):
+    from uncurl_hf.errors import DeviceError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on this CPU-only machine
+    with pytest.raises(DeviceError, match="'cuda' asked for, but CUDA is not available.*--device cpu"):
+        load_model(tmp_path / "nope", device="cuda")  # the device fails first, before the missing folder
+    with pytest.raises(DeviceError, match="Unknown device 'gpu0'"):
+        load_model(switch_dir, device="gpu0")
+    with pytest.raises(DeviceError, match="Unknown dtype 'int8'"):
+        load_model(switch_dir, dtype="int8")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(DeviceError, match="MPS is not available"):
+        load_model(switch_dir, device="mps")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(DeviceError, match="has 1 CUDA device"):
+        load_model(switch_dir, device="cuda:3")
+    assert next(load_model(switch_dir, device="cpu").parameters()).device.type == "cpu"
+
+
+def test_load_model_device_auto_uses_accelerate(switch_dir, monkeypatch):
+    import sys
+
+    from uncurl_hf.errors import DeviceError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    model = load_model(switch_dir, device="auto")
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    reference = load_model(switch_dir)
+    ids = torch.tensor([[4, 5, 6, 1]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, decoder_input_ids=ids).logits,
+                                   reference(input_ids=ids, decoder_input_ids=ids).logits)
+    monkeypatch.setitem(sys.modules, "accelerate", None)  # makes `import accelerate` fail
+    with pytest.raises(DeviceError, match="accelerate is not importable.*pip install accelerate"):
+        load_model(switch_dir, device="auto")

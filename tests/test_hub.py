@@ -36,6 +36,7 @@ import uncurl_hf
 from uncurl_hf.cli.main import main
 from uncurl_hf.errors import HubAuthError, HubConnectionError, HubError, RepoExistsError
 from uncurl_hf.io.hub import commit_message, push_folder, resolve_endpoint
+from helpers import prune_flat
 
 TOKEN = "hf_test_token"
 REPO = Path(__file__).resolve().parents[1]
@@ -138,7 +139,7 @@ def small_output(switch_dir, tmp_path):
 def round_trip(hub_server, switch_dir, calibration_jsonl, tmp_path_factory):
     root = tmp_path_factory.mktemp("roundtrip")
     common = dict(factor=2, method="frequency", calibration_file=calibration_jsonl, seed=4, progress=False)
-    pruned = uncurl_hf.prune(switch_dir, output_dir=root / "pruned", base_model_id="google/switch-base-8", **common)
+    pruned = prune_flat(switch_dir, output_dir=root / "pruned", base_model_id="google/switch-base-8", **common)
     before = hash_tree(pruned.output_dir)
 
     with pytest.MonkeyPatch.context() as mp:
@@ -150,7 +151,7 @@ def round_trip(hub_server, switch_dir, calibration_jsonl, tmp_path_factory):
             assert main(["push", str(pruned.output_dir), "--repo-id", "tester/tiny-pruned"]) == 0
         mp.delenv("HF_TOKEN")
         # 2. prune(..., export="stock", push_to_hub=True) with an explicit token.
-        stock = uncurl_hf.prune(
+        stock = prune_flat(
             switch_dir, output_dir=root / "stock", export="stock", push_to_hub=True, repo_id="tester/tiny-stock",
             hub_token=TOKEN, **common,
         )
@@ -289,9 +290,9 @@ def test_prune_checks_the_hub_before_pruning(hub_env, switch_dir, calibration_js
     HfApi(endpoint=hub_env.url, token=TOKEN).create_repo("tester/taken")
     kwargs = dict(factor=2, calibration_file=calibration_jsonl, progress=False, push_to_hub=True, hub_token=TOKEN)
     with pytest.raises(RepoExistsError, match="already exists"):
-        uncurl_hf.prune(switch_dir, output_dir=tmp_path / "a", repo_id="tester/taken", **kwargs)
+        prune_flat(switch_dir, output_dir=tmp_path / "a", repo_id="tester/taken", **kwargs)
     with pytest.raises(HubError, match="repo id"):
-        uncurl_hf.prune(switch_dir, output_dir=tmp_path / "a", **kwargs)
+        prune_flat(switch_dir, output_dir=tmp_path / "a", **kwargs)
     assert not (tmp_path / "a").exists()
 
 

@@ -22,6 +22,7 @@ from uncurl_hf.io.manifest import (
     file_digest,
 )
 from uncurl_hf.io.verify import verify_checkpoint
+from helpers import prune_flat
 
 
 @pytest.mark.parametrize("sync", [False, True])
@@ -83,7 +84,7 @@ def test_no_fsync_writes_the_same_folder_and_never_syncs(switch_dir, calibration
         factor=2, method="frequency", calibration_file=calibration_jsonl, num_calibration_examples=8,
         streaming=streaming, progress=False,
     )
-    synced = uncurl_hf.prune(switch_dir, output_dir=tmp_path / "synced", **common).output_dir
+    synced = prune_flat(switch_dir, output_dir=tmp_path / "synced", **common).output_dir
     calls: list[str] = []
     real_fsync, real_fdatasync = os.fsync, os.fdatasync
 
@@ -95,12 +96,12 @@ def test_no_fsync_writes_the_same_folder_and_never_syncs(switch_dir, calibration
 
     monkeypatch.setattr(os, "fsync", counting("fsync", real_fsync))
     monkeypatch.setattr(os, "fdatasync", counting("fdatasync", real_fdatasync))
-    unsynced = uncurl_hf.prune(switch_dir, output_dir=tmp_path / "unsynced", fsync=False, **common).output_dir
+    unsynced = prune_flat(switch_dir, output_dir=tmp_path / "unsynced", fsync=False, **common).output_dir
     assert calls == []
     assert hash_tree(unsynced) == hash_tree(synced)
     assert (unsynced / MANIFEST_FILENAME).is_file()
     report = verify_checkpoint(unsynced)
     assert report.ok, report.format()
     # and the default does sync: the same run with fsync=True calls it
-    uncurl_hf.prune(switch_dir, output_dir=tmp_path / "synced-again", **common)
+    prune_flat(switch_dir, output_dir=tmp_path / "synced-again", **common)
     assert "fsync" in calls

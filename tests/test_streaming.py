@@ -25,19 +25,16 @@ from transformers import AutoModelForSeq2SeqLM
 
 import uncurl_hf
 from uncurl_hf import LayerPlan, PruningPlan, apply_plan, load_model
-from uncurl_hf.io.checkpoint import OLD_PREFIX, TEMP_PREFIX, write_checkpoint
+from uncurl_hf.io.atomic import OLD_PREFIX, TEMP_PREFIX
+from uncurl_hf.io.checkpoint import stored_parameters, write_checkpoint
 from uncurl_hf.cli.main import main
 from uncurl_hf.errors import CheckpointError, InvalidPlanError
 from uncurl_hf.families import get_family
-from uncurl_hf.surgery.streaming import (
-    CheckpointReader,
-    OutputTensor,
-    ShardWriter,
-    safetensors_dtype,
-    stored_parameters,
-    stream_apply_plan,
-)
+from uncurl_hf.io.safetensors import SafetensorsReader, safetensors_dtype
+from uncurl_hf.io.shards import OutputTensor, ShardWriter
+from uncurl_hf.surgery.streaming import stream_apply_plan
 from uncurl_hf.io.verify import verify_checkpoint
+from helpers import prune_flat
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,8 +89,8 @@ def merge_plan(model) -> PruningPlan:
 def test_streaming_prune_writes_the_in_memory_folder_byte_for_byte(method, switch_dir, calibration_jsonl, tmp_path):
     """Calibrate in memory, free the model, stream: config, weights, card, plan and manifest are the same bytes."""
     kwargs = dict(calibration_file=calibration_jsonl, method=method, factor=2, max_length=16, progress=False)
-    in_memory = uncurl_hf.prune(switch_dir, output_dir=tmp_path / "memory", **kwargs)
-    streamed = uncurl_hf.prune(switch_dir, output_dir=tmp_path / "streamed", streaming=True, **kwargs)
+    in_memory = prune_flat(switch_dir, output_dir=tmp_path / "memory", **kwargs)
+    streamed = prune_flat(switch_dir, output_dir=tmp_path / "streamed", streaming=True, **kwargs)
     if method != "random":  # the merge methods must actually merge, or this would not test merging
         assert any(len(group) > 1 for layer in in_memory.plan.layers for group in layer.groups)
     assert hash_tree(streamed.output_dir) == hash_tree(in_memory.output_dir)
@@ -136,7 +133,7 @@ def test_sharded_bf16_merge_plan_matches_apply_plan_and_loads_with_identical_log
 
 def test_repruning_a_pruned_checkpoint_streams_the_same_config(switch_dir, calibration_jsonl, tmp_path):
     """A pruned source (per-layer counts and capacities, auto_map) gives the same second-generation config."""
-    first = uncurl_hf.prune(switch_dir, output_dir=tmp_path / "first", calibration_file=calibration_jsonl,
+    first = prune_flat(switch_dir, output_dir=tmp_path / "first", calibration_file=calibration_jsonl,
                             method="msmoe", factor=2, max_length=16, progress=False).output_dir
     model = load_model(first)
     family = get_family(model)
@@ -155,8 +152,8 @@ def test_dropped_experts_are_never_read_and_layers_are_read_one_after_another(sw
     model = load_model(switch_dir)
     plan = merge_plan(model)
     reads: list[str] = []
-    original_get = CheckpointReader.get
-    monkeypatch.setattr(CheckpointReader, "get", lambda self, key: reads.append(key) or original_get(self, key))
+    original_get = SafetensorsReader.get
+    monkeypatch.setattr(SafetensorsReader, "get", lambda self, key: reads.append(key) or original_get(self, key))
     stream_apply_plan(switch_dir, plan, tmp_path / "out")
 
     family = get_family(model)
@@ -247,7 +244,7 @@ def test_cli_streaming_with_a_plan_never_loads_the_model(switch_dir, tmp_path, m
     def no_loading(*args, **kwargs):
         raise AssertionError("the streaming path with --plan must not load the model")
 
-    monkeypatch.setattr(uncurl_hf.pipeline.prune, "load_model", no_loading)
+    monkeypatch.setattr(uncurl_hf.pipeline.source, "load_model", no_loading)  # where the pipeline loads models
     out = tmp_path / "out"
     code = main(["prune", str(switch_dir), "--plan", str(plan_path), "--streaming", "-o", str(out), "--no-progress"])
     assert code == 0
@@ -284,7 +281,7 @@ def test_shard_writer_writes_the_bytes_safetensors_writes(tmp_path):
 def test_reader_reads_single_rows_of_a_stored_tensor(tmp_path):
     fused = torch.randn(6, 4, 3).to(torch.bfloat16)
     save_file({"experts.w": fused, "other": torch.ones(2)}, tmp_path / "model.safetensors")
-    with CheckpointReader(tmp_path) as reader:
+    with SafetensorsReader(tmp_path) as reader:
         assert reader.keys() == ["experts.w", "other"]
         for i in range(6):
             assert torch.equal(reader.get_rows("experts.w", i), fused[i])
@@ -303,7 +300,7 @@ def test_corrupt_header_is_a_checkpoint_error_naming_the_file(switch_dir, tmp_pa
     data = (switch_dir / "model.safetensors").read_bytes()
     (bad / "model.safetensors").write_bytes(data[: len(data) // 2])  # truncated: offsets point past the end
     with pytest.raises(CheckpointError, match=r"bad/model.safetensors: tensor .* the file is corrupt"):
-        CheckpointReader(bad)
+        SafetensorsReader(bad)
 
 
 def _scale_module():

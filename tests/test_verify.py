@@ -13,13 +13,14 @@ from uncurl_hf.cli.main import main
 from uncurl_hf.errors import ModelNotFoundError, VerificationError
 from uncurl_hf.io.manifest import MANIFEST_FILENAME, write_manifest
 from uncurl_hf.io.verify import verify_checkpoint
+from helpers import prune_flat
 
 
 @pytest.fixture(scope="module")
 def pruned_dir(switch_dir, calibration_jsonl, tmp_path_factory) -> Path:
     """A pruned output (frequency, factor 2). Tests copy it before tampering."""
     out = tmp_path_factory.mktemp("verify") / "pruned"
-    uncurl_hf.prune(switch_dir, output_dir=out, factor=2, calibration_file=calibration_jsonl, max_length=16,
+    prune_flat(switch_dir, output_dir=out, factor=2, calibration_file=calibration_jsonl, max_length=16,
                     progress=False)
     return out
 

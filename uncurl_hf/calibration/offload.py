@@ -5,8 +5,8 @@ generic form of that idea needs no per-architecture tracing: the model is built 
 device (no memory, no random init), the parameters outside the transformer blocks (embeddings, final norms, head)
 are read once, and every block gets two hooks:
 
-* a forward pre-hook reads the block's parameters from the safetensors files (``safe_open``, memory-mapped) and
-  puts them in place;
+* a forward pre-hook reads the block's parameters from the safetensors files (the byte ranges their headers give,
+  into fresh tensors: :class:`uncurl_hf.io.safetensors.SafetensorsReader`) and puts them in place;
 * a forward hook puts meta tensors back, releasing the memory.
 
 So one full forward holds ``resident parameters + one block`` (:attr:`OffloadCounters.peak_bytes` records it), and
@@ -44,7 +44,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from uncurl_hf.io.checkpoint import inspect_checkpoint, weight_files
+from uncurl_hf.io.checkpoint import inspect_checkpoint
+from uncurl_hf.io.safetensors import SafetensorsReader
 from uncurl_hf.errors import CheckpointError
 from uncurl_hf.families.base import MoEFamily
 
@@ -62,34 +63,6 @@ class OffloadCounters:
     resident_bytes: int = 0
     peak_bytes: int = 0
     loaded_blocks: list[str] = field(default_factory=list)
-
-
-class SafetensorsReader:
-    """Tensors of a checkpoint folder by key, across its shards (``safe_open`` handles stay open until closed)."""
-
-    def __init__(self, folder: Path) -> None:
-        from safetensors import safe_open
-
-        self.folder = folder
-        self._handles: dict[Path, Any] = {}
-        self._file_of: dict[str, Path] = {}
-        files = weight_files(folder)
-        if not files:
-            raise CheckpointError(f"{folder} has no *.safetensors weights; offloaded calibration reads safetensors only.")
-        for file in files:
-            handle = safe_open(str(file), framework="pt")
-            self._handles[file] = handle
-            for key in handle.keys():
-                self._file_of.setdefault(key, file)
-
-    def keys(self) -> set[str]:
-        return set(self._file_of)
-
-    def get(self, key: str) -> torch.Tensor:
-        return self._handles[self._file_of[key]].get_tensor(key)
-
-    def close(self) -> None:
-        self._handles.clear()
 
 
 @dataclass

@@ -1,1 +1,2 @@
-"""Checkpoint I/O: the safetensors reader, shards, loading, atomic writes, manifest, Hub, verify."""
+"""Checkpoint I/O: the safetensors reader, shards, loading (+ device/dtype placement), model resolution, atomic
+writes, manifest, Hub push, verify."""

@@ -68,9 +68,14 @@ def resolve_token(token: str | None = None) -> str:
     return token
 
 
+def is_repo_id(text: str | None) -> bool:
+    """Whether ``text`` has the form of a Hub repo id, ``namespace/name`` (it says nothing about local paths)."""
+    return bool(text) and bool(_REPO_ID.match(text)) and ".." not in text and not text.endswith((".git", "."))
+
+
 def check_repo_id(repo_id: str | None) -> str:
     """``namespace/name`` or :class:`HubError` explaining the expected form."""
-    if not repo_id or not _REPO_ID.match(repo_id) or ".." in repo_id or repo_id.endswith((".git", ".")):
+    if not is_repo_id(repo_id):
         raise HubError(
             f"Invalid repo id {repo_id!r}: give it as namespace/name (your user or organization, then the model "
             "name; letters, digits, '-', '_' and '.'), e.g. --repo-id alice/switch-base-8-sentiment-x4."
@@ -275,4 +280,6 @@ def _commit_description(folder: Path) -> str:
     return "; ".join(parts) + "."
 
 
-__all__ = ["PushResult", "check_repo_id", "commit_message", "preflight", "push_folder", "resolve_endpoint"]
+__all__ = [
+    "PushResult", "check_repo_id", "commit_message", "is_repo_id", "preflight", "push_folder", "resolve_endpoint",
+]

@@ -208,21 +208,11 @@ def _meta_model(root: Path) -> tuple[Any, Any]:
 
 def _file_shapes(root: Path) -> dict[str, tuple[int, ...]]:
     """``{tensor key: shape}`` from the safetensors headers (the index's shards when the folder is sharded)."""
-    from safetensors import safe_open
+    from uncurl_hf.io.safetensors import stored_tensors, weight_files
 
-    index = root / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted({str(f) for f in json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()})
-    else:
-        files = sorted(p.name for p in root.glob("*.safetensors"))
-    if not files:
+    if not weight_files(root):
         raise FileNotFoundError("no *.safetensors files")
-    shapes: dict[str, tuple[int, ...]] = {}
-    for name in files:
-        with safe_open(str(root / name), framework="pt") as handle:
-            for key in handle.keys():
-                shapes[key] = tuple(handle.get_slice(key).get_shape())
-    return shapes
+    return {key: stored.shape for key, stored in stored_tensors(root).items()}
 
 
 def _shape_problems(model: Any, shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
