@@ -20,7 +20,9 @@ sys.path.insert(0, str(ROOT / "tests"))  # the shared Playwright helpers live be
 
 from browser import chromium_page, open_app, run_compare  # noqa: E402
 
-from uncurl_hf.space import app as space  # noqa: E402
+from uncurl_hf.io.resolve import resolve_model  # noqa: E402
+from uncurl_hf.space.app import DEFAULT_ZOO_MODEL, build_demo, default_models, launch_demo  # noqa: E402
+from uncurl_hf.space.comparison import DEFAULT_TASK, display_text  # noqa: E402
 from uncurl_hf.evaluation.tasks import get_task  # noqa: E402
 
 logger = logging.getLogger("space_screenshot")
@@ -29,22 +31,22 @@ logger = logging.getLogger("space_screenshot")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "docs" / "space.png"), help="PNG to write")
-    parser.add_argument("--base", default=space.DEFAULT_ZOO_MODEL, help="base model (zoo name or folder)")
+    parser.add_argument("--base", default=DEFAULT_ZOO_MODEL, help="base model (zoo name or folder)")
     parser.add_argument("--pruned", help="pruned folder (default: the base pruned x4 with frequency, cached)")
     parser.add_argument("--example", type=int, default=1, help="index of the sentiment test example to type")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     if args.pruned:
-        base = space.resolve_model(args.base)
-        choices: dict[str, str] = {Path(args.pruned).name: str(space.resolve_model(args.pruned))}
+        base = resolve_model(args.base)
+        choices: dict[str, str] = {Path(args.pruned).name: str(resolve_model(args.pruned))}
     else:
-        base, all_choices = space.default_models(args.base, factors=(4,))
+        base, all_choices = default_models(args.base, factors=(4,))
         choices = all_choices
-    task = get_task(space.DEFAULT_TASK)
-    text = space.display_text(task, task.load_split("test")[args.example].source)
-    demo = space.build_demo(str(base), choices)
-    url = space.launch_demo(demo, prevent_thread_lock=True, quiet=True)
+    task = get_task(DEFAULT_TASK)
+    text = display_text(task, task.load_split("test")[args.example].source)
+    demo = build_demo(str(base), choices)
+    url = launch_demo(demo, prevent_thread_lock=True, quiet=True)
     try:
         with chromium_page(width=1280, height=1000) as page:
             open_app(page, url)

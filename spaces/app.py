@@ -1,6 +1,6 @@
 """Hugging Face Space: task-specific expert pruning (uncurl-hf), original vs pruned side by side.
 
-Everything lives in :mod:`uncurl_hf.space.app` so this Space, `uncurl demo` and the tests run the same code. On first
+Everything lives in :mod:`uncurl_hf.space` so this Space, `uncurl demo` and the tests run the same code. On first
 launch the embedded zoo model (tiny-switch-8) is pruned at factors 2/4/8 on the sentiment task into the cache.
 Runs offline: nothing is downloaded from the Hub.
 """

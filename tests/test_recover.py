@@ -1,4 +1,4 @@
-"""`uncurl recover`: LoRA recovery of a pruned checkpoint (uncurl_hf/recover/train.py).
+"""`uncurl recover`: LoRA recovery of a pruned checkpoint (uncurl_hf/recover/, uncurl_hf/cards/recovery_card.py).
 
 Every test starts from the tiny random-init Switch model (``switch_dir``: d_model 32, 4+4 layers, 8 experts in
 each of 4 sparse layers) pruned x2 with frequency on the sentiment task, so each sparse layer keeps 4 experts.
@@ -19,19 +19,14 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 import uncurl_hf
 from uncurl_hf.io.checkpoint import TOKENIZER_FILES, load_model, load_tokenizer
 from uncurl_hf.cli.main import main
-from uncurl_hf.errors import ModelNotFoundError, OutputExistsError, UnknownTaskError
+from uncurl_hf.cards.recovery_card import merged_card
+from uncurl_hf.errors import ModelNotFoundError, OutputExistsError, RecoveryError, UnknownTaskError
 from uncurl_hf.families import get_family
-from uncurl_hf.recover.train import (
-    RECOVERY_FILENAME,
-    RecoverConfig,
-    RecoveryError,
-    add_lora,
-    merged_card,
-    recover,
-    train_lora,
-    training_batches,
-)
+from uncurl_hf.recover.config import RECOVERY_FILENAME, RecoverConfig
+from uncurl_hf.recover.lora import add_lora
+from uncurl_hf.recover.train import recover, train_lora, training_batches
 from uncurl_hf.evaluation.tasks import get_task
+from helpers import prune_flat
 
 pytest.importorskip("peft")
 # peft 0.21 reads a transformers attribute that transformers 5 deprecates; not what these tests are about.
@@ -47,7 +42,7 @@ TRAINABLE_R8 = 80 * 8 * (32 + 32)
 @pytest.fixture(scope="module")
 def pruned_dir(switch_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("recover") / "pruned-x2"
-    uncurl_hf.prune(
+    prune_flat(
         str(switch_dir), task="sentiment", factor=2, method="frequency", output_dir=out,
         num_calibration_examples=32, progress=False,
     )

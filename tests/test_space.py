@@ -1,7 +1,8 @@
-"""The Gradio Space (uncurl_hf/space/app.py): the pure functions, the running server through gradio_client, and the page
+"""The Gradio Space (uncurl_hf/space/): the pure functions, the running server through gradio_client, and the page
 in a real browser (Debian's Chromium through Playwright), on tiny random models so nothing waits for the zoo model.
 
-Browser tests check that what the page shows equals what :func:`uncurl_hf.space.app.compare` returns for the same input.
+Browser tests check that what the page shows equals what :func:`uncurl_hf.space.comparison.compare` returns for the
+same input.
 """
 
 from __future__ import annotations
@@ -14,9 +15,21 @@ from typing import Any
 import pytest
 from browser import RESULT_TIMEOUT_MS, chromium_page, chromium_path, open_app, run_compare
 
-from uncurl_hf.space import app as space
-from uncurl_hf.errors import ModelNotFoundError
-from uncurl_hf.pipeline.prune import prune
+from uncurl_hf.errors import ModelNotFoundError, RequestTimeoutError, SpaceInputError
+from uncurl_hf.io.resolve import resolve_model
+from uncurl_hf.space import app, comparison
+from uncurl_hf.space.app import build_demo, default_models, launch_demo
+from uncurl_hf.space.comparison import compare, compare_batch, display_text, model_input
+from uncurl_hf.space.limits import (
+    EMPTY_INPUT_MESSAGE,
+    MAX_BATCH,
+    MAX_INPUT_CHARS,
+    check_batch_size,
+    check_text,
+    too_long_message,
+)
+from uncurl_hf.space.render import expert_usage_figure, format_probability, latency_figure, side_html
+from helpers import prune_flat
 from uncurl_hf.evaluation.tasks import get_task
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,14 +52,14 @@ def _stable(side: dict[str, Any]) -> dict[str, Any]:
 @pytest.fixture(autouse=True)
 def _one_timing_run(monkeypatch: pytest.MonkeyPatch) -> None:
     """Time each call once instead of taking a median: the tests check values, not speed."""
-    monkeypatch.setattr(space, "LATENCY_REPEATS", 1)
+    monkeypatch.setattr(comparison, "LATENCY_REPEATS", 1)
 
 
 @pytest.fixture(scope="module")
 def models(switch_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """The tiny random Switch model and a frequency x2 pruned copy calibrated on the sentiment task."""
     pruned = tmp_path_factory.mktemp("space") / "switch-frequency-x2"
-    prune(str(switch_dir), output_dir=pruned, factor=2, method="frequency", task="sentiment",
+    prune_flat(str(switch_dir), output_dir=pruned, factor=2, method="frequency", task="sentiment",
           num_calibration_examples=16, progress=False)
     return switch_dir, pruned
 
@@ -54,14 +67,14 @@ def models(switch_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[
 @pytest.fixture(scope="module")
 def example_text() -> str:
     task = get_task("sentiment")
-    return space.display_text(task, task.load_split("test")[0].source)
+    return display_text(task, task.load_split("test")[0].source)
 
 
 @pytest.fixture(scope="module")
 def app_url(models: tuple[Path, Path]) -> Any:
     base, pruned = models
-    demo = space.build_demo(str(base), {"tiny switch · frequency ×2": str(pruned)}, num_examples=4)
-    url = space.launch_demo(demo, host="127.0.0.1", port=_free_port(), prevent_thread_lock=True, quiet=True)
+    demo = build_demo(str(base), {"tiny switch · frequency ×2": str(pruned)}, num_examples=4)
+    url = launch_demo(demo, host="127.0.0.1", port=_free_port(), prevent_thread_lock=True, quiet=True)
     yield url
     demo.close()
 
@@ -81,24 +94,24 @@ def page(app_url: str) -> Any:
 
 def test_input_checks() -> None:
     for empty in ("", "   \n", None):
-        with pytest.raises(space.SpaceInputError, match="The input is empty"):
-            space.check_text(empty)
-    assert space.check_text("  fine  ") == "fine"
-    assert space.check_text("x" * space.MAX_INPUT_CHARS) == "x" * space.MAX_INPUT_CHARS
-    with pytest.raises(space.SpaceInputError, match=f"limit is {space.MAX_INPUT_CHARS} characters"):
-        space.check_text("x" * (space.MAX_INPUT_CHARS + 1))
-    assert space.check_batch_size(4.0) == 4
-    for bad in (0, space.MAX_BATCH + 1, 2.5, None, "x", float("nan")):
-        with pytest.raises(space.SpaceInputError, match="whole number"):
-            space.check_batch_size(bad)
+        with pytest.raises(SpaceInputError, match="The input is empty"):
+            check_text(empty)
+    assert check_text("  fine  ") == "fine"
+    assert check_text("x" * MAX_INPUT_CHARS) == "x" * MAX_INPUT_CHARS
+    with pytest.raises(SpaceInputError, match=f"limit is {MAX_INPUT_CHARS} characters"):
+        check_text("x" * (MAX_INPUT_CHARS + 1))
+    assert check_batch_size(4.0) == 4
+    for bad in (0, MAX_BATCH + 1, 2.5, None, "x", float("nan")):
+        with pytest.raises(SpaceInputError, match="whole number"):
+            check_batch_size(bad)
 
 
 def test_compare_result(models: tuple[Path, Path], example_text: str) -> None:
     base, pruned = models
-    result = space.compare(example_text, base, pruned)
+    result = compare(example_text, base, pruned)
     task = get_task("sentiment")
     assert result["model_input"] == task.format(example_text)
-    assert space.model_input(task, "Sentiment: " + example_text) == "Sentiment: " + example_text  # no double prefix
+    assert model_input(task, "Sentiment: " + example_text) == "Sentiment: " + example_text  # no double prefix
     for side in ("original", "pruned"):
         out = result[side]
         assert set(out["probabilities"]) == set(task.labels)
@@ -115,12 +128,12 @@ def test_compare_result(models: tuple[Path, Path], example_text: str) -> None:
     # pruned experts are mapped back to original ids through the plan written beside the weights
     usage = result["pruned"]["expert_usage"]["encoder.block.1"]
     assert usage["source_experts"] == 8 and len(usage["groups"]) == 4
-    again = space.compare(example_text, base, pruned)
+    again = compare(example_text, base, pruned)
     assert _stable(again["original"]) == _stable(result["original"])
     assert _stable(again["pruned"]) == _stable(result["pruned"])
-    figure = space.expert_usage_figure(result)
+    figure = expert_usage_figure(result)
     assert len(figure.axes) == 3  # original, pruned, colour bar
-    html = space.side_html(result["pruned"], "pruned")
+    html = side_html(result["pruned"], "pruned")
     assert result["pruned"]["label"] in html and "ms" in html and "tokens/s" in html
 
 
@@ -128,12 +141,12 @@ def test_requests_stop_at_their_time_budget(models: tuple[Path, Path], example_t
     """A request over its budget stops between model runs with a message naming the fix; a generous budget changes
     nothing, and a timed-out request leaves the models free for the next one."""
     base, pruned = models
-    with pytest.raises(space.RequestTimeoutError, match=r"longer than its 1e-09 s limit .*--request-timeout"):
-        space.compare(example_text, base, pruned, timeout=1e-9)
-    with pytest.raises(space.RequestTimeoutError, match="fewer examples"):
-        space.compare_batch(5, base, pruned, timeout=1e-9)
-    generous = space.compare(example_text, base, pruned, timeout=600)
-    unlimited = space.compare(example_text, base, pruned)
+    with pytest.raises(RequestTimeoutError, match=r"longer than its 1e-09 s limit .*--request-timeout"):
+        compare(example_text, base, pruned, timeout=1e-9)
+    with pytest.raises(RequestTimeoutError, match="fewer examples"):
+        compare_batch(5, base, pruned, timeout=1e-9)
+    generous = compare(example_text, base, pruned, timeout=600)
+    unlimited = compare(example_text, base, pruned)
     assert {s: _stable(generous[s]) for s in ("original", "pruned")} == {
         s: _stable(unlimited[s]) for s in ("original", "pruned")
     }
@@ -141,16 +154,16 @@ def test_requests_stop_at_their_time_budget(models: tuple[Path, Path], example_t
 
 def test_compare_batch(models: tuple[Path, Path]) -> None:
     base, pruned = models
-    batch = space.compare_batch(4, base, pruned)
+    batch = compare_batch(4, base, pruned)
     assert batch["n"] == 4 and len(batch["rows"]) == 4
     rows = batch["rows"]
     assert batch["agreement"] == sum(r["original"] == r["pruned"] for r in rows) / 4
     for side in ("original", "pruned"):
         assert batch["scores"][side] == sum(r[side] == r["gold"] for r in rows) / 4  # accuracy
         assert len(batch["latency_ms"][side]) == 4 and min(batch["latency_ms"][side]) > 0
-    assert space.latency_figure(batch).axes
-    with pytest.raises(space.SpaceInputError):
-        space.compare_batch(0, base, pruned)
+    assert latency_figure(batch).axes
+    with pytest.raises(SpaceInputError):
+        compare_batch(0, base, pruned)
 
 
 def test_resolve_model_is_offline(models: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -159,33 +172,33 @@ def test_resolve_model_is_offline(models: tuple[Path, Path], tmp_path: Path, mon
     from huggingface_hub import constants
 
     base, _ = models
-    assert space.resolve_model(str(base)) == base.resolve()
+    assert resolve_model(str(base)) == base.resolve()
     with pytest.raises(ModelNotFoundError, match="neither an existing folder"):
-        space.resolve_model(str(tmp_path / "missing"))
-    with pytest.raises(space.SpaceInputError):
-        space.resolve_model("  ")
+        resolve_model(str(tmp_path / "missing"))
+    with pytest.raises(ModelNotFoundError, match="No model given"):  # the one resolver (uncurl_hf.io.resolve)
+        resolve_model("  ")
     cache = tmp_path / "hub"
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     with pytest.raises(ModelNotFoundError, match="not in the local Hugging Face cache"):
-        space.resolve_model("someone/not-cached")
+        resolve_model("someone/not-cached")
     # a Hub id that is in the cache resolves to its snapshot folder, with no network involved
     repo = cache / "models--someone--tiny-switch"
     snapshot = repo / "snapshots" / ("a" * 40)
     shutil.copytree(base, snapshot)
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text("a" * 40)
-    assert space.resolve_model("someone/tiny-switch") == snapshot
+    assert resolve_model("someone/tiny-switch") == snapshot
 
 
 def test_default_models_prunes_once(switch_dir: Path, tmp_path: Path) -> None:
     root = tmp_path / "space-cache"
-    base, pruned = space.default_models(str(switch_dir), factors=(4,), cache_root=root, progress=False,
+    base, pruned = default_models(str(switch_dir), factors=(4,), cache_root=root, progress=False,
                                         num_calibration_examples=8)
     assert base == switch_dir.resolve() and len(pruned) == 1
     (label, folder), = pruned.items()
     assert "×4" in label and Path(folder).parent == root and (Path(folder) / "config.json").is_file()
     stamp = (Path(folder) / "config.json").stat().st_mtime_ns
-    assert space.default_models(str(switch_dir), factors=(4,), cache_root=root, progress=False)[1] == pruned
+    assert default_models(str(switch_dir), factors=(4,), cache_root=root, progress=False)[1] == pruned
     assert (Path(folder) / "config.json").stat().st_mtime_ns == stamp  # reused, not pruned again
 
 
@@ -193,7 +206,7 @@ def test_cli_demo_forwards_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
     from uncurl_hf.cli.main import main
 
     calls: list[dict[str, Any]] = []
-    monkeypatch.setattr(space, "launch", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(app, "launch", lambda **kwargs: calls.append(kwargs))
     assert main(["demo", "--share", "false", "--port", "7999", "--host", "127.0.0.1", "--base", "B",
                  "--pruned", "P1", "--pruned", "P2", "--no-progress"]) == 0
     assert main(["demo", "--request-timeout", "0"]) == 0
@@ -230,13 +243,13 @@ def test_gradio_client(app_url: str, models: tuple[Path, Path], example_text: st
     base, pruned = models
     client = Client(app_url, verbose=False)
     remote = client.predict(example_text, str(base), str(pruned), api_name="/compare_json")
-    local = space.compare(example_text, base, pruned)
+    local = compare(example_text, base, pruned)
     for side in ("original", "pruned"):
         assert _stable(remote[side]) == _stable(local[side])
     with pytest.raises(Exception, match="The input is empty"):
         client.predict("", str(base), str(pruned), api_name="/compare_json")
     batch = client.predict(3, str(base), str(pruned), api_name="/compare_batch_json")
-    assert batch["rows"] == space.compare_batch(3, base, pruned)["rows"]
+    assert batch["rows"] == compare_batch(3, base, pruned)["rows"]
     status, original_html, *_ = client.predict(example_text, str(base), str(pruned), api_name="/compare")
     assert status.startswith("Compared in") and local["original"]["label"] in original_html
     status, original_html, *_ = client.predict("x" * 1001, str(base), str(pruned), api_name="/compare")
@@ -249,8 +262,8 @@ def test_app_enforces_its_request_timeout(models: tuple[Path, Path], example_tex
     from gradio_client import Client
 
     base, pruned = models
-    demo = space.build_demo(str(base), [str(pruned)], num_examples=1, request_timeout=1e-9)
-    url = space.launch_demo(demo, host="127.0.0.1", port=_free_port(), prevent_thread_lock=True, quiet=True)
+    demo = build_demo(str(base), [str(pruned)], num_examples=1, request_timeout=1e-9)
+    url = launch_demo(demo, host="127.0.0.1", port=_free_port(), prevent_thread_lock=True, quiet=True)
     try:
         client = Client(url, verbose=False)
         for _ in range(2):
@@ -271,11 +284,11 @@ def test_browser_compare_matches_python_api(
     base, pruned = models
     shown = run_compare(page, example_text)
     assert shown["status"].startswith("Compared in"), shown["status"]
-    expected = space.compare(example_text, base, pruned)
+    expected = compare(example_text, base, pruned)
     for side in ("original", "pruned"):
         assert shown[side]["label"] == expected[side]["label"]
         assert shown[side]["probabilities"] == {
-            label: space.format_probability(p) for label, p in expected[side]["probabilities"].items()
+            label: format_probability(p) for label, p in expected[side]["probabilities"].items()
         }
         assert shown[side]["generated"] == (expected[side]["generated"] or "(empty)")
         assert LATENCY.match(shown[side]["latency"]), shown[side]["latency"]
@@ -289,10 +302,10 @@ def test_browser_compare_matches_python_api(
 
 def test_browser_input_messages(page: Any) -> None:
     shown = run_compare(page, "")
-    assert space.EMPTY_INPUT_MESSAGE in shown["status"]
+    assert EMPTY_INPUT_MESSAGE in shown["status"]
     assert shown["original"] is None and shown["pruned"] is None
     shown = run_compare(page, "a fine film. " * 100)
-    assert space.too_long_message(len(("a fine film. " * 100).strip())) in shown["status"]
+    assert too_long_message(len(("a fine film. " * 100).strip())) in shown["status"]
     assert shown["original"] is None and shown["pruned"] is None
 
 
@@ -306,7 +319,7 @@ def test_browser_batch_tab(page: Any, models: tuple[Path, Path]) -> None:
     number.press("Enter")
     page.click("#batch-button")
     expect(page.locator("#batch-status")).to_contain_text("Ran 3 examples", timeout=RESULT_TIMEOUT_MS)
-    expected = space.compare_batch(3, base, pruned)
+    expected = compare_batch(3, base, pruned)
     assert page.locator("#batch-summary .agreement").inner_text() == f"{expected['agreement']:.1%}"
     assert page.locator("#batch-summary .score-pruned").inner_text() == f"{expected['scores']['pruned']:.4f}"
     page.locator("#latency-plot img").first.wait_for(state="visible")
@@ -324,7 +337,7 @@ def test_concurrent_requests_are_all_answered_correctly(app_url: str, models: tu
 
     base, pruned = models
     texts = [e.source.removeprefix("sentiment: ") for e in get_task("sentiment").load_split("test")[:5]]
-    expected = {t: {side: _stable(space.compare(t, base, pruned)[side]) for side in ("original", "pruned")} for t in texts}
+    expected = {t: {side: _stable(compare(t, base, pruned)[side]) for side in ("original", "pruned")} for t in texts}
     client = Client(app_url, verbose=False)
 
     def ask(i: int) -> tuple[str, dict[str, Any]]:

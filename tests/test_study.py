@@ -12,7 +12,8 @@ import pytest
 
 from uncurl_hf.experiments import study
 from uncurl_hf.errors import UncurlError
-from uncurl_hf.experiments.sweep import SweepConfig, SweepPoint, SweepResult, compute_thresholds
+from uncurl_hf.experiments.sweep import SweepConfig, SweepPoint, SweepResult
+from uncurl_hf.experiments.thresholds import compute_thresholds
 from uncurl_hf.zoo import registry
 
 CONFIG = study.StudyConfig(experts=(8,), scratch_experts=(2, 4), tasks=("sentiment",), methods=("uncurl", "frequency"),
