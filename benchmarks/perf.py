@@ -139,13 +139,13 @@ def measure_overhead(model_dir: Path, task_name: str, num_examples: int, repeats
     """Seconds of a plain forward pass and of :func:`calibrate` over the same batches, in alternating order."""
     import torch
 
-    from uncurl_hf import PruningConfig, build_batches, calibrate, get_family, load_model
+    from uncurl_hf import CalibrationSpec, build_batches, calibrate, get_family, load_model
     from uncurl_hf.io.checkpoint import load_tokenizer
     from uncurl_hf.evaluation.tasks import get_task
 
     model = load_model(model_dir)
     family = get_family(model)
-    defaults = PruningConfig(factor=2.0)
+    defaults = CalibrationSpec()
     examples = get_task(task_name).calibration_examples(num_examples, seed)
     batches = build_batches(examples, load_tokenizer(model_dir), defaults.batch_size, defaults.max_length)
 
@@ -204,13 +204,13 @@ def _model_cost(folder: str, name: str, factor: float | None, task_name: str, re
 def measure_models(model_dir: Path, task_name: str, factors: Sequence[float], repeats: int, seed: int,
                    workdir: Path) -> list[ModelCost]:
     """Prune with ``frequency`` at every factor, then measure the original and each pruned checkpoint."""
-    from uncurl_hf import prune
+    from uncurl_hf import CalibrationSpec, PruneRecipe, RunOptions, prune
 
     folders: list[tuple[str, float | None, Path]] = [("original", None, model_dir)]
     for factor in factors:
         out = workdir / f"x{factor:g}"
-        prune(model_dir, output_dir=out, task=task_name, factor=factor, method="frequency", seed=seed, card=False,
-              progress=False)
+        recipe = PruneRecipe(method="frequency", factor=factor, calibration=CalibrationSpec(task=task_name, seed=seed))
+        prune(model_dir, recipe, out, RunOptions(card=False, progress=False))
         folders.append((f"x{factor:g}", factor, out))
     costs = []
     for name, factor, folder in folders:
@@ -293,8 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from quality import resolve_model
+    from uncurl_hf.io.resolve import resolve_model
 
     model_dir = resolve_model(args.model)
     logger.info("calibration overhead on %s", model_dir)

@@ -70,16 +70,6 @@ class TaskInfo:
     calibration_s: float
 
 
-def resolve_model(name_or_path: str) -> Path:
-    """A checkpoint folder, or the folder of a built zoo model (never trains one: that is `uncurl zoo build`)."""
-    path = Path(name_or_path).expanduser()
-    if path.exists():
-        return path
-    from uncurl_hf.zoo.registry import zoo_path
-
-    return zoo_path(name_or_path, build_if_missing=False)
-
-
 def run_task(
     model_dir: Path,
     task_name: str,
@@ -92,14 +82,14 @@ def run_task(
     sequential: bool = False,
 ) -> tuple[TaskInfo, list[Cell]]:
     """Calibrate once on ``task_name`` and score every method spec at every factor."""
-    from uncurl_hf import PruningConfig, apply_plan, build_batches, calibrate, get_family, load_model
+    from uncurl_hf import CalibrationSpec, PruneRecipe, apply_plan, build_batches, calibrate, get_family, load_model
     from uncurl_hf.surgery.budget import expert_budget
     from uncurl_hf.io.checkpoint import load_tokenizer
     from uncurl_hf.errors import InvalidFactorError
     from uncurl_hf.experiments.sweep import parse_method_spec
     from uncurl_hf.evaluation.scoring import label_distribution
     from uncurl_hf.methods import get_method
-    from uncurl_hf.pipeline.sequential import calibrate_and_plan
+    from uncurl_hf.pipeline.planning import plan_model
     from uncurl_hf.evaluation.tasks import get_task
 
     task = get_task(task_name)
@@ -110,7 +100,7 @@ def run_task(
     test = task.load_split("test")[:limit] if limit else task.load_split("test")
     reference = label_distribution(model, tokenizer, task, test)
     baseline = _score(task, reference, test)
-    defaults = PruningConfig(factor=2.0, num_calibration_examples=num_calibration, seed=seed)  # batch/length defaults
+    defaults = CalibrationSpec(task=task_name, num_examples=num_calibration, seed=seed)  # batch/length defaults
     examples = task.calibration_examples(num_calibration, seed)
     start = time.perf_counter()
     batches = build_batches(examples, tokenizer, batch_size=defaults.batch_size, max_length=defaults.max_length)
@@ -128,18 +118,12 @@ def run_task(
         for spec in methods:
             name, kwargs = parse_method_spec(spec)
             method = get_method(name)
-            config = PruningConfig(method=name, factor=factor, seed=seed, method_kwargs=kwargs)
+            recipe = PruneRecipe(method=name, factor=factor, method_options=kwargs, calibration=defaults)
             for mode in ("one-shot", "sequential") if sequential else ("one-shot",):
                 start = time.perf_counter()
-                if mode == "one-shot":
-                    plan = method(stats, model, family, budget, config)
-                else:
-                    plan = calibrate_and_plan(
-                        model, family, method, batches, budget, config, sequential=True, initial_stats=stats,
-                        progress=False,
-                    ).plan
+                plan = plan_model(model, family, method, stats, budget, recipe, sequential=mode == "sequential",
+                                  batches=batches).plan  # the one planning step (allocate, plan, validate)
                 plan_s = time.perf_counter() - start
-                plan.validate(sizes, method.allocate(stats, budget, config))
                 pruned = apply_plan(model, family, plan)
                 if from_disk:
                     pruned = _reload(pruned, plan, model_dir)
@@ -260,6 +244,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
+
+    from uncurl_hf.io.resolve import resolve_model
 
     model_dir = resolve_model(args.model)
     methods = split_methods(args.methods)

@@ -109,7 +109,9 @@ def lora_control(source: Path, task: str, args: argparse.Namespace) -> dict[str,
     original is recovery of what pruning lost, and how much is just more fine-tuning of an under-trained model."""
     from uncurl_hf.io.checkpoint import load_model, load_tokenizer
     from uncurl_hf.evaluation.scoring import task_score
-    from uncurl_hf.recover.train import RecoverConfig, add_lora, train_lora, training_batches
+    from uncurl_hf.recover.config import RecoverConfig
+    from uncurl_hf.recover.lora import add_lora
+    from uncurl_hf.recover.train import train_lora, training_batches
     from uncurl_hf.evaluation.tasks import get_task
 
     config = RecoverConfig(task=task, steps=args.steps, lr=args.lr, rank=args.rank, batch_size=args.batch_size,
@@ -130,14 +132,16 @@ def run_one(
 ) -> Row:
     """Prune ``source`` at ``factor``, recover it, and compare with the original's scores (``original[split]``)."""
     import uncurl_hf
-    from uncurl_hf.recover.train import RecoverConfig, recover
+    from uncurl_hf.recover.config import RecoverConfig
+    from uncurl_hf.recover.train import recover
 
     pruned_dir = workdir / f"{name}-x{factor:g}"
     t0 = time.perf_counter()
-    uncurl_hf.prune(
-        str(source), task=task, factor=factor, method=args.method, output_dir=pruned_dir, overwrite=True,
-        progress=False, num_calibration_examples=args.num_calibration, seed=args.seed,
+    recipe = uncurl_hf.PruneRecipe(
+        method=args.method, factor=factor,
+        calibration=uncurl_hf.CalibrationSpec(task=task, num_examples=args.num_calibration, seed=args.seed),
     )
+    uncurl_hf.prune(str(source), recipe, pruned_dir, uncurl_hf.RunOptions(overwrite=True, progress=False))
     prune_s = time.perf_counter() - t0
     config = RecoverConfig(
         task=task, steps=args.steps, lr=args.lr, rank=args.rank, batch_size=args.batch_size, seed=args.seed,

@@ -134,14 +134,8 @@ def generate_checkpoint(
     import torch
     from tqdm.auto import tqdm
 
-    from uncurl_hf.surgery.streaming import (
-        SAFE_WEIGHTS_INDEX_NAME,
-        OutputTensor,
-        ShardWriter,
-        safetensors_dtype,
-        shard_layout,
-        shard_names,
-    )
+    from uncurl_hf.io.safetensors import SAFE_WEIGHTS_INDEX_NAME, safetensors_dtype
+    from uncurl_hf.io.shards import OutputTensor, ShardWriter, shard_layout, shard_names
 
     config = synthetic_config(size_gb, dtype)
     tensors = stored_tensors(config)
@@ -177,16 +171,16 @@ def generate_checkpoint(
 def config_plan(folder: Path, factor: float = 2.0, seed: int = 0) -> Any:
     """A ``random`` plan from ``config.json`` and the tensor keys alone (no model, no calibration)."""
     from uncurl_hf.surgery.budget import experts_to_keep
-    from uncurl_hf.recipe import PruningConfig
+    from uncurl_hf.recipe import CalibrationSpec, PruneRecipe
     from uncurl_hf.families import get_family
     from uncurl_hf.methods import get_method
     from uncurl_hf.plan import PruningPlan
-    from uncurl_hf.surgery.streaming import disk_layer_sizes
+    from uncurl_hf.io.checkpoint import disk_layer_sizes
 
     config = json.loads((folder / "config.json").read_text())
     family = get_family(config)
     method = get_method("random")
-    settings = PruningConfig(method="random", factor=factor, seed=seed)
+    settings = PruneRecipe(method="random", factor=factor, calibration=CalibrationSpec(seed=seed))
     layers = [
         method.plan_layer(name, count, None, experts_to_keep(count, factor), None, family, settings)
         for name, count in disk_layer_sizes(folder, family).items()
@@ -198,10 +192,10 @@ def config_plan(folder: Path, factor: float = 2.0, seed: int = 0) -> Any:
 def largest_layer_bytes(folder: Path) -> int:
     """Bytes stored for the largest sparse layer (its experts and router)."""
     from uncurl_hf.families import get_family
-    from uncurl_hf.surgery.streaming import CheckpointReader
+    from uncurl_hf.io.safetensors import SafetensorsReader
 
     config = json.loads((folder / "config.json").read_text())
-    with CheckpointReader(folder) as reader:
+    with SafetensorsReader(folder) as reader:
         layers = get_family(config).disk_layers(config, reader.keys())
         return max(sum(reader.info(key).nbytes for key in layer.keys) for layer in layers)
 
@@ -252,9 +246,8 @@ def _child_prune(source: str, plan: str, output: str, streaming: bool, fsync: bo
     import uncurl_hf
 
     start = time.perf_counter()
-    uncurl_hf.prune(
-        source, plan=plan, output_dir=output, overwrite=True, streaming=streaming, progress=False, fsync=fsync
-    )
+    uncurl_hf.prune(source, uncurl_hf.PruneRecipe(plan=plan), output,
+                    uncurl_hf.RunOptions(overwrite=True, streaming=streaming, progress=False, fsync=fsync))
     print(json.dumps({"seconds": time.perf_counter() - start}))
 
 
@@ -337,11 +330,11 @@ def _same_weights(a: Path, b: Path) -> bool:
     """Streaming and in-memory outputs hold bit-identical tensors (and, single-shard, identical files)."""
     from safetensors import safe_open
 
-    from uncurl_hf.surgery.streaming import checkpoint_files
+    from uncurl_hf.io.safetensors import weight_files
 
     def tensors(folder: Path) -> dict[str, Any]:
         found = {}
-        for file in checkpoint_files(folder):
+        for file in weight_files(folder):
             with safe_open(str(file), "pt") as handle:
                 found.update({key: handle.get_tensor(key) for key in handle.keys()})
         return found

@@ -94,7 +94,10 @@ def study_config(num_experts: int, task: str) -> StudyConfig:
 
 def sweep_variant(num_experts: int, task: str, seed: int, progress: bool = False) -> Any:
     """The variant's sweep: seed 0 through the study's own cache; other seeds keyed the same way plus the seed."""
-    from uncurl_hf.experiments.sweep import load_sweep, run_sweep
+    from dataclasses import replace
+
+    from uncurl_hf.experiments.sweep import SweepConfig, run_sweep
+    from uncurl_hf.experiments.sweep_output import load_sweep
 
     config = study_config(num_experts, task)
     if seed == 0:
@@ -102,7 +105,7 @@ def sweep_variant(num_experts: int, task: str, seed: int, progress: bool = False
     name = variant_name(num_experts, task, seed)
     wanted = {
         "methods": list(config.methods), "factors": list(config.factors(num_experts)), "tolerance": config.tolerance,
-        "bootstrap": config.bootstrap, "calibration": config.num_calibration_examples, "seed": config.seed,
+        "bootstrap": config.bootstrap, "calibration": config.calibration.num_examples, "seed": config.calibration.seed,
         "limit": config.max_eval_examples, "model_test": manifest(num_experts, task, seed)["test"],
         "finetune_seed": seed,
     }
@@ -112,12 +115,12 @@ def sweep_variant(num_experts: int, task: str, seed: int, progress: bool = False
     if key_file.exists() and json.loads(key_file.read_text()) == wanted:
         return load_sweep(folder)
     logger.info("sweeping %s over factors %s", name, config.factors(num_experts))
-    result = run_sweep(
-        model_folder(num_experts, task, seed), task, config.methods, config.factors(num_experts), split="test",
-        num_calibration_examples=config.num_calibration_examples, seed=config.seed,
-        max_eval_examples=config.max_eval_examples, progress=progress, tolerance=config.tolerance,
-        bootstrap=config.bootstrap, output_dir=folder, overwrite=True,
+    sweep = SweepConfig(
+        model=str(model_folder(num_experts, task, seed)), task=task, methods=config.methods,
+        factors=config.factors(num_experts), split="test", max_eval_examples=config.max_eval_examples,
+        tolerance=config.tolerance, bootstrap=config.bootstrap, calibration=replace(config.calibration, task=task),
     )
+    result = run_sweep(sweep, progress=progress, output_dir=folder, overwrite=True)
     key_file.write_text(json.dumps(wanted, sort_keys=True))
     return result
 
@@ -177,7 +180,7 @@ def collect(experts: list[int], task: str, seeds: list[int]) -> dict[str, Any]:
             })
     return {
         "task": task, "experts": experts, "seeds": seeds, "methods": list(config.methods),
-        "sweep": {"calibration": config.num_calibration_examples, "calibration_seed": config.seed,
+        "sweep": {"calibration": config.calibration.num_examples, "calibration_seed": config.calibration.seed,
                   "tolerance": config.tolerance, "bootstrap": config.bootstrap, "split": "test"},
         "runs": runs, "spread": spread(runs, experts, list(config.methods)),
     }

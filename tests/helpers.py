@@ -203,3 +203,46 @@ def calibrate_one_block_at_a_time(offloaded: Any, blocks: list[str], batches: li
     assert counters.peak_blocks_in_memory == 1 and counters.blocks_in_memory == 0
     assert counters.loaded_blocks[: len(blocks)] == blocks  # forward order
 
+
+
+# -- the recipe API in tests -------------------------------------------------------------------------------------
+# Tests name settings flat (factor=2, task=..., streaming=True); these helpers route each name to the recipe, its
+# calibration spec or the run options, so a test reads like the call it specifies. The public API is
+# ``uncurl_hf.prune(model, PruneRecipe(...), output_dir, RunOptions(...))``; tests/test_recipe.py uses it directly.
+_RENAMED = {"calibration_file": "file", "num_calibration_examples": "num_examples", "method_kwargs": "method_options"}
+
+
+def _split_settings(settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    from dataclasses import fields
+
+    from uncurl_hf import CalibrationSpec, PruneRecipe, RunOptions
+
+    names = [{f.name for f in fields(cls)} for cls in (PruneRecipe, CalibrationSpec, RunOptions)]
+    parts: tuple[dict[str, Any], dict[str, Any], dict[str, Any]] = ({}, {}, {})
+    for key, value in settings.items():
+        key = _RENAMED.get(key, key)
+        index = next((i for i, known in enumerate(names) if key in known and key != "calibration"), None)
+        if index is None:
+            raise TypeError(f"no recipe, calibration or run setting named {key!r}")
+        parts[index][key] = value
+    return parts
+
+
+def make_recipe(**settings: Any) -> Any:
+    """A :class:`PruneRecipe` from flat setting names (recipe and calibration fields)."""
+    from uncurl_hf import CalibrationSpec, PruneRecipe
+
+    recipe, calibration, options = _split_settings(settings)
+    if options:
+        raise TypeError(f"run options {sorted(options)} are not recipe settings")
+    return PruneRecipe(**recipe, calibration=CalibrationSpec(**calibration))
+
+
+def prune_flat(model: Any, output_dir: Any, **settings: Any) -> Any:
+    """``uncurl_hf.prune(model, recipe, output_dir, options)`` with the settings routed by name."""
+    import uncurl_hf
+    from uncurl_hf import CalibrationSpec, PruneRecipe, RunOptions
+
+    recipe, calibration, options = _split_settings(settings)
+    return uncurl_hf.prune(model, PruneRecipe(**recipe, calibration=CalibrationSpec(**calibration)), output_dir,
+                           RunOptions(**options))

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import forked
-from uncurl_hf.io.checkpoint import OLD_PREFIX, TEMP_PREFIX
+from uncurl_hf.io.atomic import OLD_PREFIX, TEMP_PREFIX
 from uncurl_hf.cli.main import main
 from uncurl_hf.errors import OutputExistsError
 from uncurl_hf.io.verify import verify_checkpoint
@@ -33,7 +33,7 @@ def _argv(model: Path, calibration: Path, out: Path, *extra: str) -> list[str]:
 
 def _traced_prune(argv: list[str]) -> int:
     """Child: the CLI, with ``write_checkpoint`` announcing its start and end to the parent."""
-    import uncurl_hf.pipeline.prune as pruning
+    import uncurl_hf.pipeline.output as pruning  # the pipeline step that writes the output
 
     original = pruning.write_checkpoint
 

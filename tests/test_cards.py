@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shlex
 from pathlib import Path
 
 import pytest
@@ -11,11 +10,11 @@ from hub_server import validate_card_metadata
 from huggingface_hub import ModelCard, ModelCardData
 
 import uncurl_hf
-from uncurl_hf.cards.model_card import BASE_MODEL_RELATION, format_ms, format_score, hub_model_id, prune_command
-from uncurl_hf.recipe import PruningConfig
+from uncurl_hf.cards.model_card import BASE_MODEL_RELATION, format_ms, format_score, hub_model_id
 from uncurl_hf.errors import UncurlError
 from uncurl_hf.evaluation.scoring import evaluate_checkpoint
 from uncurl_hf.evaluation.tasks import Example, Task, register_task
+from helpers import prune_flat
 
 TASK = "tiny-sentiment-cards"
 EXAMPLES = [Example(text, label) for text, label in zip(CALIBRATION_TEXTS, CALIBRATION_TARGETS)]
@@ -35,7 +34,7 @@ def _tiny_task() -> Task:
 def evaluated(switch_dir, tmp_path_factory):
     """One pruning run with evaluation (the expensive part, shared by the tests below)."""
     out = tmp_path_factory.mktemp("cards") / "evaluated"
-    result = uncurl_hf.prune(
+    result = prune_flat(
         switch_dir, output_dir=out, factor=2, task=TASK, num_calibration_examples=8, seed=3, progress=False,
         evaluate=True, eval_limit=6, base_model_id="google/switch-base-8",
     )
@@ -75,8 +74,8 @@ def test_card_numbers_are_the_runs_measurements(evaluated):
     for name, before in evaluated.experts_before.items():
         assert f"| `{name}` | {before} | {evaluated.experts_after[name]} |" in body
     assert "| Calibration examples | 8 (at most 128 tokens each) |" in body
-    assert "uncurl prune switch --task tiny-sentiment-cards --factor 2 --method frequency -o OUTPUT_DIR" in body
-    assert "--evaluate --eval-limit 6" in body
+    assert "uncurl prune switch --recipe uncurl_recipe.yaml -o OUTPUT_DIR --evaluate --eval-limit 6" in body
+    assert "method: frequency\n" in body and "factor: 2.0\n" in body and "  task: tiny-sentiment-cards\n" in body
     assert "trust_remote_code=True" in body and "No evaluation was run" not in body
     assert str(evaluated.output_dir.parent) not in body  # no absolute paths in a public card
     summary = evaluated.summary_table()
@@ -84,18 +83,19 @@ def test_card_numbers_are_the_runs_measurements(evaluated):
 
 
 def test_card_without_evaluation_says_so(switch_dir, calibration_jsonl, tmp_path):
-    result = uncurl_hf.prune(
+    result = prune_flat(
         switch_dir, output_dir=tmp_path / "plain", factor=4, calibration_file=calibration_jsonl, progress=False
     )
     card = ModelCard.load(result.output_dir / "README.md")
     data = card.data.to_dict()
     assert "model-index" not in data and "base_model" not in data  # a local path is not a Hub id
     assert "No evaluation was run" in card.text and "quality on the task is **unknown**" in card.text
-    assert "--calibration-file calibration.jsonl --factor 4" in card.text
+    assert "  file: calibration.jsonl\n" in card.text and "factor: 4.0\n" in card.text  # paths shown by name
+    assert str(calibration_jsonl.parent) not in card.text
     assert validate_card_metadata((result.output_dir / "README.md").read_text()) == []
     assert result.eval_original is None and result.eval_pruned is None
 
-    no_card = uncurl_hf.prune(
+    no_card = prune_flat(
         switch_dir, output_dir=tmp_path / "nocard", factor=4, calibration_file=calibration_jsonl, progress=False,
         card=False,
     )
@@ -103,26 +103,27 @@ def test_card_without_evaluation_says_so(switch_dir, calibration_jsonl, tmp_path
 
 
 def test_card_of_a_saved_plan_run_names_the_plan_file_and_its_calibration(switch_dir, calibration_jsonl, tmp_path):
-    """Re-applying a plan: the card's command is `uncurl prune MODEL --plan <file name>`, and the calibration facts
-    come from the plan's metadata."""
-    first = uncurl_hf.prune(
+    """Re-applying a plan: the card's recipe names the plan file (by name), and the calibration facts come from the
+    plan's metadata."""
+    first = prune_flat(
         switch_dir, output_dir=tmp_path / "first", factor=4, calibration_file=calibration_jsonl, progress=False,
         plan_out=tmp_path / "my-plan.json",
     )
-    again = uncurl_hf.prune(switch_dir, output_dir=tmp_path / "again", plan=tmp_path / "my-plan.json", progress=False)
+    again = prune_flat(switch_dir, output_dir=tmp_path / "again", plan=tmp_path / "my-plan.json", progress=False)
     text = ModelCard.load(again.output_dir / "README.md").text
-    assert f"uncurl prune {switch_dir.name} --plan my-plan.json -o OUTPUT_DIR" in text
+    assert f"uncurl prune {switch_dir.name} --recipe uncurl_recipe.yaml -o OUTPUT_DIR" in text
+    assert "plan: my-plan.json\n" in text
     assert "calibration.jsonl" in text
     assert again.plan.counts == first.plan.counts
 
 
 def test_evaluate_needs_a_task_and_fails_before_any_work(switch_dir, calibration_jsonl, tmp_path):
     with pytest.raises(UncurlError, match="--evaluate needs --task"):
-        uncurl_hf.prune(
+        prune_flat(
             switch_dir, output_dir=tmp_path / "x", factor=2, calibration_file=calibration_jsonl, evaluate=True
         )
     with pytest.raises(UncurlError, match="not a Hub model id"):
-        uncurl_hf.prune(
+        prune_flat(
             switch_dir, output_dir=tmp_path / "x", factor=2, calibration_file=calibration_jsonl,
             base_model_id="/some/local/path",
         )
@@ -136,13 +137,12 @@ def test_base_model_id_from_the_hub_cache_layout(tmp_path):
     assert hub_model_id(tmp_path) is None
 
 
-def test_prune_command_for_per_layer_counts_is_a_python_call():
-    config = PruningConfig(num_experts_per_layer={"encoder.block.1": 2}, method="random", seed=1)
-    command = prune_command(Path("/home/someone/models/switch"), config=config, task="sentiment",
-                            calibration_file=None)
-    argv = shlex.split(command)
-    assert argv[:2] == ["python", "-c"]
-    compile(argv[2], "<card command>", "exec")  # a valid, copy-pasteable call
-    assert "uncurl_hf.prune('switch', output_dir='OUTPUT_DIR'" in argv[2]
-    assert "num_experts_per_layer={'encoder.block.1': 2}" in argv[2]
-    assert "/home/someone" not in command
+def test_the_cards_command_reruns_the_recipe_and_names_the_source_without_its_path():
+    from uncurl_hf import RunOptions
+    from uncurl_hf.pipeline.output import recipe_command
+
+    command = recipe_command(Path("/home/someone/models/switch"), RunOptions())
+    assert command == "uncurl prune switch --recipe uncurl_recipe.yaml -o OUTPUT_DIR"
+    assert recipe_command("google/switch-base-8", RunOptions(evaluate=True, eval_limit=5)) == (
+        "uncurl prune google/switch-base-8 --recipe uncurl_recipe.yaml -o OUTPUT_DIR --evaluate --eval-limit 5"
+    )

@@ -17,7 +17,8 @@ from helpers import CALIBRATION_TARGETS, CALIBRATION_TEXTS, hash_tree
 from transformers import AutoTokenizer
 
 import forked
-from uncurl_hf import PruningConfig, build_batches, calibrate, get_method, load_model
+from uncurl_hf import build_batches, calibrate, get_method, load_model
+from helpers import make_recipe
 from uncurl_hf.calibration import distributed
 from uncurl_hf.surgery.budget import expert_budget
 from uncurl_hf.cli.main import main
@@ -56,7 +57,7 @@ def stats_and_plans(model_dir: Path) -> dict:
     stats = calibrate(model, family, batches_for(model_dir), max_logit_samples=MAX_SAMPLES, seed=5, progress=False)
     budget = expert_budget(family.layer_sizes(model), 2.0)
     plans = {
-        name: get_method(name)(stats, model, family, budget, PruningConfig(method=name, factor=2.0, seed=5)).to_dict()
+        name: get_method(name)(stats, model, family, budget, make_recipe(method=name, factor=2.0, seed=5)).to_dict()
         for name in ("frequency", "uncurl")
     }
     return {

@@ -37,6 +37,7 @@ from uncurl_hf.io.checkpoint import load_model, write_checkpoint
 from uncurl_hf.errors import UncurlError, UnsupportedModelError
 from uncurl_hf.families import available_families, get_family
 from uncurl_hf.plan import LayerPlan, PruningPlan
+from helpers import prune_flat
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss")
 STOCK_CLASSES = {
@@ -478,7 +479,7 @@ def test_prune_a_tiny_mixtral_folder_end_to_end(tmp_path):
              ("charming , funny and clever", "positive"), ("the worst script of the year", "negative")]
     calibration.write_text("".join(json.dumps({"text": t, "target": g}) + "\n" for t, g in lines))
 
-    result = uncurl_hf.prune(
+    result = prune_flat(
         str(source), output_dir=tmp_path / "out", factor=2, method="frequency", calibration_file=calibration,
         progress=False,
     )
@@ -498,7 +499,7 @@ def test_prune_a_tiny_mixtral_folder_end_to_end(tmp_path):
     report = verify_checkpoint(result.output_dir)
     assert report.ok, report.format()
     # equal counts are already a stock checkpoint, so --export stock writes the same model
-    stock = uncurl_hf.prune(
+    stock = prune_flat(
         str(source), output_dir=tmp_path / "stock", factor=2, method="frequency", calibration_file=calibration,
         export="stock", progress=False,
     )
@@ -507,7 +508,7 @@ def test_prune_a_tiny_mixtral_folder_end_to_end(tmp_path):
 
 def test_task_evaluation_refuses_causal_lms_with_a_clear_error(tmp_path, capsys):
     from uncurl_hf.cli.main import main
-    from uncurl_hf.pipeline.prune import check_evaluable_family
+    from uncurl_hf.pipeline.source import check_evaluable_family
 
     tiny_model("olmoe").save_pretrained(tmp_path / "olmoe")
     with pytest.raises(UncurlError, match="encoder-decoder models only; olmoe is a decoder-only"):

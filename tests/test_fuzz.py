@@ -17,9 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from uncurl_hf.surgery.budget import expert_budget
-from uncurl_hf.calibration.run import load_calibration_file
-from uncurl_hf.cli.main import _counts, _factor
-from uncurl_hf.recipe import PruningConfig
+from uncurl_hf.calibration.data import load_calibration_file
+from uncurl_hf.cli.arguments import parse_counts, parse_factor
+from helpers import make_recipe
 from uncurl_hf.errors import CalibrationDataError, InvalidFactorError, InvalidPlanError, UncurlError
 from uncurl_hf.plan import PruningPlan
 
@@ -95,7 +95,7 @@ counts = st.none() | st.dictionaries(st.sampled_from([*SIZES, "encoder.block.9"]
 )
 def test_config_and_budget_accept_or_raise_uncurl_errors(factor, per_layer, sizes, seed, method):
     try:
-        config = PruningConfig(method=method, factor=factor, num_experts_per_layer=per_layer,
+        config = make_recipe(method=method, factor=factor, num_experts_per_layer=per_layer,
                                num_calibration_examples=sizes, seed=seed)
     except UncurlError:
         return
@@ -111,9 +111,9 @@ def test_config_and_budget_accept_or_raise_uncurl_errors(factor, per_layer, size
 
 
 @FUZZ
-@given(st.text(max_size=30) | st.none())
+@given(st.text(max_size=30))
 def test_cli_number_parsers(text):
-    for parse in (_factor, _counts):
+    for parse in (parse_factor, parse_counts):
         try:
             parse(text)
         except InvalidFactorError:

@@ -14,9 +14,10 @@ from helpers import CALIBRATION_TARGETS, CALIBRATION_TEXTS, tiny_switch_model
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 import uncurl_hf  # noqa: F401  (registers the pruned model type with the Auto classes)
-from uncurl_hf import LayerPlan, PruningConfig, PruningPlan, apply_plan, build_batches, calibrate, load_model, prune
+from uncurl_hf import LayerPlan, PruningPlan, apply_plan, build_batches, calibrate, load_model
+from helpers import make_recipe, prune_flat
 from uncurl_hf.surgery.budget import expert_budget
-from uncurl_hf.calibration.run import ExpertStats
+from uncurl_hf.calibration.stats import ExpertStats
 from uncurl_hf.io.checkpoint import write_checkpoint
 from uncurl_hf.cli.main import main as cli_main
 from uncurl_hf.errors import UncurlError
@@ -56,14 +57,14 @@ def layer_of(model, name: str):
     return {layer.name: layer for layer in get_family(model).sparse_layers(model)}[name]
 
 
-def counts_config(model, **counts: int) -> PruningConfig:
+def counts_config(model, **counts: int) -> "PruneRecipe":
     """Keep every expert except in the layers named (dots as ``__``): explicit counts, so no adaptive re-split."""
     sizes = get_family(model).layer_sizes(model)
     chosen = {name.replace("__", "."): k for name, k in counts.items()}
-    return PruningConfig(num_experts_per_layer={name: chosen.get(name, size) for name, size in sizes.items()})
+    return make_recipe(num_experts_per_layer={name: chosen.get(name, size) for name, size in sizes.items()})
 
 
-def plan_for(method: str, model, stats, config: PruningConfig) -> PruningPlan:
+def plan_for(method: str, model, stats, config: "PruneRecipe") -> PruningPlan:
     family = get_family(model)
     budget = expert_budget(family.layer_sizes(model), config.factor, config.num_experts_per_layer)
     return get_method(method)(stats, model, family, budget, config)
@@ -172,7 +173,7 @@ def test_method_budget_determinism_and_round_trip(method, kwargs, calibrated, sw
     sizes = family.layer_sizes(model)
     for factor in (2, 4, 8):
         budget = expert_budget(sizes, factor)
-        config = PruningConfig(factor=factor, seed=3, method_kwargs=kwargs)
+        config = make_recipe(method=method, factor=factor, seed=3, method_kwargs=kwargs)
         plan = get_method(method)(stats, model, family, budget, config)
         assert plan.to_json() == get_method(method)(stats, model, family, budget, config).to_json()
         counts = plan.counts
@@ -199,7 +200,7 @@ def test_adaptive_counts_follow_the_task_and_land_in_the_config(calibrated, swit
     entropy = allocate_by_effective_experts(stats, total, list(sizes))
     assert sum(entropy.values()) == total
 
-    result = prune(switch_dir, output_dir=tmp_path / "adaptive", factor=2, method="uncurl",
+    result = prune_flat(switch_dir, output_dir=tmp_path / "adaptive", factor=2, method="uncurl",
                    calibration_file=calibration_jsonl, progress=False)
     assert result.plan.counts == usage
     config = json.loads((tmp_path / "adaptive" / "config.json").read_text())
@@ -240,26 +241,24 @@ def test_reap_ranks_by_gate_times_norm():
     assert rank_by_reap(stats, "renormalized") == [1, 2, 0, 3]
     model = tiny_switch_model()
     family = get_family(model)
-    config = PruningConfig(factor=4)
+    config = make_recipe(factor=4)
     reap = get_method("reap").plan_layer("l", 4, stats, 1, model, family, config)
     freq = get_method("frequency").plan_layer("l", 4, stats, 1, model, family, config)
     assert reap.groups == [[2]] and freq.groups == [[0]]
 
 
-def test_method_options_are_checked():
-    model = tiny_switch_model()
-    family = get_family(model)
-    stats = ExpertStats.empty(family.sparse_layers(model)[0], 32)
+def test_method_options_are_checked_against_the_methods_options_dataclass_when_the_recipe_is_made():
     for method, kwargs, message in [
-        ("uncurl", {"routr": "anchor"}, r"no option\(s\) \['routr'\].*router='weighted'"),
-        ("uncurl", {"router": "sum"}, "router must be one of weighted, anchor"),
+        ("uncurl", {"routr": "anchor"}, r"no setting\(s\) \['routr'\].*router='weighted'"),
+        ("uncurl", {"router": "sum"}, "router must be one of 'weighted', 'anchor', got 'sum'"),
         ("uncurl", {"uniform": "yes"}, "must be a bool"),
-        ("uncurl", {"profile": "spearman"}, "Unknown logit profile 'spearman'"),
-        ("reap", {"gate": "none"}, "gate must be one of applied, renormalized"),
+        ("uncurl", {"profile": "spearman"}, "profile must be one of 'pearson', 'centered', 'raw'"),
+        ("reap", {"gate": "none"}, "gate must be one of 'applied', 'renormalized'"),
+        ("hcsmoe", {"max_tokens": 0}, "max_tokens must be >= 1"),
+        ("frequency", {"router": "anchor"}, r"Method 'frequency' options has no setting\(s\) \['router'\]"),
     ]:
-        config = PruningConfig(factor=2, method_kwargs=kwargs)
         with pytest.raises(UncurlError, match=message):
-            get_method(method).plan_layer(stats.layer, 8, stats, 4, model, family, config)
+            make_recipe(method=method, factor=2, method_kwargs=kwargs)
     assert {"reap", "msmoe", "hcsmoe", "uncurl"} <= set(available_methods())
 
 

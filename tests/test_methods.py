@@ -9,9 +9,11 @@ import torch
 from helpers import CALIBRATION_TEXTS, tiny_switch_model
 from transformers import AutoTokenizer
 
-from uncurl_hf import PruningConfig, build_batches, calibrate
+from uncurl_hf import build_batches, calibrate
+
+from helpers import make_recipe
 from uncurl_hf.surgery.budget import expert_budget, experts_to_keep
-from uncurl_hf.calibration.run import ExpertStats
+from uncurl_hf.calibration.stats import ExpertStats
 from uncurl_hf.errors import InvalidFactorError, UnknownMethodError
 from uncurl_hf.families import get_family
 from uncurl_hf.methods import available_methods, get_method
@@ -44,7 +46,7 @@ def test_frequency_keeps_top_k_on_crafted_routing(switch_dir):
     tokenizer = AutoTokenizer.from_pretrained(switch_dir)
     batches = build_batches([Example(t, "positive") for t in CALIBRATION_TEXTS], tokenizer, batch_size=6)
     stats = calibrate(model, family, batches, progress=False)
-    plan = get_method("frequency")(stats, model, family, expert_budget(SIZES, 2.0), PruningConfig(factor=2))
+    plan = get_method("frequency")(stats, model, family, expert_budget(SIZES, 2.0), make_recipe(factor=2))
     for layer in plan.layers:
         bias = biases[layer.name]
         assert stats[layer.name].counts[int(bias.argmax())] == stats[layer.name].num_tokens
@@ -67,7 +69,7 @@ def test_random_is_seeded_and_reproducible(switch_dir):
     family = get_family(model)
     method = get_method("random")
     budget = expert_budget(SIZES, 2.0)
-    plans = [method({}, model, family, budget, PruningConfig(factor=2, seed=s)) for s in (0, 0, 1)]
+    plans = [method({}, model, family, budget, make_recipe(factor=2, seed=s)) for s in (0, 0, 1)]
     assert plans[0].layers == plans[1].layers
     assert plans[0].layers != plans[2].layers
     assert all(len(layer.groups) == 4 for layer in plans[0].layers)
@@ -110,10 +112,10 @@ def test_budget_errors():
         ({"factor": 0.5}, "below 1"),
         ({"factor": float("nan")}, "finite"),
         ({"factor": "2"}, "must be a number"),
-        ({"factor": 2, "num_experts_per_layer": {"a": 1}}, "not both"),
+        ({"factor": 2, "num_experts_per_layer": {"a": 1}}, "not factor and num_experts_per_layer"),
         ({"num_experts_per_layer": {"a": 0}}, "integers >= 1"),
     ],
 )
-def test_pruning_config_validation(kwargs, message):
+def test_recipe_validation(kwargs, message):
     with pytest.raises(InvalidFactorError, match=message):
-        PruningConfig(**kwargs)
+        make_recipe(**kwargs)

@@ -17,7 +17,9 @@ from helpers import (
 )
 from safetensors.torch import load_file, save_file
 
-from uncurl_hf import build_batches, calibrate, load_model, prune
+from uncurl_hf import build_batches, calibrate, load_model
+
+from helpers import prune_flat
 from uncurl_hf.errors import CheckpointError, UncurlError
 from uncurl_hf.families import get_family
 from uncurl_hf.calibration.offload import find_blocks, load_offloaded
@@ -77,8 +79,8 @@ def test_one_block_in_memory_at_a_time(sharded_dir, batches):
 def test_prune_offload_writes_the_same_bytes(method, sharded_dir, calibration_jsonl, tmp_path):
     kwargs = dict(calibration_file=calibration_jsonl, factor=2, method=method, seed=3, num_calibration_examples=12,
                   batch_size=5, max_length=16, progress=False)
-    prune(sharded_dir, output_dir=tmp_path / "memory", **kwargs)
-    prune(sharded_dir, output_dir=tmp_path / "offload", offload=True, **kwargs)
+    prune_flat(sharded_dir, output_dir=tmp_path / "memory", **kwargs)
+    prune_flat(sharded_dir, output_dir=tmp_path / "offload", offload=True, **kwargs)
     assert hash_tree(tmp_path / "offload") == hash_tree(tmp_path / "memory")
 
 
@@ -98,6 +100,6 @@ def test_checkpoint_keys_must_be_module_names(sharded_dir, tmp_path):
 
 def test_sequential_needs_the_model_in_memory(sharded_dir, calibration_jsonl, tmp_path):
     with pytest.raises(UncurlError, match="cannot run with --offload"):
-        prune(sharded_dir, output_dir=tmp_path / "out", calibration_file=calibration_jsonl, factor=2,
+        prune_flat(sharded_dir, output_dir=tmp_path / "out", calibration_file=calibration_jsonl, factor=2,
               offload=True, sequential=True, progress=False)
     assert not (tmp_path / "out").exists()

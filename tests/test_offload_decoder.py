@@ -8,7 +8,7 @@ saved in small shards (so a layer's experts are spread over several files):
 * every block that the pre-hook materialises holds bit for bit the tensors ``from_pretrained`` gives, in either
   stored layout (per expert, or fused as the model holds them);
 * the calibration statistics are exactly those of the in-memory model, with one block in memory at a time;
-* ``prune(..., offload=True)`` writes the same bytes as the in-memory run;
+* ``prune_flat(..., offload=True)`` writes the same bytes as the in-memory run;
 * what is still not supported (quantized MXFP4 gpt-oss, an incomplete expert group) is refused naming the fix.
 """
 
@@ -31,7 +31,9 @@ from helpers import (
 from safetensors.torch import load_file, save_file
 from test_families_decoder import tiny_config, tiny_model
 
-from uncurl_hf import build_batches, calibrate, load_model, prune
+from uncurl_hf import build_batches, calibrate, load_model
+
+from helpers import prune_flat
 from uncurl_hf.errors import CheckpointError
 from uncurl_hf.calibration.offload import find_blocks, load_offloaded
 from uncurl_hf.evaluation.tasks import Example
@@ -158,8 +160,8 @@ def test_one_decoder_layer_in_memory_at_a_time(folders, batches):
 def test_prune_offload_writes_the_same_bytes(name, method, folders, calibration_jsonl, tmp_path):
     kwargs = dict(calibration_file=calibration_jsonl, factor=2, method=method, seed=3, num_calibration_examples=12,
                   batch_size=5, max_length=16, progress=False)
-    memory = prune(folders[name], output_dir=tmp_path / "memory", **kwargs)
-    offload = prune(folders[name], output_dir=tmp_path / "offload", offload=True, **kwargs)
+    memory = prune_flat(folders[name], output_dir=tmp_path / "memory", **kwargs)
+    offload = prune_flat(folders[name], output_dir=tmp_path / "offload", offload=True, **kwargs)
     assert offload.plan.counts == memory.plan.counts
     assert hash_tree(tmp_path / "offload") == hash_tree(tmp_path / "memory")
 
@@ -169,8 +171,8 @@ def test_prune_offload_streaming_writes_the_streamed_bytes(folders, calibration_
     before = hash_tree(folders["mixtral"])
     kwargs = dict(calibration_file=calibration_jsonl, factor=4, method="frequency", seed=3, batch_size=5,
                   max_length=16, streaming=True, progress=False)
-    prune(folders["mixtral"], output_dir=tmp_path / "streamed", **kwargs)
-    prune(folders["mixtral"], output_dir=tmp_path / "both", offload=True, **kwargs)
+    prune_flat(folders["mixtral"], output_dir=tmp_path / "streamed", **kwargs)
+    prune_flat(folders["mixtral"], output_dir=tmp_path / "both", offload=True, **kwargs)
     assert hash_tree(tmp_path / "both") == hash_tree(tmp_path / "streamed")
     assert json.loads((tmp_path / "both" / "config.json").read_text())["num_local_experts"] == 2
     assert hash_tree(folders["mixtral"]) == before
@@ -199,7 +201,7 @@ def test_quantized_gpt_oss_is_refused_naming_the_fix(tmp_path, calibration_jsonl
     with pytest.raises(CheckpointError, match=r"is quantized \(mxfp4\).*Dequantize it first.*Mxfp4Config"):
         load_offloaded(folder)
     with pytest.raises(CheckpointError, match="Dequantize it first"):
-        prune(folder, output_dir=tmp_path / "out", calibration_file=calibration_jsonl, factor=2, offload=True,
+        prune_flat(folder, output_dir=tmp_path / "out", calibration_file=calibration_jsonl, factor=2, offload=True,
               progress=False)
     assert not (tmp_path / "out").exists()
 
@@ -216,7 +218,7 @@ def test_an_incomplete_expert_group_is_refused_before_anything_is_written(folder
 
     with pytest.raises(CheckpointError, match=r"model.layers.0.mlp.experts.gate_up_proj.*(failed|shape).*"
                                               r"(Re-save it with save_pretrained|restore the config)"):
-        prune(folder, output_dir=tmp_path / "out", calibration_file=calibration_jsonl, factor=2, offload=True,
+        prune_flat(folder, output_dir=tmp_path / "out", calibration_file=calibration_jsonl, factor=2, offload=True,
               progress=False)
     assert not (tmp_path / "out").exists()
 

@@ -8,12 +8,14 @@ import pytest
 import torch
 from helpers import BANNED_HALF, CALIBRATION_TARGETS, CALIBRATION_TEXTS, tiny_tokenizer
 
-from uncurl_hf import PruningConfig, apply_plan, build_batches, calibrate, get_method, load_model
+from uncurl_hf import apply_plan, build_batches, calibrate, get_method, load_model
+
+from helpers import make_recipe
 from uncurl_hf.surgery.budget import expert_budget
 from uncurl_hf.cli.main import main
 from uncurl_hf.families import get_family
 from uncurl_hf.plan import LayerPlan, PruningPlan
-from uncurl_hf.pipeline.sequential import calibrate_and_plan
+from uncurl_hf.pipeline.planning import calibrate_and_plan
 from uncurl_hf.evaluation.tasks import Example
 
 EXAMPLES = [Example(s, t) for s, t in zip(CALIBRATION_TEXTS, CALIBRATION_TARGETS)]
@@ -25,7 +27,7 @@ def plan_both_ways(model_dir, method: str, factor: float):
     family = get_family(model)
     batches = build_batches(EXAMPLES, tiny_tokenizer(), batch_size=6, max_length=16)
     budget = expert_budget(family.layer_sizes(model), factor)
-    config = PruningConfig(method=method, factor=factor, seed=1)
+    config = make_recipe(method=method, factor=factor, seed=1)
     one_shot = calibrate_and_plan(model, family, get_method(method), batches, budget, config, progress=False)
     sequential = calibrate_and_plan(
         model, family, get_method(method), batches, budget, config, sequential=True, progress=False

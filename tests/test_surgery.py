@@ -7,13 +7,15 @@ from helpers import BANNED_HALF, BANNED_UNEQUAL, CALIBRATION_TARGETS, CALIBRATIO
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 import uncurl_hf
-from uncurl_hf import LayerPlan, PruningConfig, PruningPlan, apply_plan, build_batches, calibrate, load_model
+from uncurl_hf import LayerPlan, PruningPlan, apply_plan, build_batches, calibrate, load_model
+from helpers import make_recipe
 from uncurl_hf.surgery.apply import merge_experts
 from uncurl_hf.surgery.budget import expert_budget
 from uncurl_hf.io.checkpoint import count_parameters, weights_size, write_checkpoint
 from uncurl_hf.families import get_family
 from uncurl_hf.methods import get_method
 from uncurl_hf.evaluation.tasks import Example
+from helpers import prune_flat
 
 EXAMPLES = [Example(s, t) for s, t in zip(CALIBRATION_TEXTS, CALIBRATION_TARGETS)]
 
@@ -39,7 +41,7 @@ def test_frequency_removes_exactly_the_unreachable_experts_losslessly(half_banne
     family = get_family(model)
     batches = batches_for(half_banned_switch_dir)
     stats = calibrate(model, family, batches, progress=False)
-    config = PruningConfig(factor=2)
+    config = make_recipe(factor=2)
     plan = get_method("frequency")(stats, model, family, expert_budget(family.layer_sizes(model), 2.0), config)
     for layer in plan.layers:
         assert layer.dropped == BANNED_HALF[layer.name]
@@ -158,8 +160,8 @@ def test_anchor_router_rule_and_neuron_permutations(switch_dir):
 
 def test_prune_twice_and_public_prune(switch_dir, calibration_jsonl, tmp_path):
     kwargs = dict(factor=2, calibration_file=calibration_jsonl, progress=False)
-    first = uncurl_hf.prune(switch_dir, output_dir=tmp_path / "x2", **kwargs)
-    second = uncurl_hf.prune(first.output_dir, output_dir=tmp_path / "x4", **kwargs)
+    first = prune_flat(switch_dir, output_dir=tmp_path / "x2", **kwargs)
+    second = prune_flat(first.output_dir, output_dir=tmp_path / "x4", **kwargs)
     assert set(first.plan.counts.values()) == {4} and set(second.plan.counts.values()) == {2}
     assert first.params_before > first.params_after > second.params_after
     assert first.disk_bytes_before > first.disk_bytes_after > second.disk_bytes_after

@@ -13,16 +13,15 @@ import pytest
 from helpers import CALIBRATION_TARGETS, CALIBRATION_TEXTS, hash_tree
 
 from uncurl_hf.cli.main import main
-from uncurl_hf.evaluation.scoring import evaluate_checkpoint
+from uncurl_hf.evaluation.scoring import evaluate_checkpoint, generate_predictions, register_per_example_metric
 from uncurl_hf.plan import PruningPlan
-from uncurl_hf.experiments.sweep import (
+from uncurl_hf.experiments.sweep import SweepConfig, run_sweep
+from uncurl_hf.recipe import CalibrationSpec
+from uncurl_hf.experiments.sweep_output import load_sweep
+from uncurl_hf.experiments.thresholds import (
     bootstrap_thresholds,
     bootstrap_weights,
-    generate_predictions,
-    load_sweep,
     percentile_interval,
-    register_per_example_metric,
-    run_sweep,
     threshold_factor,
 )
 from uncurl_hf.evaluation.tasks import Example, Task, get_task, register_task
@@ -111,13 +110,19 @@ def test_bootstrap_ci_brackets_the_point_estimate_and_is_seeded():
 # ---------------------------------------------------------------------------------------------------- sweeps
 
 
+def _config(model, task, methods, factors, **settings) -> SweepConfig:
+    """A sweep of ``methods`` x ``factors`` calibrated on 12 train examples of ``task``."""
+    return SweepConfig(model=str(model), task=task, methods=tuple(methods), factors=tuple(factors),
+                       calibration=CalibrationSpec(task=task, num_examples=12), **settings)
+
+
 @pytest.fixture(scope="module")
 def sweep(switch_dir, tmp_path_factory):
     """One sweep of frequency + uncurl at x1/x2/x4/x16 (x16 > 8 experts: clamped to 1) into a folder."""
     out = tmp_path_factory.mktemp("sweep") / "out"
     before = hash_tree(switch_dir)
-    result = run_sweep(switch_dir, TASK, ["frequency", "uncurl"], [2, 4, 16], num_calibration_examples=12,
-                       progress=False, bootstrap=200, output_dir=out)
+    result = run_sweep(_config(switch_dir, TASK, ["frequency", "uncurl"], [2, 4, 16], bootstrap=200),
+                       progress=False, output_dir=out)
     assert hash_tree(switch_dir) == before
     return result, out
 
@@ -146,11 +151,11 @@ def test_sweep_writes_one_row_per_method_and_factor(sweep):
 
 def test_sweep_scores_match_pruned_checkpoints(sweep, switch_dir, tmp_path):
     """The in-memory point equals `uncurl prune` + `uncurl eval` on the written checkpoint."""
-    from uncurl_hf.pipeline.prune import prune
+    from helpers import prune_flat
 
     result, _ = sweep
     point = result.point("uncurl", 2.0)
-    written = prune(switch_dir, output_dir=tmp_path / "x2", task=TASK, factor=2, method="uncurl",
+    written = prune_flat(switch_dir, output_dir=tmp_path / "x2", task=TASK, factor=2, method="uncurl",
                     num_calibration_examples=12, progress=False, card=False)
     assert written.plan.counts == point.counts
     assert evaluate_checkpoint(written.output_dir, TASK, split="test", progress=False).score == point.score
@@ -175,15 +180,15 @@ def test_plot_is_a_png_and_outputs_are_deterministic(sweep, switch_dir, tmp_path
     _, out = sweep
     assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert imread(out / "plot.png").shape[:2] == (400, 500)  # one 5x4 in panel at 100 dpi
-    again = run_sweep(switch_dir, TASK, ["frequency", "uncurl"], [16, 4, 2, 1], num_calibration_examples=12,
-                      progress=False, bootstrap=200, output_dir=tmp_path / "again")
+    again = run_sweep(_config(switch_dir, TASK, ["frequency", "uncurl"], [16, 4, 2, 1], bootstrap=200),
+                      progress=False, output_dir=tmp_path / "again")
     assert hash_tree(again.output_dir) == hash_tree(out)
 
 
 def test_plot_sweeps_draws_one_panel_per_sweep(sweep, tmp_path):
     from matplotlib.image import imread
 
-    from uncurl_hf.experiments.sweep import plot_sweeps
+    from uncurl_hf.experiments.sweep_output import plot_sweeps
 
     _, out = sweep
     path = plot_sweeps([out, out / "results.json"], tmp_path / "study.png")
@@ -193,8 +198,8 @@ def test_plot_sweeps_draws_one_panel_per_sweep(sweep, tmp_path):
 def test_generation_task_plugs_in_with_a_per_example_metric(switch_dir):
     from uncurl_hf.io.checkpoint import load_model, load_tokenizer
 
-    result = run_sweep(switch_dir, GEN_TASK, ["frequency"], [2], num_calibration_examples=12, progress=False,
-                       bootstrap=20, max_eval_examples=3)
+    result = run_sweep(_config(switch_dir, GEN_TASK, ["frequency"], [2], bootstrap=20, max_eval_examples=3),
+                       progress=False)
     task = get_task(GEN_TASK)
     model, tokenizer = load_model(switch_dir), load_tokenizer(switch_dir)
     expected = _words(generate_predictions(model, tokenizer, task, SPLITS["test"][:3]), None)
@@ -209,10 +214,10 @@ def test_generation_task_plugs_in_with_a_per_example_metric(switch_dir):
 
 @pytest.mark.parametrize("max_drop", [100.0, 0.0])
 def test_max_drop_searches_on_dev_never_test(max_drop, switch_dir, tmp_path):
-    from uncurl_hf.pipeline.prune import prune
+    from helpers import prune_flat
 
     REQUESTED.clear()
-    result = prune(switch_dir, output_dir=tmp_path / "auto", task=TASK, method="frequency", max_drop=max_drop,
+    result = prune_flat(switch_dir, output_dir=tmp_path / "auto", task=TASK, method="frequency", max_drop=max_drop,
                    num_calibration_examples=12, progress=False, card=False)
     assert "test" not in REQUESTED and {"train", "dev"} <= set(REQUESTED)
     search = PruningPlan.load(result.output_dir).metadata["max_drop"]
@@ -233,9 +238,8 @@ def test_max_drop_calibrates_once_and_plans_like_an_explicit_counts_run(switch_d
     """The search's statistics also plan the output: one calibration pass, and the same layers as a run given the
     chosen counts explicitly (which calibrates on the same seeded train examples)."""
     import uncurl_hf.calibration.run
-    import uncurl_hf.pipeline.prune
-    import uncurl_hf.pipeline.sequential
-    from uncurl_hf.pipeline.prune import prune
+    import uncurl_hf.pipeline.planning
+    from helpers import prune_flat
 
     passes: list[int] = []
     real = uncurl_hf.calibration.run.calibrate
@@ -244,22 +248,21 @@ def test_max_drop_calibrates_once_and_plans_like_an_explicit_counts_run(switch_d
         passes.append(1)
         return real(*args, **kwargs)
 
-    for module in (uncurl_hf.pipeline.prune, uncurl_hf.pipeline.sequential):
-        monkeypatch.setattr(module, "calibrate", counting)
+    monkeypatch.setattr(uncurl_hf.pipeline.planning, "calibrate", counting)  # every pass goes through planning
     common = dict(task=TASK, method="msmoe", num_calibration_examples=12, progress=False, card=False)
-    searched = prune(switch_dir, output_dir=tmp_path / "auto", max_drop=0.0, **common)
+    searched = prune_flat(switch_dir, output_dir=tmp_path / "auto", max_drop=0.0, **common)
     assert len(passes) == 1
-    explicit = prune(switch_dir, output_dir=tmp_path / "explicit", num_experts_per_layer=searched.plan.counts, **common)
+    explicit = prune_flat(switch_dir, output_dir=tmp_path / "explicit", num_experts_per_layer=searched.plan.counts, **common)
     assert searched.plan.layers == explicit.plan.layers  # dataclasses: every field equal
     assert searched.plan.metadata["stats"] == explicit.plan.metadata["stats"]
 
 
 def test_max_drop_with_offload_is_refused_before_loading(switch_dir, tmp_path):
     from uncurl_hf.errors import MaxDropError
-    from uncurl_hf.pipeline.prune import prune
+    from helpers import prune_flat
 
     with pytest.raises(MaxDropError, match="cannot run with --offload"):
-        prune(switch_dir, output_dir=tmp_path / "x", task=TASK, max_drop=1.0, offload=True, progress=False)
+        prune_flat(switch_dir, output_dir=tmp_path / "x", task=TASK, max_drop=1.0, offload=True, progress=False)
     assert not (tmp_path / "x").exists()
 
 
@@ -286,7 +289,7 @@ def test_cli_sweep_and_max_drop(switch_dir, tmp_path, capsys):
     assert main(prune) == 0
     assert "--max-drop 100:" in capsys.readouterr().out
     assert main([*prune[:-4], "--factor", "2", "-o", str(tmp_path / "x")]) == 2
-    assert "drop --factor" in capsys.readouterr().err
+    assert "not factor and max_drop" in capsys.readouterr().err
     calibration_file = ["prune", str(switch_dir), "--calibration-file", "x.txt", "--max-drop", "1", "-o",
                         str(tmp_path / "y")]
     assert main(calibration_file) == 2 and "needs --task" in capsys.readouterr().err

@@ -97,3 +97,20 @@ class RequestTimeoutError(SpaceInputError):
 
 class SweepError(UncurlError):
     """A sweep cannot run as asked (bad factors, split, metric, or output folder)."""
+
+
+class DeviceError(UncurlError):
+    """The requested device or dtype cannot be used here (no CUDA / MPS, a GPU index out of range, no accelerate)."""
+
+
+class AccessDeniedError(CheckpointError):
+    """A file or folder uncurl-hf must read or write is not accessible to this user (permission bits, a read-only
+    filesystem)."""
+
+
+class BrokenSymlinkError(CheckpointError):
+    """A checkpoint file is a symlink that leads nowhere: a loop, or a target that does not exist."""
+
+
+class ZooModelNotBuiltError(ModelNotFoundError):
+    """A zoo model is neither shipped with the package nor in the cache; ``uncurl zoo build NAME`` trains it."""

@@ -28,7 +28,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shlex
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -42,7 +41,6 @@ from uncurl_hf._version import __version__
 from uncurl_hf.plan import PruningPlan
 
 if TYPE_CHECKING:
-    from uncurl_hf.recipe import PruningConfig
     from uncurl_hf.evaluation.scoring import EvalResult
 
 logger = logging.getLogger(__name__)
@@ -72,6 +70,7 @@ class CardFacts:
     disk_bytes_after: int
     command: str
     source_name: str
+    recipe_yaml: str = ""  # uncurl_recipe.yaml, quoted by the card
     task: str | None = None
     calibration_file: str | None = None
     calibration_size: int | None = None
@@ -112,60 +111,6 @@ def hub_model_id(path: str | Path) -> str | None:
 def is_hub_id(value: str | None) -> bool:
     """Whether ``value`` looks like ``namespace/name`` (and is not an existing local path)."""
     return bool(value) and bool(_HUB_ID.match(value)) and not Path(value).exists()
-
-
-def prune_command(
-    model: str | Path,
-    *,
-    config: PruningConfig,
-    task: str | None,
-    calibration_file: str | Path | None,
-    export: str = "pruned",
-    evaluate: bool = False,
-    eval_limit: int | None = None,
-) -> str:
-    """The ``uncurl prune`` command equivalent to a run, paths shown by name and the output as ``OUTPUT_DIR``.
-
-    Absolute paths would leak the author's file-system layout into a public card and make the card (and the
-    folder) differ between two otherwise identical runs; the output location does not affect the result.
-    Per-layer counts have no CLI flag, so such runs are shown as the equivalent ``uncurl_hf.prune`` call.
-    """
-    source = Path(model).expanduser().resolve().name or str(model)
-    data_args = ["--task", task] if task is not None else ["--calibration-file", Path(str(calibration_file)).name]
-    if config.num_experts_per_layer is not None:
-        kwargs = {
-            "output_dir": "OUTPUT_DIR",
-            "method": config.method,
-            "num_experts_per_layer": dict(config.num_experts_per_layer),
-            **({"task": task} if task is not None else {"calibration_file": data_args[1]}),
-            "num_calibration_examples": config.num_calibration_examples,
-            "seed": config.seed,
-            "batch_size": config.batch_size,
-            "max_length": config.max_length,
-        }
-        if config.method_kwargs:
-            kwargs["method_kwargs"] = dict(config.method_kwargs)
-        if export != "pruned":
-            kwargs["export"] = export
-        call = ", ".join([repr(source), *(f"{k}={v!r}" for k, v in kwargs.items())])
-        return shlex.join(["python", "-c", f"import uncurl_hf; uncurl_hf.prune({call})"])
-    args = ["uncurl", "prune", source, *data_args, "--factor", f"{config.factor:g}", "--method", config.method,
-            "-o", "OUTPUT_DIR", "--seed", str(config.seed), "--num-calibration", str(config.num_calibration_examples),
-            "--batch-size", str(config.batch_size), "--max-length", str(config.max_length)]
-    for key, value in sorted(config.method_kwargs.items()):
-        if key == "uniform" and value is True:  # what the CLI's --uniform flag sets
-            args.append("--uniform")
-        else:
-            args += ["--method-arg", f"{key}={_json_value(value)}"]
-    if not config.scale_expert_capacity:
-        args.append("--keep-expert-capacity")
-    if export != "pruned":
-        args += ["--export", export]
-    if evaluate:
-        args.append("--evaluate")
-        if eval_limit is not None:
-            args += ["--eval-limit", str(eval_limit)]
-    return shlex.join(args)
 
 
 def build_card(facts: CardFacts, template_path: str | Path = TEMPLATE_PATH) -> ModelCard:
@@ -246,6 +191,7 @@ def build_card(facts: CardFacts, template_path: str | Path = TEMPLATE_PATH) -> M
         "uniform": len(set(counts_after)) == 1,
         "model_id": facts.repo_id or "path/to/this/folder",
         "command": facts.command,
+        "recipe_yaml": facts.recipe_yaml.rstrip("\n"),
     }
     if facts.evaluated:
         original, pruned = facts.eval_original, facts.eval_pruned
@@ -397,6 +343,5 @@ __all__ = [
     "format_score",
     "hub_model_id",
     "is_hub_id",
-    "prune_command",
     "write_card",
 ]

@@ -14,66 +14,14 @@ import sys
 from collections.abc import Sequence
 
 from uncurl_hf._version import __version__
+from uncurl_hf.cli.arguments import add_settings
+from uncurl_hf.cli.prune import add_prune_parser
+from uncurl_hf.recipe import CalibrationSpec
 from uncurl_hf.errors import UncurlError
 
 logger = logging.getLogger("uncurl_hf")
 
-
-def cmd_prune(args: argparse.Namespace) -> int:
-    """``uncurl prune SRC (--task T | --calibration-file F) (--factor F | --num-experts-per-layer K,..) -o OUT``,
-    or ``uncurl prune SRC --plan PLAN.json -o OUT`` (apply a saved plan: no method, no calibration data)."""
-    from uncurl_hf.errors import InvalidPlanError
-    from uncurl_hf.pipeline.prune import prune
-
-    if args.plan is not None and args.method is not None:
-        raise InvalidPlanError("--plan applies a saved plan, so there is no method to run; drop --method.")
-    result = prune(
-        args.model,
-        output_dir=args.output,
-        factor=_factor(args.factor),
-        num_experts_per_layer=_counts(args.num_experts_per_layer),
-        plan=args.plan,
-        allow_pickle=args.allow_pickle,
-        trust_remote_code=args.trust_remote_code,
-        method=args.method or "frequency",
-        task=args.task,
-        calibration_file=args.calibration_file,
-        num_calibration_examples=args.num_calibration,
-        seed=args.seed,
-        overwrite=args.overwrite,
-        batch_size=args.batch_size,
-        max_length=args.max_length,
-        plan_out=args.plan_out,
-        scale_expert_capacity=not args.keep_expert_capacity,
-        method_kwargs={**dict(args.method_arg), **({"uniform": True} if args.uniform else {})},
-        progress=not args.no_progress,
-        evaluate=args.evaluate,
-        eval_limit=args.eval_limit,
-        card=not args.no_card,
-        base_model_id=args.base_model_id,
-        export=args.export,
-        push_to_hub=args.push_to_hub,
-        repo_id=args.repo_id,
-        hub_token=args.token,
-        private=args.private,
-        hub_exist_ok=args.hub_exist_ok,
-        streaming=args.streaming,
-        max_drop=args.max_drop,
-        offload=args.offload,
-        sequential=args.sequential,
-        fsync=not args.no_fsync,
-    )
-    from uncurl_hf.calibration.distributed import process_rank
-
-    if process_rank() != 0:  # torchrun: rank 0 prints (and wrote) the result
-        return 0
-    print(result.summary_table())
-    search = result.plan.metadata.get("max_drop")
-    if search:
-        print(f"--max-drop {search['max_drop_points']:g}: {search['metric']} on {search['split']} "
-              f"({search['num_examples']} examples) {search['unpruned_score']:.4f} -> {search['chosen_score']:.4f} "
-              f"(floor {search['floor']:.4f}), {search['evaluations']} candidates scored")
-    return 0
+SWEEP_CALIBRATION = ("num_examples", "max_length", "batch_size", "seed", "max_logit_samples")
 
 
 def cmd_study(args: argparse.Namespace) -> int:
@@ -99,7 +47,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     (calibrated once, pruned in memory), write results.json/.csv + plot.png, print thresholds with bootstrap CIs."""
     import time
 
-    from uncurl_hf.experiments.sweep import resolve_model, run_sweep, split_methods
+    from uncurl_hf.cli.arguments import given
+    from uncurl_hf.experiments.sweep import SweepConfig, run_sweep, split_methods
+    from uncurl_hf.io.resolve import resolve_model
 
     try:
         factors = [float(v) for v in args.factors.split(",") if v.strip()]
@@ -108,11 +58,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             f"--factors expects comma-separated numbers >= 1 (e.g. 1,2,4,8), got {args.factors!r}."
         ) from None
     start = time.perf_counter()
+    config = SweepConfig(
+        model=str(resolve_model(args.model)), task=args.task, methods=tuple(split_methods(args.methods)),
+        factors=tuple(factors), split=args.split, max_eval_examples=args.limit, tolerance=args.tolerance,
+        bootstrap=args.bootstrap, calibration=CalibrationSpec(task=args.task, **given(args, CalibrationSpec)),
+    )
     result = run_sweep(
-        resolve_model(args.model), args.task, split_methods(args.methods), factors, split=args.split,
-        num_calibration_examples=args.num_calibration, seed=args.seed, max_eval_examples=args.limit,
-        progress=not args.no_progress, tolerance=args.tolerance, bootstrap=args.bootstrap, output_dir=args.output,
-        overwrite=args.overwrite,
+        config, progress=not args.no_progress, output_dir=args.output, overwrite=args.overwrite,
     )
     print(result.format_table())
     print(f"wrote {result.output_dir} in {time.perf_counter() - start:.1f} s")
@@ -132,13 +84,16 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    """``uncurl methods``: registered pruning methods with one-line descriptions."""
+    """``uncurl methods``: registered pruning methods, one-line descriptions and their options (``--method-arg``)."""
     from uncurl_hf.methods import available_methods, get_method
 
     names = available_methods()
     width = max(len(n) for n in names)
     for name in names:
-        print(f"{name:<{width}}  {get_method(name).description}")
+        method = get_method(name)
+        print(f"{name:<{width}}  {method.description}")
+        for line in method.option_lines():
+            print(f"{'':<{width}}    {line}")
     return 0
 
 
@@ -153,28 +108,32 @@ def cmd_families(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """``uncurl eval SRC --task T``: metric, params, disk MB and ms/example (batch 1 and batched)."""
+    """``uncurl eval SRC --task T [--reference ORIGINAL]``: metric (accuracy, or perplexity for a text task),
+    params, disk MB and ms/example (batch 1 and batched); a causal LM also its perplexity; with ``--reference``, the
+    original's score, the agreement of the predicted labels and KL(original || SRC)."""
     from pathlib import Path
 
     from uncurl_hf.evaluation.scoring import evaluate_checkpoint
     from uncurl_hf.families import get_family
-    from uncurl_hf.pipeline.prune import check_evaluable_family
+    from uncurl_hf.pipeline.source import check_evaluable_family
 
-    try:
-        family = get_family(args.model) if (Path(args.model) / "config.json").is_file() else None
-    except UncurlError:
-        family = None  # what is wrong with the folder is reported by the loader, as before
-    if family is not None:
-        check_evaluable_family(family)
+    for folder in (args.model, args.reference):
+        try:
+            family = get_family(folder) if folder and (Path(folder) / "config.json").is_file() else None
+        except UncurlError:
+            family = None  # what is wrong with the folder is reported by the loader, as before
+        if family is not None:
+            check_evaluable_family(family)
     result = evaluate_checkpoint(
         args.model, args.task, split=args.split, limit=args.limit, batch_size=args.batch_size,
-        progress=not args.no_progress,
+        progress=not args.no_progress, reference=args.reference,
     )
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
         for key, value in result.to_dict().items():
-            print(f"{key:<24} {value}")
+            if value is not None:  # fields of the other model kind, or of a comparison not asked for
+                print(f"{key:<24} {value}")
     return 0
 
 
@@ -234,7 +193,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_recover(args: argparse.Namespace) -> int:
     """``uncurl recover PRUNED --task T --steps N -o OUT``: LoRA fine-tune of a pruned checkpoint (peft), scores
     before/after on the dev split, saved as an adapter or merged into the weights."""
-    from uncurl_hf.recover.train import DEFAULT_TARGET_MODULES, RecoverConfig, recover
+    from uncurl_hf.recover.config import DEFAULT_TARGET_MODULES, RecoverConfig
+    from uncurl_hf.recover.train import recover
 
     config = RecoverConfig(
         task=args.task, steps=args.steps, lr=args.lr, rank=args.rank, alpha=args.alpha, dropout=args.dropout,
@@ -245,52 +205,6 @@ def cmd_recover(args: argparse.Namespace) -> int:
     result = recover(args.model, args.output, config, overwrite=args.overwrite, progress=not args.no_progress)
     print(result.summary_table())
     return 0
-
-
-def _factor(text: str | None) -> float | None:
-    """``--factor`` as a float; parsed here (not by argparse) so a typo is an ``InvalidFactorError`` like the rest."""
-    from uncurl_hf.errors import InvalidFactorError
-
-    if text is None:
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        raise InvalidFactorError(
-            f"--factor expects a number > 1 (2 keeps half of the experts of every layer), got {text!r}."
-        ) from None
-
-
-def _counts(text: str | None) -> list[int] | dict[str, int] | None:
-    """``--num-experts-per-layer``: ``4,4,2,2`` (one count per sparse layer, in order) or ``LAYER=K,...``."""
-    from uncurl_hf.errors import InvalidFactorError
-
-    if text is None:
-        return None
-    items = [item.strip() for item in text.split(",")]
-    named = ["=" in item for item in items]
-    try:
-        if all(named):
-            return {name.strip(): int(k) for name, k in (item.split("=", 1) for item in items)}
-        if not any(named):
-            return [int(item) for item in items]
-    except ValueError:
-        pass
-    raise InvalidFactorError(
-        f"--num-experts-per-layer expects integers, one per sparse layer in order (e.g. 4,4,2,2) or "
-        f"LAYER=K pairs (e.g. encoder.block.1=4,decoder.block.3=2), got {text!r}."
-    )
-
-
-def _method_arg(text: str) -> tuple[str, object]:
-    """``KEY=VALUE`` with VALUE parsed as JSON when possible (numbers, true/false, lists), else a string."""
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        return key, json.loads(value)
-    except ValueError:
-        return key, value
 
 
 def _number(text: str) -> float:
@@ -311,91 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    p = sub.add_parser("prune", help="prune a sparse MoE checkpoint for a task")
-    p.add_argument("model", help="local checkpoint folder (config.json + *.safetensors + tokenizer)")
-    source = p.add_mutually_exclusive_group()
-    source.add_argument("--task", help="registered task to calibrate on")
-    source.add_argument("--calibration-file", help=".txt (one example per line) or .jsonl ('text', optional 'target')")
-    p.add_argument("--factor", help="keep floor(E / factor) experts per layer (a number > 1)")
-    p.add_argument(
-        "--num-experts-per-layer", metavar="K,K,...",
-        help="explicit counts instead of --factor: one per sparse layer in order (4,4,2,2) or LAYER=K pairs",
-    )
-    p.add_argument(
-        "--plan", metavar="PLAN.json",
-        help="apply a saved plan (uncurl_plan.json, --plan-out) instead of running a method; no calibration data",
-    )
-    p.add_argument("--method", help="pruning method (default frequency; see `uncurl methods`)")
-    p.add_argument(
-        "--allow-pickle", action="store_true",
-        help="read pickle-only (.bin) weights with torch.load(weights_only=True); refused by default",
-    )
-    p.add_argument(
-        "--trust-remote-code", action="store_true",
-        help="let transformers run Python code shipped with the checkpoint (auto_map); refused by default",
-    )
-    p.add_argument("-o", "--output", required=True, help="output folder")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-calibration", type=int, default=256, help="calibration examples (default 256)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-length", type=int, default=128, help="max tokens per calibration example")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--plan-out", help="also write the pruning plan JSON here")
-    p.add_argument(
-        "--method-arg", action="append", type=_method_arg, default=[], metavar="KEY=VALUE",
-        help="method-specific option (repeatable), e.g. --method-arg linkage=average",
-    )
-    p.add_argument(
-        "--uniform", action="store_true",
-        help="adaptive methods (uncurl, msmoe): keep floor(E / factor) experts in every layer",
-    )
-    p.add_argument(
-        "--keep-expert-capacity", action="store_true",
-        help="do not raise the per-expert token capacity of pruned layers by E_old/E_new",
-    )
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    p.add_argument(
-        "--evaluate", action="store_true",
-        help="score the original and the pruned model on the task's test split and put both in the model card",
-    )
-    p.add_argument("--eval-limit", type=int, metavar="N", help="with --evaluate: only the first N test examples")
-    p.add_argument("--no-card", action="store_true", help="do not write README.md (the model card)")
-    p.add_argument("--base-model-id", metavar="NS/NAME", help="Hub id of the source model, for the card's base_model")
-    p.add_argument(
-        "--export", choices=["pruned", "stock"], default="pruned",
-        help="pruned: per-layer counts (custom code); stock: plain switch_transformers (equal counts only)",
-    )
-    p.add_argument("--push-to-hub", action="store_true", help="upload the output folder to --repo-id when done")
-    p.add_argument("--repo-id", metavar="NS/NAME", help="with --push-to-hub: the Hub model repo")
-    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
-    p.add_argument("--token", help="with --push-to-hub: Hub token (default: HF_TOKEN or `hf auth login`)")
-    p.add_argument("--hub-exist-ok", action="store_true", help="with --push-to-hub: upload into an existing repo")
-    p.add_argument(
-        "--streaming", action="store_true",
-        help="write out of core, one layer in memory at a time (same files); with --plan the model is never "
-        "loaded, so `uncurl prune BIG --plan PLAN.json --streaming -o OUT` prunes checkpoints larger than RAM",
-    )
-    p.add_argument(
-        "--max-drop", type=_number, metavar="POINTS",
-        help="instead of --factor: the fewest experts (per-layer counts searched on the task's dev split) whose "
-        "score stays within POINTS of the unpruned model (needs --task)",
-    )
-    p.add_argument(
-        "--offload", action="store_true",
-        help="calibrate with the weights left on disk, one transformer block in memory at a time (models larger "
-        "than RAM; combine with --streaming for an out-of-core surgery too)",
-    )
-    p.add_argument(
-        "--sequential", action="store_true",
-        help="plan layer by layer, each on statistics of the model whose earlier layers are already pruned "
-        "(one calibration pass per sparse layer)",
-    )
-    p.add_argument(
-        "--no-fsync", action="store_true",
-        help="do not fsync the output (faster on slow disks; the rename stays atomic against a killed run, but a "
-        "power loss may leave the folder incomplete: `uncurl verify OUT` tells)",
-    )
-    p.set_defaults(func=cmd_prune)
+    add_prune_parser(sub)
 
     p = sub.add_parser("sweep", help="score methods x factors (one calibration), thresholds with bootstrap CIs, plot")
     p.add_argument("model", help="checkpoint folder or zoo model name (tiny-switch-8)")
@@ -407,8 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CI (0: none)")
     p.add_argument("--split", default="test", choices=["train", "dev", "test"], help="split to score")
     p.add_argument("--limit", type=int, help="score only the first N examples of the split")
-    p.add_argument("--num-calibration", type=int, default=256, help="calibration examples (train split)")
-    p.add_argument("--seed", type=int, default=0)
+    add_settings(p, CalibrationSpec, only=SWEEP_CALIBRATION)  # the task's train split: the recipe's other fields
     p.add_argument("--overwrite", action="store_true", help="replace an existing sweep folder")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=cmd_sweep)
@@ -479,7 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", required=True, help="registered task")
     p.add_argument("--split", default="test", choices=["train", "dev", "test"])
     p.add_argument("--limit", type=int, help="only the first N examples")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="examples per forward pass (default 64)")
+    p.add_argument("--reference", metavar="ORIGINAL",
+                   help="the model MODEL was pruned from: also report its score, label agreement and "
+                        "KL(ORIGINAL || MODEL) (next-token KL for causal LMs)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=cmd_eval)

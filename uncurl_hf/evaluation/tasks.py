@@ -1,7 +1,10 @@
 """Task registry: name -> labelled text-to-text examples, prompt format, label words, metric.
 
 A task is what calibration draws its examples from and what evaluation scores. Every task is
-text-to-text (``source`` -> ``target``) so that one seq2seq model and one scoring rule serve all of them.
+text-to-text (``source`` -> ``target``) so that one seq2seq model and one scoring rule serve all of them; a causal
+LM gets the same examples through the task's decoder prompt (:meth:`Task.decoder_prompt`, templates in
+:mod:`uncurl_hf.evaluation.prompts`). A task with ``metric="perplexity"`` and no labels is a language-modelling
+task: its examples' sources are plain texts, scored by perplexity (causal LMs only).
 Data comes from :mod:`uncurl_hf.zoo.sources` (offline-reachable package archives, cached).
 """
 
@@ -9,7 +12,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from uncurl_hf.errors import UnknownTaskError
 
@@ -44,6 +47,22 @@ class Task:
     def format(self, text: str) -> str:
         """Turn raw user text into the model input (the task prefix + text)."""
         return f"{self.prefix}{text.strip()}"
+
+    def raw_text(self, source: str) -> str:
+        """An example's source without the seq2seq task prefix: the text a decoder prompt wraps."""
+        return source[len(self.prefix):].strip() if self.prefix and source.startswith(self.prefix) else source.strip()
+
+    @property
+    def is_text_task(self) -> bool:
+        """A language-modelling task: plain texts scored by perplexity, no labels or targets."""
+        return not self.labels and self.metric == "perplexity"
+
+    def decoder_prompt(self) -> Any:
+        """The :class:`~uncurl_hf.evaluation.prompts.PromptTemplate` a causal LM is scored with (``None`` without
+        labels): the registered one, else a generic ``<text>\\nAnswer: <label>`` template."""
+        from uncurl_hf.evaluation.prompts import prompt_for_task
+
+        return prompt_for_task(self)
 
     def calibration_examples(self, n: int, seed: int = 0, split: str = "train") -> list[Example]:
         """``n`` examples drawn (seeded, without replacement) from ``split`` — never dev/test by default."""

@@ -25,12 +25,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
+from uncurl_hf.recipe import CalibrationSpec
 from uncurl_hf.errors import UncurlError
 from uncurl_hf.zoo import registry, sources
 
@@ -50,8 +51,7 @@ class StudyConfig:
     methods: tuple[str, ...] = DEFAULT_METHODS
     tolerance: float = 1.0
     bootstrap: int = 1000
-    num_calibration_examples: int = 256
-    seed: int = 0
+    calibration: CalibrationSpec = field(default_factory=CalibrationSpec)  # per task: the task's train split
     max_eval_examples: int | None = None
     workers: int = 2
 
@@ -156,7 +156,8 @@ def _start_lane(lane: list[str], log_dir: Path) -> tuple[subprocess.Popen, list[
 
 def sweep_models(config: StudyConfig, progress: bool = True) -> dict[tuple[int, str], Any]:
     """Sweep (or load the cached sweep of) every swept model; ``{(E, task): SweepResult}``."""
-    from uncurl_hf.experiments.sweep import load_sweep, run_sweep
+    from uncurl_hf.experiments.sweep import SweepConfig, run_sweep
+    from uncurl_hf.experiments.sweep_output import load_sweep
 
     results = {}
     root = sources.cache_dir() / "study" / "sweeps"
@@ -171,12 +172,13 @@ def sweep_models(config: StudyConfig, progress: bool = True) -> dict[tuple[int, 
                 results[(e, task)] = load_sweep(folder)
                 continue
             logger.info("sweeping %s over factors %s", name, config.factors(e))
-            result = run_sweep(
-                registry.zoo_path(name, build_if_missing=False), task, config.methods, config.factors(e),
-                split="test", num_calibration_examples=config.num_calibration_examples, seed=config.seed,
-                max_eval_examples=config.max_eval_examples, progress=progress, tolerance=config.tolerance,
-                bootstrap=config.bootstrap, output_dir=folder, overwrite=True,
+            sweep = SweepConfig(
+                model=str(registry.zoo_path(name, build_if_missing=False)), task=task, methods=config.methods,
+                factors=config.factors(e), split="test", max_eval_examples=config.max_eval_examples,
+                tolerance=config.tolerance, bootstrap=config.bootstrap,
+                calibration=replace(config.calibration, task=task),
             )
+            result = run_sweep(sweep, progress=progress, output_dir=folder, overwrite=True)
             (folder / "study_key.json").write_text(json.dumps(wanted, sort_keys=True))
             results[(e, task)] = result
     return results
@@ -187,7 +189,7 @@ def _sweep_key(config: StudyConfig, num_experts: int, task: str) -> dict[str, An
     manifest = registry.zoo_path(registry.study_name(num_experts, task), build_if_missing=False) / "zoo_manifest.json"
     return {
         "methods": list(config.methods), "factors": list(config.factors(num_experts)), "tolerance": config.tolerance,
-        "bootstrap": config.bootstrap, "calibration": config.num_calibration_examples, "seed": config.seed,
+        "bootstrap": config.bootstrap, "calibration": config.calibration.num_examples, "seed": config.calibration.seed,
         "limit": config.max_eval_examples, "model_test": json.loads(manifest.read_text())["test"],
     }
 
@@ -275,7 +277,7 @@ def draw_figure(config: StudyConfig, sweeps: dict[tuple[int, str], Any], path: P
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from uncurl_hf.experiments.sweep import draw_panel
+    from uncurl_hf.experiments.sweep_output import draw_panel
 
     rows, cols = len(config.tasks), len(config.experts)
     fig = Figure(figsize=(4.2 * cols, 3.4 * rows), layout="constrained")
@@ -352,7 +354,7 @@ def render_markdown(report: StudyReport, findings: str | None = None) -> str:
         "- Tasks (test split sizes): " + ", ".join(f"{t} ({len(get_task(t).load_split('test'))})" for t in c.tasks)
         + ".",
         f"- Sweep: methods {', '.join(c.methods)}; factors 1, 2, ... E (x E keeps one expert per layer); "
-        f"{c.num_calibration_examples} calibration examples from the train split; scored on the full test split.",
+        f"{c.calibration.num_examples} calibration examples from the train split; scored on the full test split.",
         f"- Threshold: the largest swept factor whose score, and that of every smaller factor, stays within "
         f"{c.tolerance:g} point of the unpruned model; 95% interval from {c.bootstrap} bootstrap resamples of the "
         "test examples (the same resample applied to every factor).",

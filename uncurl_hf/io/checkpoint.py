@@ -1,25 +1,27 @@
-"""Reading and writing checkpoints safely.
+"""Loading, inspecting and writing checkpoints safely.
 
-Loading accepts only local folders with ``config.json`` + safetensors weights; pickle ``.bin`` files can execute
-code and are refused unless ``allow_pickle`` (then read with ``torch.load(weights_only=True)``), and code shipped
-with a checkpoint (``auto_map``) runs only with ``trust_remote_code``. Writing goes to a hidden temporary folder
-next to the output (same filesystem), is reloaded and checked against the in-memory model, gets an integrity
-manifest (:mod:`uncurl_hf.io.manifest`, checked by ``uncurl verify``) and only then is renamed into place — a crash
-or a kill never leaves a half-written output folder, and leftovers of killed runs are swept on the next write.
-Output files are deterministic: same model + plan -> byte-identical folder.
+Loading accepts only local folders with ``config.json`` + safetensors weights (:func:`uncurl_hf.io.resolve.resolve_model`
+turns zoo names and Hub ids into such folders); pickle ``.bin`` files can execute code and are refused unless
+``allow_pickle`` (then read with ``torch.load(weights_only=True)``), and code shipped with a checkpoint (``auto_map``)
+runs only with ``trust_remote_code``. Writing goes through the atomic protocol of :mod:`uncurl_hf.io.atomic` (a
+hidden temporary folder next to the output, renamed into place last): the written folder is reloaded and checked
+against the in-memory model and gets an integrity manifest (:mod:`uncurl_hf.io.manifest`, checked by ``uncurl
+verify``) first. Output files are deterministic: same model + plan -> byte-identical folder.
+
+Two parameter counters, because they count different things: :func:`count_parameters` counts a model's distinct
+parameters in memory (tied ones once, buffers not at all), :func:`stored_parameters` the values stored in a folder's
+safetensors files (what is on disk, persistent buffers included, tied tensors stored once), read from the headers
+without loading anything. For the checkpoints uncurl-hf handles the two agree; the streaming path, which never
+builds the model, can only use the second.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import pickle
-import re
 import shutil
-import tempfile
 from pathlib import Path
-from collections.abc import Mapping
 from typing import Any, Callable
 
 import torch
@@ -28,22 +30,20 @@ from torch import nn
 from uncurl_hf.errors import (
     CheckpointError,
     ModelNotFoundError,
-    OutputExistsError,
     RemoteCodeError,
-    UncurlError,
     UnsupportedModelError,
 )
 from uncurl_hf.families import get_family
 from uncurl_hf.families.base import MoEFamily
-from uncurl_hf.io.manifest import FileDigest, fsync_dir, write_manifest
+from uncurl_hf.io.access import check_readable_file, check_readable_folder
+from uncurl_hf.io.atomic import write_atomically
+from uncurl_hf.io.placement import placement
+from uncurl_hf.io.safetensors import SAFE_WEIGHTS_INDEX_NAME, stored_tensors, weight_files
 from uncurl_hf.plan import PLAN_FILENAME, PruningPlan
 
 logger = logging.getLogger(__name__)
 
-TEMP_PREFIX = ".uncurl-tmp-"
-OLD_PREFIX = ".uncurl-old-"
 DEFAULT_MAX_SHARD_SIZE = "2GB"
-ADAPTER_CONFIG = "adapter_config.json"  # a PEFT adapter folder (``uncurl recover --save adapter``) has no config.json
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -70,13 +70,8 @@ VOCABULARY_FILES = (
 )
 
 
-def weight_files(path: str | Path) -> list[Path]:
-    """The safetensors weight files of a checkpoint folder, sorted."""
-    return sorted(Path(path).glob("*.safetensors"))
-
-
 def weights_size(path: str | Path) -> int:
-    """Bytes taken by the safetensors weights of a checkpoint folder."""
+    """Bytes taken by the safetensors weights of a checkpoint folder (the files :func:`weight_files` lists)."""
     return sum(f.stat().st_size for f in weight_files(path))
 
 
@@ -91,13 +86,39 @@ def count_parameters(model: nn.Module) -> int:
     return total
 
 
+def stored_parameters(folder: str | Path) -> int:
+    """Number of values stored in a checkpoint's safetensors files, from their headers (tied tensors are stored, and
+    counted, once); see the module docstring for how it differs from :func:`count_parameters`."""
+    return sum(stored.numel for stored in stored_tensors(folder).values())
+
+
+def read_config(folder: str | Path) -> dict[str, Any]:
+    """A checkpoint folder's ``config.json`` as a dict; :class:`CheckpointError` when it is unreadable or not an object."""
+    config_path = Path(folder) / "config.json"
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"Cannot read {config_path}: {exc}. Restore a valid config.json.") from exc
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_path} is not a JSON object; restore a valid config.json.")
+    return config
+
+
+def disk_layer_sizes(folder: str | Path, family: MoEFamily | None = None) -> dict[str, int]:
+    """``{layer name: num_experts}`` of a checkpoint folder, from ``config.json`` and the tensor keys only."""
+    config = read_config(folder)
+    family = family or get_family(config)
+    return {layer.name: layer.num_experts for layer in family.disk_layers(config, list(stored_tensors(folder)))}
+
+
 def inspect_checkpoint(path: str | Path, *, allow_pickle: bool = False, trust_remote_code: bool = False) -> MoEFamily:
     """Cheap checks of a checkpoint folder without loading weights; returns its family.
 
     Raises :class:`ModelNotFoundError` (no folder / no config.json / no weights), :class:`RemoteCodeError`
     (``auto_map`` to code shipped with the checkpoint, without ``trust_remote_code``), :class:`UnsupportedModelError`
     (not an MoE family uncurl-hf supports) or :class:`CheckpointError` (pickle-only weights without
-    ``allow_pickle``, corrupt files, an index naming a missing shard).
+    ``allow_pickle``, corrupt files, an index naming a missing shard; its subclasses :class:`AccessDeniedError` for
+    a folder or file this user cannot read and :class:`BrokenSymlinkError` for a symlink loop or a dangling symlink).
     """
     folder = Path(path)
     if not folder.exists():
@@ -107,18 +128,16 @@ def inspect_checkpoint(path: str | Path, *, allow_pickle: bool = False, trust_re
         )
     if not folder.is_dir():
         raise ModelNotFoundError(f"Model path {folder} is a file; give the checkpoint folder that contains it.")
+    check_readable_folder(folder)  # permissions and broken symlinks: named here, not as an unexpected OSError later
     config_path = folder / "config.json"
+    for name in ("config.json", SAFE_WEIGHTS_INDEX_NAME, "generation_config.json", *TOKENIZER_FILES):
+        check_readable_file(folder / name, "checkpoint file")
     if not config_path.is_file():
         raise ModelNotFoundError(
             f"{folder} has no config.json, so it is not a transformers checkpoint folder; point at the folder "
             "written by save_pretrained."
         )
-    try:
-        config_dict = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"Cannot read {config_path}: {exc}. Restore a valid config.json.") from exc
-    if not isinstance(config_dict, dict):
-        raise CheckpointError(f"{config_path} is not a JSON object; restore a valid config.json.")
+    config_dict = read_config(folder)
     if not trust_remote_code:
         _refuse_remote_code(config_dict, config_path)
     family = get_family(config_dict)
@@ -141,7 +160,12 @@ def _check_config_values(folder: Path, trust_remote_code: bool) -> None:
 
 
 def load_model(
-    path: str | Path, dtype: Any = None, *, allow_pickle: bool = False, trust_remote_code: bool = False
+    path: str | Path,
+    *,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    device: str = "cpu",
+    dtype: str | torch.dtype = "auto",
 ) -> nn.Module:
     """Load a local sparse-MoE checkpoint for pruning (eval mode).
 
@@ -149,8 +173,14 @@ def load_model(
     and then through ``torch.load(weights_only=True)``, which rebuilds tensors and containers but refuses to call
     arbitrary functions. Code shipped with the checkpoint runs only with ``trust_remote_code``. A checkpoint that
     loads with missing, unexpected or mis-shaped tensors is refused (transformers would silently random-init them).
+
+    ``dtype``: ``"auto"`` (the checkpoint's dtype, as transformers decides it), ``"float32"``, ``"bfloat16"`` or
+    ``"float16"``. ``device``: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"`` (the loaded model is moved there), or
+    ``"auto"`` (accelerate's ``device_map="auto"``); see :mod:`uncurl_hf.io.placement`. Both are checked before
+    anything is read: :class:`~uncurl_hf.errors.DeviceError` when the device is not available here.
     Raises the errors of :func:`inspect_checkpoint`, and :class:`CheckpointError` when transformers cannot load it.
     """
+    where = placement(device, dtype)
     folder = Path(path)
     family = inspect_checkpoint(folder, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     use_safetensors = bool(weight_files(folder))
@@ -162,7 +192,7 @@ def load_model(
             local_files_only=True,
             trust_remote_code=trust_remote_code,
             output_loading_info=True,
-            **({"dtype": dtype} if dtype is not None else {}),
+            **where.load_kwargs,
         )
     except pickle.UnpicklingError as exc:  # weights_only=True met something that is not a tensor or a container
         lines = str(exc).splitlines() or [type(exc).__name__]
@@ -186,6 +216,8 @@ def load_model(
     model.eval()
     if not family.sparse_layers(model):
         raise UnsupportedModelError(f"{folder} has no sparse MoE layers (num_sparse_*_layers = 0); nothing to prune.")
+    if where.move_to is not None:
+        model.to(where.move_to)
     logger.info("loaded %s (%s, %d parameters)", folder, type(model).__name__, count_parameters(model))
     return model
 
@@ -214,6 +246,8 @@ def _refuse_remote_code(config_dict: dict[str, Any], config_path: Path) -> None:
 
 def _check_weights(folder: Path, allow_pickle: bool = False) -> None:
     files = weight_files(folder)
+    for file in files:
+        check_readable_file(file, "weight file")
     if not files:
         pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickles and not allow_pickle:
@@ -227,7 +261,7 @@ def _check_weights(folder: Path, allow_pickle: bool = False) -> None:
             _check_index(folder, "pytorch_model.bin.index.json")
             return
         raise ModelNotFoundError(f"{folder} has a config.json but no *.safetensors weights; copy the weights in.")
-    _check_index(folder, "model.safetensors.index.json")
+    _check_index(folder, SAFE_WEIGHTS_INDEX_NAME)
     from safetensors import SafetensorError, safe_open
 
     for file in files:
@@ -298,130 +332,6 @@ def write_checkpoint(
     return output
 
 
-def write_atomically(
-    output_dir: str | Path,
-    fill: Callable[[Path], Mapping[str, FileDigest] | None],
-    *,
-    source_dir: str | Path | None = None,
-    overwrite: bool = False,
-    finalize: Callable[[Path], None] | None = None,
-    sync: bool = True,
-) -> Path:
-    """Run ``fill(temp_folder)`` and ``finalize(temp_folder)``, add the manifest, then rename the folder into place.
-
-    ``fill`` may return the digests of files it hashed while writing them (``manifest.FollowingDigest``); the
-    manifest then reads only the other files. ``sync`` (the default) fsyncs every file and the
-    parent folder, so the output also survives a power loss; ``sync=False`` leaves that to the kernel's writeback (the
-    rename is still atomic against a killed process, and ``uncurl verify`` detects a folder a crash left incomplete).
-
-    The one atomic-output protocol of every writer (in-memory :func:`write_checkpoint`, out-of-core
-    :func:`uncurl_hf.surgery.streaming.stream_apply_plan`): stale temporary folders are swept and the output is checked first
-    (:class:`OutputExistsError`); on any failure the temporary folder is removed and nothing reaches ``output_dir``
-    (:class:`CheckpointError` naming disk space and permissions, unless ``fill`` raised an ``UncurlError`` itself).
-    """
-    output = Path(output_dir).expanduser().resolve()
-    source = Path(source_dir).expanduser().resolve() if source_dir is not None else None
-    sweep_stale_temp_dirs(output)  # first: it may restore an output that an interrupted overwrite moved aside
-    check_output_dir(output, source, overwrite)
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        temp = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{output.name}-{os.getpid()}-", dir=output.parent))
-        os.chmod(temp, 0o777 & ~_current_umask())  # mkdtemp makes it 0700; the final folder should look normal
-    except OSError as exc:
-        raise CheckpointError(
-            f"Cannot create the output folder next to {output} ({type(exc).__name__}: {exc}). Choose an -o whose "
-            "parent is a writable directory."
-        ) from exc
-    try:
-        digests = fill(temp)
-        if finalize is not None:
-            finalize(temp)
-        write_manifest(temp, sync=sync, known=digests)  # last: hashes exactly the validated files and the card
-        _move_into_place(temp, output)
-        if sync:
-            fsync_dir(output.parent)
-    except BaseException as exc:
-        shutil.rmtree(temp, ignore_errors=True)
-        if isinstance(exc, UncurlError) or not isinstance(exc, Exception):
-            raise
-        raise CheckpointError(
-            f"Writing the checkpoint to {output} failed: {type(exc).__name__}: {exc}. Nothing was written to "
-            f"{output}; check free disk space, quotas and write permission for {output.parent}, then rerun."
-        ) from exc
-    return output
-
-
-def check_output_dir(
-    output: Path,
-    source: Path | None,
-    overwrite: bool,
-    markers: tuple[str, ...] = ("config.json", ADAPTER_CONFIG),
-    kind: str = "model folder",
-) -> None:
-    """Refuse an output that is (inside) the source, contains it, or exists without ``overwrite``; with
-    ``overwrite``, replace only a folder of the same ``kind`` (one holding one of the ``markers``) or an empty one."""
-    if source is not None:
-        if output == source:
-            raise OutputExistsError(f"The output folder {output} is the input model folder; choose another -o.")
-        if source.is_relative_to(output):
-            raise OutputExistsError(f"The output folder {output} contains the input model {source}; choose another -o.")
-        if output.is_relative_to(source):
-            raise OutputExistsError(f"The output folder {output} is inside the input model folder; choose another -o.")
-    if not output.exists():
-        return
-    if not overwrite:
-        raise OutputExistsError(f"Output folder {output} already exists; pass --overwrite or choose another -o.")
-    if not output.is_dir():
-        raise OutputExistsError(f"Output path {output} exists and is a file; remove it or choose another -o.")
-    if any(output.iterdir()) and not any((output / marker).exists() for marker in markers):
-        raise OutputExistsError(
-            f"Output folder {output} is not empty and is not a {kind}; refusing to replace it (a {kind} holds "
-            f"{' or '.join(markers)}). Choose another -o."
-        )
-
-
-def sweep_stale_temp_dirs(output: Path) -> list[Path]:
-    """Clean up after runs of ``output`` that no longer exist; return the leftover folders handled.
-
-    ``.uncurl-tmp-<name>-<pid>-*`` (a write that never finished) is removed. ``.uncurl-old-<name>-<pid>-*`` is the
-    previous output moved aside by an overwrite: if the run died between the two renames, ``output`` is missing and
-    the old folder (complete: it was the output) is renamed back, otherwise it is removed.
-    """
-    removed = []
-    if not output.parent.is_dir():
-        return removed
-    pattern = re.compile(rf"^({re.escape(TEMP_PREFIX)}|{re.escape(OLD_PREFIX)}){re.escape(output.name)}-(\d+)-")
-    for entry in sorted(output.parent.iterdir()):
-        match = pattern.match(entry.name)
-        if match and entry.is_dir() and not _pid_alive(int(match.group(2))):
-            if match.group(1) == OLD_PREFIX and not output.exists():
-                os.replace(entry, output)
-                logger.info("restored %s from %s, left by an interrupted overwrite", output, entry)
-            else:
-                shutil.rmtree(entry, ignore_errors=True)
-                logger.info("removed leftover temporary folder %s", entry)
-            removed.append(entry)
-    return removed
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def copy_side_files(source: Path, target: Path) -> None:
     """Tokenizer files (and the generation config if the model did not write one) from the source folder."""
     for name in TOKENIZER_FILES:
@@ -454,21 +364,6 @@ def _validate_written(model: nn.Module, folder: Path) -> None:
     actual = reloaded(**{k: v.to(next(reloaded.parameters()).device) for k, v in inputs.items()}).logits
     if not torch.allclose(expected.float().cpu(), actual.float().cpu(), atol=1e-5, rtol=1e-4):
         raise CheckpointError("The written checkpoint does not reproduce the pruned model's outputs.")
-
-
-def _move_into_place(temp: Path, output: Path) -> None:
-    if not output.exists():
-        os.replace(temp, output)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f"{OLD_PREFIX}{output.name}-{os.getpid()}-", dir=output.parent))
-    old.rmdir()
-    os.replace(output, old)
-    try:
-        os.replace(temp, output)
-    except OSError:
-        os.replace(old, output)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> Any:

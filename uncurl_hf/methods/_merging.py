@@ -17,22 +17,24 @@ from __future__ import annotations
 import logging
 from abc import abstractmethod
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 import torch
 from torch import nn
 
-from uncurl_hf.calibration.run import ExpertStats
+from uncurl_hf.calibration.stats import ExpertStats
 from uncurl_hf.errors import UncurlError
 from uncurl_hf.families.base import MoEFamily, MoELayer
-from uncurl_hf.methods.base import PruningMethod, method_options
+from uncurl_hf.methods.base import PruningMethod
 from uncurl_hf.methods.frequency import rank_by_frequency
 from uncurl_hf.plan import ROUTER_RULES, LayerPlan
+from uncurl_hf.settings import setting
 
 if TYPE_CHECKING:
-    from uncurl_hf.calibration.run import CalibrationStats
-    from uncurl_hf.recipe import PruningConfig
+    from uncurl_hf.calibration.stats import CalibrationStats
+    from uncurl_hf.recipe import PruneRecipe
 
 logger = logging.getLogger(__name__)
 
@@ -45,13 +47,6 @@ def find_layer(model: nn.Module, family: MoEFamily, name: str) -> MoELayer:
         if layer.name == name:
             return layer
     raise KeyError(f"the model has no sparse layer named {name!r}")
-
-
-def check_router_rule(method: str, rule: str) -> str:
-    """``rule`` if it is a router rule :mod:`uncurl_hf.surgery.apply` knows, else an error naming the choices."""
-    if rule not in ROUTER_RULES:
-        raise UncurlError(f"Method {method!r}: option router must be one of {', '.join(ROUTER_RULES)}, got {rule!r}.")
-    return rule
 
 
 def usage(stats: ExpertStats) -> np.ndarray:
@@ -262,7 +257,7 @@ ALLOCATION_RULES = {"usage": allocate_by_pooled_usage, "entropy": allocate_by_ef
 
 
 def adaptive_budget(
-    stats: "CalibrationStats", budget: Mapping[str, int], config: "PruningConfig", uniform: bool, rule: str = "usage"
+    stats: "CalibrationStats", budget: Mapping[str, int], config: "PruneRecipe", uniform: bool, rule: str = "usage"
 ) -> dict[str, int]:
     """The per-layer counts of an adaptive method: ``rule`` re-splits the total of ``budget`` across layers.
 
@@ -278,10 +273,22 @@ def adaptive_budget(
     return counts
 
 
+@dataclass(frozen=True)
+class MergeOptions:
+    """Options every merging method has."""
+
+    router: Literal["weighted", "anchor"] = setting(
+        "weighted", help="router row of a merged group: usage-weighted member rows, or the anchor's row",
+    )
+    uniform: bool = setting(False, help="keep floor(E / factor) experts in every layer (no adaptive counts)")
+
+# the ``router`` Literal lists plan.ROUTER_RULES, the rules surgery knows
+
+
 class MergingMethod(PruningMethod):
     """What UNCURL, M-SMoE and HC-SMoE share; a subclass says only how it groups one layer's experts.
 
-    Subclasses set ``defaults`` (their ``--method-arg`` options, ``router`` and ``uniform`` among them) and implement
+    Subclasses declare ``Options`` (a :class:`MergeOptions` subclass: ``router`` and ``uniform`` among them) and implement
     :meth:`group_experts`. :meth:`plan_layer` validates the options on every layer (so a bad option fails before
     any layer is planned, even one that keeps every expert), keeps all experts when ``k >= E``, and otherwise turns
     the groups into a merged plan (:func:`merged_layer_plan`): neurons are aligned to each group's anchor unless the
@@ -289,12 +296,12 @@ class MergingMethod(PruningMethod):
     """
 
     merges = True
-    defaults: ClassVar[Mapping[str, Any]]
+    Options: ClassVar[type] = MergeOptions
     # False: always ``floor(E_l / factor)`` per layer (the ``uniform`` option is then accepted but has no effect)
     adaptive_counts: ClassVar[bool] = True
 
     def allocate(
-        self, stats: "CalibrationStats", budget: Mapping[str, int], config: "PruningConfig"
+        self, stats: "CalibrationStats", budget: Mapping[str, int], config: "PruneRecipe"
     ) -> dict[str, int]:
         """The budget's total re-split across layers by :func:`adaptive_budget` unless ``uniform`` is set; the rule
         is the ``adaptive`` option, or M-SMoE's pooled usage for a method without one."""
@@ -302,14 +309,8 @@ class MergingMethod(PruningMethod):
             return dict(budget)
         options = self.options(config)
         return adaptive_budget(
-            stats, budget, config, uniform=options["uniform"], rule=options.get("adaptive", "usage")
+            stats, budget, config, uniform=options.uniform, rule=getattr(options, "adaptive", "usage")
         )
-
-    def options(self, config: "PruningConfig") -> dict[str, Any]:
-        """``config.method_kwargs`` over :attr:`defaults`, validated; subclasses extend it with their own checks."""
-        options = method_options(config, self.name, self.defaults)
-        check_router_rule(self.name, options["router"])
-        return options
 
     @abstractmethod
     def group_experts(
@@ -318,7 +319,7 @@ class MergingMethod(PruningMethod):
         stats: ExpertStats,
         k: int,
         family: MoEFamily,
-        options: Mapping[str, Any],
+        options: Any,
         seed: int,
     ) -> list[list[int]]:
         """``k`` groups (``1 <= k < E``) of the layer's expert indices; ``seed`` is the run's seed."""
@@ -331,7 +332,7 @@ class MergingMethod(PruningMethod):
         k: int,
         model: nn.Module,
         family: MoEFamily,
-        config: "PruningConfig",
+        config: "PruneRecipe",
     ) -> LayerPlan:
         options = self.options(config)
         if k >= num_experts:
@@ -339,5 +340,5 @@ class MergingMethod(PruningMethod):
         layer = find_layer(model, family, name)
         groups = self.group_experts(layer, stats, k, family, options, config.seed)
         logger.debug("%s (%s): groups %s", name, self.name, groups)
-        aligned = (family, layer) if options.get("align", True) else (None, None)
-        return merged_layer_plan(name, num_experts, groups, stats, options["router"], *aligned)
+        aligned = (family, layer) if getattr(options, "align", True) else (None, None)
+        return merged_layer_plan(name, num_experts, groups, stats, options.router, *aligned)

@@ -3,30 +3,44 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
 from torch import nn
 
-from uncurl_hf.errors import UncurlError
 from uncurl_hf.plan import LayerPlan, PruningPlan
+from uncurl_hf.settings import from_mapping, setting
 
 if TYPE_CHECKING:
-    from uncurl_hf.calibration.run import CalibrationStats
-    from uncurl_hf.recipe import PruningConfig
+    from uncurl_hf.calibration.stats import CalibrationStats
     from uncurl_hf.families.base import MoEFamily
+    from uncurl_hf.recipe import PruneRecipe
+
+
+@dataclass(frozen=True)
+class UniformOptions:
+    """The options of a method that always keeps ``floor(E / factor)`` experts in every layer.
+
+    ``uniform`` is accepted (and has no effect) so that ``uncurl prune --uniform`` works with every method.
+    """
+
+    uniform: bool = setting(True, help="accepted for --uniform; this method always keeps floor(E / factor) per layer")
 
 
 class PruningMethod(ABC):
     """A named way to decide, per layer, which experts survive (and which merge into which).
 
-    Subclasses set ``name``/``description`` and implement :meth:`plan_layer` (per-layer decisions), or override
-    :meth:`__call__` when layers must be decided jointly. ``budget[layer]`` is the number of output experts;
-    methods must not exceed it (adaptive methods re-split the total across layers in :meth:`allocate` first).
-    ``config.method_kwargs`` carries method-specific options, read with :func:`method_options`.
+    Subclasses set ``name``/``description``, declare their options as a frozen dataclass ``Options`` (fields made
+    with :func:`uncurl_hf.settings.setting`: default, type, help) and implement :meth:`plan_layer` (per-layer
+    decisions), or override :meth:`__call__` when layers must be decided jointly. ``budget[layer]`` is the number of
+    output experts; methods must not exceed it (adaptive methods re-split the total across layers in
+    :meth:`allocate` first). ``config`` is the run's :class:`~uncurl_hf.recipe.PruneRecipe`; :meth:`options` reads
+    its ``method_options`` into an ``Options`` instance.
     """
 
     name: ClassVar[str]
     description: ClassVar[str]
+    Options: ClassVar[type] = UniformOptions
     merges: ClassVar[bool] = False  # True when plans may merge experts (groups of several members)
     needs_calibration: ClassVar[bool] = True  # False: ``stats`` may be empty (e.g. random)
 
@@ -36,7 +50,7 @@ class PruningMethod(ABC):
         model: nn.Module,
         family: "MoEFamily",
         budget: Mapping[str, int],
-        config: "PruningConfig",
+        config: "PruneRecipe",
     ) -> PruningPlan:
         budget = self.allocate(stats, budget, config)
         layers = [
@@ -48,15 +62,42 @@ class PruningMethod(ABC):
         return make_plan(model, family, self.name, layers, config)
 
     def allocate(
-        self, stats: "CalibrationStats", budget: Mapping[str, int], config: "PruningConfig"
+        self, stats: "CalibrationStats", budget: Mapping[str, int], config: "PruneRecipe"
     ) -> dict[str, int]:
         """The per-layer output counts this method produces, given the factor's per-layer ``budget``.
 
         The default keeps ``budget``. Adaptive methods re-split the same total across layers from the task
         statistics. The result must depend on ``budget`` only through its total, so that applying it to its own
-        output changes nothing: :func:`uncurl_hf.pipeline.prune.prune` calls it to know the per-layer counts to validate.
+        output changes nothing: :func:`uncurl_hf.pipeline.planning.plan_model` calls it to know the per-layer counts to validate.
         """
         return dict(budget)
+
+    def parse_options(self, values: Mapping[str, Any] | None) -> Any:
+        """``values`` (a recipe's ``method_options``, ``--method-arg`` pairs) as this method's ``Options``: an unknown
+        key or a value of the wrong type is one error naming the options, before any weight is touched."""
+        options = from_mapping(self.Options, values, where=f"Method {self.name!r} options")
+        self.check_options(options)
+        return options
+
+    def check_options(self, options: Any) -> None:
+        """Checks beyond the types (ranges, cross-field rules); the default has none."""
+
+    def options(self, config: "PruneRecipe") -> Any:
+        """The run's options for this method (``config.method_kwargs`` over the ``Options`` defaults)."""
+        return self.parse_options(config.method_kwargs)
+
+    @classmethod
+    def option_lines(cls) -> list[str]:
+        """``name (type, default): help`` per option, for ``uncurl methods``."""
+        from typing import get_type_hints
+
+        from uncurl_hf.settings import type_name
+
+        hints = get_type_hints(cls.Options)
+        return [
+            f"{f.name} ({type_name(hints[f.name])}, default {f.default!r}): {f.metadata.get('help', '')}"
+            for f in fields(cls.Options)
+        ]
 
     @abstractmethod
     def plan_layer(
@@ -67,16 +108,16 @@ class PruningMethod(ABC):
         k: int,
         model: nn.Module,
         family: "MoEFamily",
-        config: "PruningConfig",
+        config: "PruneRecipe",
     ) -> LayerPlan:
         """The plan of one layer with ``num_experts`` experts reduced to ``k`` output experts.
 
-        ``stats`` is the layer's :class:`~uncurl_hf.calibration.run.ExpertStats` (``None`` without calibration).
+        ``stats`` is the layer's :class:`~uncurl_hf.calibration.stats.ExpertStats` (``None`` without calibration).
         """
 
 
 def make_plan(
-    model: nn.Module, family: "MoEFamily", method: str, layers: list[LayerPlan], config: "PruningConfig"
+    model: nn.Module, family: "MoEFamily", method: str, layers: list[LayerPlan], config: "PruneRecipe"
 ) -> PruningPlan:
     """Wrap layer plans with provenance taken from the model and the config."""
     return PruningPlan(
@@ -89,28 +130,3 @@ def make_plan(
         base_model=getattr(model, "name_or_path", None) or None,
         metadata={"method_kwargs": dict(config.method_kwargs)} if config.method_kwargs else {},
     )
-
-
-def method_options(config: "PruningConfig", method: str, defaults: Mapping[str, Any]) -> dict[str, Any]:
-    """``config.method_kwargs`` over ``defaults``; an unknown key or a value of the wrong type is an error.
-
-    Values arrive from the CLI parsed as JSON, so a default's type is the expected type (ints are accepted for
-    floats). Failing here, before any weight is touched, turns a typo into a one-line error naming the options.
-    """
-    given = dict(config.method_kwargs or {})
-    unknown = sorted(set(given) - set(defaults))
-    if unknown:
-        known = ", ".join(f"{k}={v!r}" for k, v in defaults.items()) or "(none)"
-        raise UncurlError(f"Method {method!r} has no option(s) {unknown}; its options (with defaults) are: {known}.")
-    options = dict(defaults)
-    for key, value in given.items():
-        expected = type(defaults[key])
-        ok = isinstance(value, expected) and not (expected is not bool and isinstance(value, bool))
-        if expected is float and isinstance(value, int) and not isinstance(value, bool):
-            value, ok = float(value), True
-        if not ok:
-            raise UncurlError(
-                f"Method {method!r} option {key!r} must be a {expected.__name__}, got {value!r}."
-            )
-        options[key] = value
-    return options

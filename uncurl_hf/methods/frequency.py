@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import nn
 
-from uncurl_hf.calibration.run import ExpertStats
+from uncurl_hf.calibration.stats import ExpertStats
 from uncurl_hf.methods import register_method
 from uncurl_hf.methods.base import PruningMethod
 from uncurl_hf.plan import LayerPlan

@@ -20,23 +20,33 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from uncurl_hf.calibration.run import ExpertStats
+from uncurl_hf.calibration.stats import ExpertStats
 from uncurl_hf.errors import UncurlError
 from uncurl_hf.families.base import MoEFamily, MoELayer
 from uncurl_hf.methods import register_method
 from uncurl_hf.methods._merging import MergingMethod
 from uncurl_hf.seeding import stable_seed
+from uncurl_hf.settings import setting
 
 logger = logging.getLogger(__name__)
 
-# ``uniform`` is accepted (and always true) so that `uncurl prune --uniform` works with every method.
-DEFAULTS: dict[str, Any] = {"router": "weighted", "max_tokens": 1024, "align": False, "uniform": True}
+
+@dataclass(frozen=True)
+class HCSMoEOptions:
+    """HC-SMoE's options (``uniform`` is accepted, and always true: the paper's counts are uniform)."""
+
+    router: Literal["weighted", "anchor"] = setting(
+        "weighted", help="router row of a merged group: usage-weighted member rows, or the anchor's row",
+    )
+    max_tokens: int = setting(1024, help="sampled calibration tokens every expert is run on (cost: E x max_tokens)")
+    align: bool = setting(False, help="align members' hidden neurons before merging (off in the paper)")
+    uniform: bool = setting(True, help="accepted for --uniform; HC-SMoE always keeps floor(E / factor) per layer")
 
 
 def token_subset(hidden: torch.Tensor, max_tokens: int, seed: int) -> torch.Tensor:
@@ -85,17 +95,15 @@ class HCSMoEMerging(MergingMethod):
     description = (
         "HC-SMoE: average-linkage hierarchical clustering of experts' mean outputs on the task, usage-weighted merge."
     )
-    defaults = DEFAULTS
+    Options = HCSMoEOptions
     adaptive_counts = False  # uniform k = floor(E / factor), as in the paper
 
-    def options(self, config: Any) -> dict[str, Any]:
-        options = super().options(config)
-        if options["max_tokens"] < 1:
-            raise UncurlError(f"hcsmoe option max_tokens must be >= 1, got {options['max_tokens']}.")
-        return options
+    def check_options(self, options: HCSMoEOptions) -> None:
+        if options.max_tokens < 1:
+            raise UncurlError(f"hcsmoe option max_tokens must be >= 1, got {options.max_tokens}.")
 
     def group_experts(
-        self, layer: MoELayer, stats: ExpertStats, k: int, family: MoEFamily, options: Mapping[str, Any], seed: int
+        self, layer: MoELayer, stats: ExpertStats, k: int, family: MoEFamily, options: HCSMoEOptions, seed: int
     ) -> list[list[int]]:
-        hidden = token_subset(stats.hidden_sample, options["max_tokens"], stable_seed(seed, self.name, layer.name))
+        hidden = token_subset(stats.hidden_sample, options.max_tokens, stable_seed(seed, self.name, layer.name))
         return average_linkage_groups(mean_expert_outputs(family, layer, hidden), k)

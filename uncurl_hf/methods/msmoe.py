@@ -20,19 +20,15 @@ The compression stage of MC-SMoE (low-rank + pruning of the merged experts) is n
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from uncurl_hf.calibration.run import ExpertStats
+from uncurl_hf.calibration.stats import ExpertStats
 from uncurl_hf.families.base import MoEFamily, MoELayer
 from uncurl_hf.methods import register_method
-from uncurl_hf.methods._merging import MergingMethod, cosine_affinity, logit_profiles
+from uncurl_hf.methods._merging import MergeOptions, MergingMethod, cosine_affinity, logit_profiles
 from uncurl_hf.methods.frequency import rank_by_frequency
-
-DEFAULTS: dict[str, Any] = {"router": "weighted", "uniform": False}
-
 
 def groups_around_centres(similarity: np.ndarray, centres: list[int]) -> list[list[int]]:
     """One group per centre; every other expert joins the centre it is most similar to (first centre on ties)."""
@@ -54,10 +50,10 @@ class MSMoEMerging(MergingMethod):
         "M-SMoE (MC-SMoE's merge): most-used experts are centres (one global usage threshold), the rest join the "
         "most similar centre by router logits; aligned, usage-weighted merge."
     )
-    defaults = DEFAULTS
+    Options = MergeOptions
 
     def group_experts(
-        self, layer: MoELayer, stats: ExpertStats, k: int, family: MoEFamily, options: Mapping[str, Any], seed: int
+        self, layer: MoELayer, stats: ExpertStats, k: int, family: MoEFamily, options: MergeOptions, seed: int
     ) -> list[list[int]]:
         similarity = cosine_affinity(logit_profiles(stats, layer.router.weight, "raw"))
         return groups_around_centres(similarity, rank_by_frequency(stats)[:k])

@@ -21,20 +21,30 @@ reference code), so the cost is one expert pass per routed token.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from uncurl_hf.calibration.run import ExpertStats
+from uncurl_hf.calibration.stats import ExpertStats
 from uncurl_hf.errors import UncurlError
 from uncurl_hf.methods import register_method
-from uncurl_hf.methods.base import PruningMethod, method_options
+from uncurl_hf.methods.base import PruningMethod
 from uncurl_hf.plan import LayerPlan
+from uncurl_hf.settings import setting
 
 GATES = ("applied", "renormalized")
-# ``uniform`` is accepted (and always true) so that `uncurl prune --uniform` works with every method.
-DEFAULTS: dict[str, Any] = {"gate": "applied", "uniform": True}
+
+
+@dataclass(frozen=True)
+class ReapOptions:
+    """REAP's options (``uniform`` is accepted, and always true, so that ``--uniform`` works with every method)."""
+
+    gate: Literal["applied", "renormalized"] = setting(
+        "applied", help="gate weighting the output norm: the gate the model applies, or 1 (top-1 layers only)",
+    )
+    uniform: bool = setting(True, help="accepted for --uniform; REAP always keeps floor(E / factor) per layer")
 
 
 def reap_scores(stats: ExpertStats, gate: str = "applied") -> torch.Tensor:
@@ -65,9 +75,10 @@ class ReapPruning(PruningMethod):
 
     name = "reap"
     description = "REAP: keep the k experts with the largest mean gate * ||expert output|| over their routed tokens."
+    Options = ReapOptions
 
     def plan_layer(
         self, name: str, num_experts: int, stats: ExpertStats, k: int, model: nn.Module, family: Any, config: Any
     ) -> LayerPlan:
-        gate = method_options(config, self.name, DEFAULTS)["gate"]
+        gate = self.options(config).gate
         return LayerPlan.keep(name, num_experts, rank_by_reap(stats, gate)[:k])

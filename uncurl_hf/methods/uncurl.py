@@ -37,26 +37,32 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 
-from uncurl_hf.calibration.run import ExpertStats
+from uncurl_hf.calibration.stats import ExpertStats
 from uncurl_hf.families.base import MoEFamily, MoELayer
 from uncurl_hf.methods import register_method
-from uncurl_hf.methods._merging import MergingMethod, cosine_affinity, logit_profiles
+from uncurl_hf.methods._merging import MergeOptions, MergingMethod, cosine_affinity, logit_profiles
 from uncurl_hf.seeding import stable_seed
+from uncurl_hf.settings import setting
 
 logger = logging.getLogger(__name__)
 
-DEFAULTS: dict[str, Any] = {
-    "router": "weighted",
-    "uniform": False,
-    "adaptive": "usage",
-    "profile": "pearson",
-    "align": True,
-}
+
+@dataclass(frozen=True)
+class UncurlOptions(MergeOptions):
+    """UNCURL's options (the module docstring says why these defaults)."""
+
+    adaptive: Literal["usage", "entropy"] = setting(
+        "usage", help="re-split the factor's total across layers by one usage threshold, or by effective experts",
+    )
+    profile: Literal["pearson", "centered", "raw"] = setting(
+        "pearson", help="router-logit profile of an expert: double-centred (Pearson), token-centred, or raw",
+    )
+    align: bool = setting(True, help="align members' hidden neurons to the anchor before merging (weight matching)")
 
 
 def spectral_groups(affinity: np.ndarray, k: int, seed: int) -> list[list[int]]:
@@ -111,10 +117,10 @@ class UncurlMerging(MergingMethod):
         "UNCURL: spectral clustering of router-logit profiles, neuron alignment, usage-weighted merge; "
         "adaptive per-layer counts (--uniform to disable)."
     )
-    defaults = DEFAULTS
+    Options = UncurlOptions
 
     def group_experts(
-        self, layer: MoELayer, stats: ExpertStats, k: int, family: MoEFamily, options: Mapping[str, Any], seed: int
+        self, layer: MoELayer, stats: ExpertStats, k: int, family: MoEFamily, options: UncurlOptions, seed: int
     ) -> list[list[int]]:
-        affinity = cosine_affinity(logit_profiles(stats, layer.router.weight, options["profile"]))
+        affinity = cosine_affinity(logit_profiles(stats, layer.router.weight, options.profile))
         return spectral_groups(affinity, k, stable_seed(seed, self.name, layer.name))

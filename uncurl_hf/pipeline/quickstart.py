@@ -38,22 +38,18 @@ def run_demo(
     """Prune the zoo model ``model`` on ``task`` and evaluate original vs pruned on the test split."""
     import time
 
+    from uncurl_hf.options import RunOptions
     from uncurl_hf.pipeline.prune import prune
+    from uncurl_hf.recipe import CalibrationSpec, PruneRecipe
     from uncurl_hf.zoo.registry import zoo_path
 
     src = zoo_path(model, progress=progress)
     t0 = time.perf_counter()
-    result = prune(
-        str(src),
-        output_dir=output_dir,
-        task=task,
-        factor=factor,
-        method=method,
-        num_calibration_examples=num_calibration_examples,
-        seed=seed,
-        overwrite=True,
-        progress=progress,
+    recipe = PruneRecipe(
+        method=method, factor=factor,
+        calibration=CalibrationSpec(task=task, num_examples=num_calibration_examples, seed=seed),
     )
+    result = prune(str(src), recipe, output_dir, RunOptions(overwrite=True, progress=progress))
     seconds = time.perf_counter() - t0
     original = evaluate_checkpoint(src, task, limit=limit, progress=progress)
     pruned = evaluate_checkpoint(result.output_dir, task, limit=limit, progress=progress)

@@ -99,34 +99,14 @@ class AutoCounts:
         }
 
 
-def check_max_drop(
-    max_drop: Any,
-    task: str | None,
-    calibration_file: Any = None,
-    factor: Any = None,
-    num_experts_per_layer: Any = None,
-    plan: Any = None,
-    config: Any = None,
-) -> None:
-    """Refuse ``max_drop`` combinations that cannot work, before any heavy work."""
-    if isinstance(max_drop, bool) or not isinstance(max_drop, (int, float)) or not math.isfinite(max_drop) \
-            or max_drop < 0:
-        raise MaxDropError(f"--max-drop is a number of points >= 0 (1.0 = one accuracy point), got {max_drop!r}.")
-    if factor is not None or num_experts_per_layer is not None or plan is not None or config is not None:
-        raise MaxDropError(
-            "--max-drop chooses the per-layer counts itself; drop --factor / --num-experts-per-layer / --plan "
-            "(factor, num_experts_per_layer, plan, config)."
-        )
-    if task is None or calibration_file is not None:
-        raise MaxDropError(
-            "--max-drop needs --task (not --calibration-file): it calibrates on the task's train split and checks "
-            "the quality budget on its dev split."
-        )
+def check_search_split(task_name: str | None) -> None:
+    """The task must have the split the search scores on (never the test split); checked before any heavy work.
+    (The recipe has already checked the value of ``max_drop`` and that it comes with a task.)"""
     from uncurl_hf.evaluation.tasks import get_task
 
-    if SEARCH_SPLIT not in get_task(task).splits:
+    if task_name is None or SEARCH_SPLIT not in get_task(task_name).splits:
         raise MaxDropError(
-            f"Task {task!r} has no {SEARCH_SPLIT!r} split to check the budget on (never the test split); give "
+            f"Task {task_name!r} has no {SEARCH_SPLIT!r} split to check the budget on (never the test split); give "
             "explicit --factor or --num-experts-per-layer instead."
         )
 
@@ -136,18 +116,20 @@ def search_counts(
     tokenizer: Any,
     family: Any,
     stats: Any,
-    method_name: str,
+    recipe: Any,
     task: Any,
     max_drop: float,
     *,
-    seed: int = 0,
-    method_kwargs: Mapping[str, Any] | None = None,
     limit: int | None = None,
     max_evaluations: int = DEFAULT_MAX_EVALUATIONS,
     progress: bool = False,
 ) -> AutoCounts:
-    """Per-layer counts with the fewest experts whose ``task`` dev score stays >= unpruned - ``max_drop`` points."""
-    from uncurl_hf.experiments.sweep import score_examples, sweep_budget
+    """Per-layer counts with the fewest experts whose ``task`` dev score stays >= unpruned - ``max_drop`` points.
+
+    ``recipe`` gives the method, its options and the seed; each candidate is planned by the one planning step
+    (:func:`uncurl_hf.pipeline.planning.plan_model`) with the candidate's counts."""
+    from uncurl_hf.evaluation.scoring import score_examples
+    from uncurl_hf.experiments.sweep import sweep_budget
 
     start = time.perf_counter()
     dev = task.load_split(SEARCH_SPLIT)[:limit]
@@ -157,7 +139,7 @@ def search_counts(
     unpruned = score_examples(model, tokenizer, task, dev, progress=progress).score
     floor = unpruned - max_drop / 100.0 - _SLACK
     trace: list[SearchStep] = []
-    scorer = _CandidateScorer(model, tokenizer, family, stats, method_name, task, dev, seed, dict(method_kwargs or {}))
+    scorer = _CandidateScorer(model, tokenizer, family, stats, recipe, task, dev)
 
     best, best_score = dict(sizes), unpruned
     factor = 2.0
@@ -210,28 +192,25 @@ def search_counts(
 class _CandidateScorer:
     """Dev score of the model pruned to given per-layer counts (plan + in-memory surgery), cached per counts."""
 
-    def __init__(self, model: Any, tokenizer: Any, family: Any, stats: Any, method_name: str, task: Any,
-                 examples: list[Any], seed: int, method_kwargs: dict[str, Any]) -> None:
+    def __init__(self, model: Any, tokenizer: Any, family: Any, stats: Any, recipe: Any, task: Any,
+                 examples: list[Any]) -> None:
         from uncurl_hf.methods import get_method
 
         self.model, self.tokenizer, self.family, self.stats = model, tokenizer, family, stats
-        self.method = get_method(method_name)
-        self.task, self.examples, self.seed, self.method_kwargs = task, examples, seed, method_kwargs
+        self.method, self.recipe = get_method(recipe.method), recipe
+        self.task, self.examples = task, examples
         self.cache: dict[tuple[tuple[str, int], ...], float] = {}
 
     def __call__(self, counts: dict[str, int]) -> float:
+        from uncurl_hf.evaluation.scoring import score_examples
+        from uncurl_hf.pipeline.planning import plan_model
         from uncurl_hf.surgery.apply import apply_plan
-        from uncurl_hf.recipe import PruningConfig
-        from uncurl_hf.experiments.sweep import score_examples
 
         key = tuple(sorted(counts.items()))
         if key not in self.cache:
             # explicit counts: adaptive methods keep them (they only re-split a factor's total)
-            config = PruningConfig(method=self.method.name, num_experts_per_layer=dict(counts), seed=self.seed,
-                                   method_kwargs=self.method_kwargs)
-            budget = self.method.allocate(self.stats, counts, config)
-            plan = self.method(self.stats, self.model, self.family, budget, config)
-            plan.validate(self.family.layer_sizes(self.model), budget)
+            candidate = self.recipe.with_counts(counts)
+            plan = plan_model(self.model, self.family, self.method, self.stats, counts, candidate).plan
             pruned = apply_plan(self.model, self.family, plan)
             self.cache[key] = score_examples(pruned, self.tokenizer, self.task, self.examples).score
             logger.debug("max-drop candidate %s: %.4f", counts, self.cache[key])

@@ -9,9 +9,12 @@ rather than silently clamped to 1, because the caller asked for a compression th
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from uncurl_hf.errors import InvalidFactorError
+
+if TYPE_CHECKING:
+    from uncurl_hf.plan import PruningPlan
 
 _TOLERANCE = 1e-9
 
@@ -82,3 +85,21 @@ def expert_budget(
             + (f"use a factor >= {math.ceil(needed * 1000) / 1000:g}." if needed else "no layer has 2 experts.")
         )
     return budget
+
+
+def plan_bytes(model: Any, family: Any, plan: "PruningPlan") -> int:
+    """Bytes of weights ``plan`` removes from ``model``: the experts it drops or merges away and their router rows.
+
+    Computed from tensor shapes and dtypes only (a meta-device model works), for a dry run's "after" estimate.
+    """
+    removed = 0
+    layers = {layer.name: layer for layer in family.sparse_layers(model)}
+    for layer_plan in plan.layers:
+        layer = layers[layer_plan.name]
+        gone = layer.num_experts - layer_plan.num_output_experts
+        if gone <= 0:
+            continue
+        expert = sum(t.numel() * t.element_size() for t in family.expert_tensors(layer, 0).values())
+        router = sum(p.numel() * p.element_size() for p in layer.router.parameters()) // max(layer.num_experts, 1)
+        removed += gone * (expert + router)
+    return removed

@@ -16,7 +16,8 @@ Why these choices (measured, see README "The embedded model"):
 - the learning rates are high (1e-2, relative to each parameter's RMS): at 1e-3 neither the review
   polarity stage nor sentiment fine-tuning left chance level within this budget;
 - fine-tuning keeps the best dev-accuracy epoch.
-Every stage is seeded; checkpoints let an interrupted pretraining resume.
+Every stage is seeded and runs with the recipe's pinned thread count and deterministic algorithms
+(:mod:`uncurl_hf.zoo.runtime`: seeds alone do not fix the bytes); checkpoints let an interrupted pretraining resume.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
 
 from uncurl_hf.zoo import sources
+from uncurl_hf.zoo.runtime import pinned_stage, runtime_record
 from uncurl_hf.zoo.span_corruption import corrupt
 from uncurl_hf.zoo.tokenizer import NUM_SENTINELS, train_tokenizer
 
@@ -133,6 +135,8 @@ class ZooRecipe:
     intermediate: IntermediateSpec | None = field(default_factory=IntermediateSpec)
     finetune: FinetuneSpec = field(default_factory=FinetuneSpec)
     pretrain_key: str | None = None
+    num_threads: int = 1  # torch + BLAS threads of every stage, whatever the caller uses: the study zoo's setting
+    deterministic_algorithms: bool = True
 
     @property
     def work_name(self) -> str:
@@ -249,12 +253,14 @@ def _save_training_state(path: Path, model, optimizer, step: int) -> None:
     tmp.rename(path)
 
 
+@pinned_stage
 def pretrain(recipe: ZooRecipe, workdir: Path, progress: bool = True) -> Path:
     """Span-corruption pretraining; resumes from ``workdir/pretrain-ckpt`` if present. Returns model dir."""
     spec = recipe.pretrain
     workdir.mkdir(parents=True, exist_ok=True)
     tok_dir = workdir / "tokenizer"
     if not (tok_dir / "tokenizer.json").exists():
+        logger.info("training the %d-token tokenizer of %s", recipe.model.vocab_size, recipe.name)
         tokenizer = train_tokenizer(sources.pretraining_corpus(spec.corpus), recipe.model.vocab_size)
         tokenizer.save_pretrained(tok_dir)
     from transformers import AutoTokenizer
@@ -279,6 +285,7 @@ def pretrain(recipe: ZooRecipe, workdir: Path, progress: bool = True) -> Path:
             from uncurl_hf.zoo.embeddings import ppmi_svd_embeddings
 
             corpus = sources.pretraining_corpus(spec.corpus)
+            logger.info("initialising the embeddings of %s from PPMI + SVD of the corpus", recipe.name)
             vectors = ppmi_svd_embeddings(tokenizer, corpus, recipe.model.d_model, seed=spec.seed)
             with torch.no_grad():
                 model.shared.weight.copy_(torch.from_numpy(vectors))
@@ -312,6 +319,7 @@ def pretrain(recipe: ZooRecipe, workdir: Path, progress: bool = True) -> Path:
     return out
 
 
+@pinned_stage
 def intermediate(recipe: ZooRecipe, pretrained: Path, workdir: Path, progress: bool = True) -> Path:
     """Stage 2: train on IMDb review-chunk polarity (``review: ...`` -> positive/negative).
 
@@ -363,8 +371,10 @@ def task_batches(
         yield {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask, "labels": labels}
 
 
+@pinned_stage
 def finetune(recipe: ZooRecipe, pretrained: Path, out: Path, progress: bool = True) -> dict:
-    """Fine-tune text-to-text on the recipe's task; keep the best dev-accuracy epoch. Returns its record."""
+    """Fine-tune text-to-text on the recipe's task; keep the best dev-accuracy epoch. Returns its record, with the
+    runtime the build was pinned to (``runtime``: threads, determinism, torch version, CPU capability)."""
     from transformers import AutoTokenizer
 
     from uncurl_hf.evaluation.scoring import task_score
@@ -400,4 +410,5 @@ def finetune(recipe: ZooRecipe, pretrained: Path, out: Path, progress: bool = Tr
             tokenizer.save_pretrained(out)
     bar.close()
     best["history"] = history
+    best["runtime"] = runtime_record(recipe)
     return best
