@@ -198,3 +198,23 @@ def test_python_data_sources_are_recorded_but_cannot_be_rerun(switch_dir, tmp_pa
         PruneRecipe.load(result.output_dir / RECIPE_FILENAME)
     assert result.plan.metadata["calibration"]["num_examples"] == 12
     assert Path(result.output_dir / "model.safetensors").is_file()
+
+
+def test_calibration_dtype_is_a_run_option_and_the_output_keeps_the_source_dtype(switch_dir, calibration_jsonl,
+                                                                                 tmp_path):
+    from safetensors import safe_open
+
+    from uncurl_hf.errors import DeviceError
+
+    recipe = PruneRecipe(method="uncurl", factor=2, calibration=CalibrationSpec(file=str(calibration_jsonl)))
+    result = uncurl_hf.prune(switch_dir, recipe, tmp_path / "bf16", RunOptions(dtype="bfloat16", progress=False))
+    with safe_open(str(result.output_dir / "model.safetensors"), "pt") as handle:
+        assert {handle.get_tensor(key).dtype for key in handle.keys()} == {__import__("torch").float32}
+    assert set(result.plan.counts) == set(result.experts_before)
+    assert PruneRecipe.load(result.output_dir / RECIPE_FILENAME) == recipe  # how it ran is not in the recipe
+    import torch
+
+    if not torch.cuda.is_available():  # the accelerator path is the same code; here it must say what is missing
+        with pytest.raises(DeviceError, match="cuda"):
+            uncurl_hf.prune(switch_dir, recipe, tmp_path / "cuda", RunOptions(device="cuda", progress=False))
+        assert not (tmp_path / "cuda").exists()
