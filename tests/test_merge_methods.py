@@ -236,8 +236,9 @@ def test_reap_ranks_by_gate_times_norm():
         gate_mass=torch.tensor([6.0, 5.0, 1.0, 0.5], dtype=torch.float64),
         output_norm_sum=torch.tensor([10.0, 30.0, 4.0, 0.0], dtype=torch.float64),  # means 1.0, 3.0, 2.0, 0
         weighted_output_norm_sum=torch.tensor([5.0, 6.0, 1.8, 0.0], dtype=torch.float64),  # means .5, .6, .9, 0
+        applied_output_norm_sum=torch.tensor([5.0, 6.0, 1.8, 0.0], dtype=torch.float64),  # top-1: the softmax gate
     )
-    assert rank_by_reap(stats) == [2, 1, 0, 3]
+    assert rank_by_reap(stats) == rank_by_reap(stats, "softmax") == [2, 1, 0, 3]
     assert rank_by_reap(stats, "renormalized") == [1, 2, 0, 3]
     model = tiny_switch_model()
     family = get_family(model)

@@ -238,7 +238,12 @@ class LayerCollector:
         chosen_probs = probs.index_select(0, real)
         # sums over tokens on the CPU: index_add_ adds in index order there (atomics on a GPU add in any order)
         experts = chosen.reshape(-1).cpu()
-        gates = chosen_probs.gather(1, chosen).reshape(-1).double().cpu()
+        chosen_gates = chosen_probs.gather(1, chosen)  # [N, k] softmax probabilities of the chosen experts
+        gates = chosen_gates.reshape(-1).double().cpu()
+        if self.layer.renormalized:  # the gate the model applies (Mixtral, gpt-oss, norm_topk_prob)
+            applied = (chosen_gates / chosen_gates.sum(dim=1, keepdim=True)).reshape(-1).double().cpu()
+        else:
+            applied = gates
         norm_values = norms.index_select(0, real).reshape(-1).double().cpu()
         batch_of_real = torch.repeat_interleave(torch.arange(len(pending)), torch.tensor(real_counts) * k)
         bucket_of_real = experts + e * batch_of_real
@@ -246,9 +251,12 @@ class LayerCollector:
         weighted_sums = torch.zeros(len(pending) * e, dtype=torch.float64).index_add_(
             0, bucket_of_real, norm_values * gates
         )
+        applied_sums = torch.zeros(len(pending) * e, dtype=torch.float64).index_add_(
+            0, bucket_of_real, norm_values * applied
+        )
         # float64 partials per batch: a float32 sum over many tokens depends on how it is split across threads
         mass = torch.stack([rows.sum(dim=0) for rows in chosen_probs.double().split(real_counts)]).cpu()
-        sums = torch.stack([mass, norm_sums.view(-1, e), weighted_sums.view(-1, e)], dim=1)
+        sums = torch.stack([mass, norm_sums.view(-1, e), weighted_sums.view(-1, e), applied_sums.view(-1, e)], dim=1)
         partial = self.partial
         for p, batch_sums in zip(pending, sums.unbind(0)):
             partial.sums[p.batch_index] = batch_sums

@@ -31,6 +31,8 @@ class ExpertStats:
     gate_mass: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
     output_norm_sum: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
     weighted_output_norm_sum: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
+    # sum of (gate the model applies) * ||expert(x)||: the softmax probability, or the renormalized top-k one
+    applied_output_norm_sum: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
     logit_sample: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0))
     hidden_sample: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0))
     # [S, 2] int64: (global sequence index, position among the sequence's real tokens) of each sampled token
@@ -47,6 +49,7 @@ class ExpertStats:
             gate_mass=torch.zeros(e, dtype=torch.float64),
             output_norm_sum=torch.zeros(e, dtype=torch.float64),
             weighted_output_norm_sum=torch.zeros(e, dtype=torch.float64),
+            applied_output_norm_sum=torch.zeros(e, dtype=torch.float64),
             logit_sample=torch.zeros(0, e),
             hidden_sample=torch.zeros(0, hidden_size),
         )
@@ -64,8 +67,14 @@ class ExpertStats:
 
     @property
     def mean_weighted_output_norm(self) -> torch.Tensor:
-        """Mean ``gate * ||expert(x)||`` over routed tokens (REAP's router-weighted activation norm)."""
+        """Mean ``softmax probability * ||expert(x)||`` over routed tokens."""
         return self.weighted_output_norm_sum / self.counts.double().clamp(min=1)
+
+    @property
+    def mean_applied_output_norm(self) -> torch.Tensor:
+        """Mean ``applied gate * ||expert(x)||`` over routed tokens: REAP's router-weighted activation norm with the
+        gate the model really scales the expert by (renormalized top-k probabilities where the family does so)."""
+        return self.applied_output_norm_sum / self.counts.double().clamp(min=1)
 
     def summary(self, exact_only: bool = False) -> dict[str, Any]:
         """JSON-able digest (counts and gate mass), e.g. for plan metadata and the CLI.
@@ -106,7 +115,8 @@ class CalibrationStats(Mapping[str, ExpertStats]):
 class LayerPartial:
     """What one process measured on one layer: exact integers, float64 partial sums per batch, the token sample.
 
-    ``sums`` holds one ``[3, E]`` float64 tensor per batch (gate mass, output norms, gate-weighted output norms),
+    ``sums`` holds one ``[4, E]`` float64 tensor per batch (gate mass, output norms, softmax-weighted and
+    applied-gate-weighted output norms),
     keyed by the batch's global index, so the final sums can be added in global batch order wherever the batches
     were forwarded (:mod:`uncurl_hf.calibration.distributed`).
     """
@@ -122,10 +132,10 @@ def layer_stats(layer: MoELayer, hidden_size: int, partial: LayerPartial) -> Exp
     stats = ExpertStats.empty(layer, hidden_size)
     stats.num_tokens = partial.num_tokens
     stats.counts = partial.counts.clone()
-    total = torch.zeros(3, layer.num_experts, dtype=torch.float64)
+    total = torch.zeros(4, layer.num_experts, dtype=torch.float64)
     for batch_index in sorted(partial.sums):
         total += partial.sums[batch_index]
-    stats.gate_mass, stats.output_norm_sum, stats.weighted_output_norm_sum = total[0], total[1], total[2]
+    stats.gate_mass, stats.output_norm_sum, stats.weighted_output_norm_sum, stats.applied_output_norm_sum = total
     sample = partial.sample.in_token_order()
     stats.logit_sample, stats.hidden_sample = sample.logits, sample.hidden
     stats.sample_tokens = torch.stack([sample.sequence, sample.position], dim=1)

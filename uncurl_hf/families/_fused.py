@@ -137,9 +137,15 @@ class FusedMoEFamily(MoEFamily):
                     router=router,
                     experts=[FusedExpert(self, experts, j) for j in range(count)],
                     top_k=min(int(router.top_k), count),
+                    renormalized=self.renormalizes(router),
                 )
             )
         return layers
+
+    def renormalizes(self, router: nn.Module) -> bool:
+        """Whether the router renormalizes the chosen experts' probabilities (the gate the experts are scaled by):
+        Qwen/OLMoE only with ``norm_topk_prob``; Mixtral and gpt-oss override this (always)."""
+        return bool(getattr(router, "norm_topk_prob", False))
 
     def router_logits(self, layer: MoELayer, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden @ W.T (+ b)`` in the router's dtype, like the upstream router, then float32."""

@@ -24,7 +24,9 @@ class MoELayer:
 
     ``name`` is stable across runs and across pruning (``encoder.block.1``): plans and stats are keyed by it.
     ``prefix`` is the module path used in state-dict keys. ``mask_key`` names the batch entry whose attention
-    mask tells real tokens from padding for this layer (encoder vs decoder side).
+    mask tells real tokens from padding for this layer (encoder vs decoder side). ``renormalized`` says whether the
+    gate the model applies to an expert's output is its top-k probability renormalized over the token's chosen
+    experts (Mixtral, gpt-oss, Qwen/OLMoE with ``norm_topk_prob``) rather than its softmax over all experts.
     """
 
     name: str
@@ -34,6 +36,7 @@ class MoELayer:
     experts: list[nn.Module]
     top_k: int = 1
     mask_key: str = "attention_mask"
+    renormalized: bool = False
 
     @property
     def num_experts(self) -> int:

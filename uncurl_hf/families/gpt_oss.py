@@ -20,7 +20,7 @@ True)``): out-of-core surgery refuses quantized tensors, and the reduced checkpo
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -33,6 +33,7 @@ from uncurl_hf.families._fused import FusedMoEFamily
 class GptOssFamily(FusedMoEFamily):
     name = "gpt_oss"
     description = "gpt-oss decoder-only (top-k of biased logits, then softmax; interleaved fused experts with biases)"
+
     model_types = ("gpt_oss", "pruned_gpt_oss")
     stock_model_type = "gpt_oss"
     stock_lm_class = "GptOssForCausalLM"
@@ -76,3 +77,7 @@ class GptOssFamily(FusedMoEFamily):
             "down_proj": torch.stack([e["down"].T for e in experts]).contiguous(),
             "down_proj_bias": torch.stack([e["down_bias"] for e in experts]).contiguous(),
         }
+
+    def renormalizes(self, router: Any) -> bool:
+        """gpt-oss applies a softmax over the chosen logits only, i.e. the renormalized top-k probabilities."""
+        return True

@@ -10,7 +10,7 @@ checkpoints hold): ``model.layers.{i}.block_sparse_moe.gate.weight`` and
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from uncurl_hf.families import register_family
 from uncurl_hf.families._fused import FusedMoEFamily
@@ -25,3 +25,7 @@ class MixtralFamily(FusedMoEFamily):
     stock_lm_class = "MixtralForCausalLM"
     disk_blocks = ("block_sparse_moe", "mlp")
     disk_expert_names: ClassVar[dict[str, str] | None] = {"gate": "w1", "up": "w3", "down": "w2"}
+
+    def renormalizes(self, router: Any) -> bool:
+        """Mixtral always renormalizes its top-k probabilities."""
+        return True

@@ -8,12 +8,18 @@ Per sparse layer, keep the ``k = floor(E / factor)`` experts with the largest sa
 where ``X_j`` are the calibration tokens routed to ``j`` (``j`` in the token's top-k; padding masked) and ``g_j`` the
 gate that scales ``E_j``'s output. Experts never routed score 0. Ties: routing count, gate mass, lower index.
 
-Which gate: REAP uses the gate the model applies. For Switch (top-1, no renormalization) that is the winning softmax
-probability, which calibration accumulates as ``weighted_output_norm_sum``: ``gate="applied"`` (default). The
-paper's formula written for renormalized top-k routers (Qwen3, Mixtral) gives ``g = 1`` for top-1, so
-``S_j`` = mean output norm: ``gate="renormalized"`` (only defined here for top-1 layers, because calibration records
-softmax gates). The applied gate is the faithful reading for Switch: an expert the router picks with low
-confidence contributes little to the residual stream, which is exactly what REAP measures.
+Which gate (option ``gate``):
+
+* ``"applied"`` (default): the gate the model applies, per family (calibration accumulates it as
+  ``applied_output_norm_sum``): the softmax probability for Switch (top-1) and for Qwen2-MoE/Qwen3-MoE/OLMoE without
+  ``norm_topk_prob``; the top-k probability renormalized over the token's chosen experts for Mixtral, gpt-oss
+  (softmax over the chosen logits) and Qwen/OLMoE with ``norm_topk_prob`` — what REAP's reference code and
+  llm-compressor's REAPPruningModifier use. An expert the router picks with a small weight contributes little to the
+  residual stream, which is exactly what REAP measures;
+* ``"softmax"``: the softmax probability over all experts, whatever the model applies (this module's default before
+  the applied gate was recorded; kept for comparison);
+* ``"renormalized"``: ``g = 1`` for top-1 layers (the paper's renormalized formula at ``k = 1``: ``S_j`` is the mean
+  output norm); top-1 only.
 
 Expert outputs are computed by calibration for routed tokens only (not every expert on every token, unlike the
 reference code), so the cost is one expert pass per routed token.
@@ -34,15 +40,16 @@ from uncurl_hf.methods.base import PruningMethod
 from uncurl_hf.plan import LayerPlan
 from uncurl_hf.settings import setting
 
-GATES = ("applied", "renormalized")
+GATES = ("applied", "softmax", "renormalized")
 
 
 @dataclass(frozen=True)
 class ReapOptions:
     """REAP's options (``uniform`` is accepted, and always true, so that ``--uniform`` works with every method)."""
 
-    gate: Literal["applied", "renormalized"] = setting(
-        "applied", help="gate weighting the output norm: the gate the model applies, or 1 (top-1 layers only)",
+    gate: Literal["applied", "softmax", "renormalized"] = setting(
+        "applied", help="gate weighting the output norm: the one the model applies, the softmax over all experts, "
+        "or 1 (top-1 layers only)",
     )
     uniform: bool = setting(True, help="accepted for --uniform; REAP always keeps floor(E / factor) per layer")
 
@@ -50,12 +57,14 @@ class ReapOptions:
 def reap_scores(stats: ExpertStats, gate: str = "applied") -> torch.Tensor:
     """``[E]`` REAP saliency: mean of ``gate * ||expert output||`` over the tokens routed to each expert."""
     if gate == "applied":
+        return stats.mean_applied_output_norm
+    if gate == "softmax":
         return stats.mean_weighted_output_norm
     if gate == "renormalized":
         if stats.top_k != 1:
             raise UncurlError(
                 f"reap gate='renormalized' needs top-1 routing ({stats.layer} routes top-{stats.top_k}); "
-                "use gate='applied'."
+                "use gate='applied' or gate='softmax'."
             )
         return stats.mean_output_norm
     raise UncurlError(f"reap option gate must be one of {', '.join(GATES)}, got {gate!r}.")
