@@ -125,7 +125,7 @@ def test_uncurl_methods_lists_each_methods_options(capsys):
     for name in available_methods():
         assert name in out
     assert "router (one of 'weighted', 'anchor', default 'weighted')" in out
-    assert "gate (one of 'applied', 'renormalized', default 'applied')" in out
+    assert "gate (one of 'applied', 'softmax', 'renormalized', default 'applied')" in out
 
 
 def test_every_output_carries_its_recipe_and_the_cards_command_reruns_to_the_same_bytes(

@@ -35,9 +35,11 @@ def get_method(name: str) -> PruningMethod:
         ) from None
 
 
+from uncurl_hf.methods import ean as _ean  # noqa: E402,F401
 from uncurl_hf.methods import frequency as _frequency  # noqa: E402,F401
 from uncurl_hf.methods import hcsmoe as _hcsmoe  # noqa: E402,F401
 from uncurl_hf.methods import msmoe as _msmoe  # noqa: E402,F401
+from uncurl_hf.methods import naee as _naee  # noqa: E402,F401
 from uncurl_hf.methods import random as _random  # noqa: E402,F401
 from uncurl_hf.methods import reap as _reap  # noqa: E402,F401
 from uncurl_hf.methods import uncurl as _uncurl  # noqa: E402,F401
