@@ -34,7 +34,7 @@ import uncurl_hf
 from uncurl_hf.surgery.apply import apply_plan, reduce_layer
 from uncurl_hf.calibration.run import calibrate
 from uncurl_hf.io.checkpoint import load_model, write_checkpoint
-from uncurl_hf.errors import UncurlError, UnsupportedModelError
+from uncurl_hf.errors import UnsupportedModelError
 from uncurl_hf.families import available_families, get_family
 from uncurl_hf.plan import LayerPlan, PruningPlan
 from helpers import prune_flat
@@ -506,15 +506,26 @@ def test_prune_a_tiny_mixtral_folder_end_to_end(tmp_path):
     assert json.loads((stock.output_dir / "config.json").read_text())["model_type"] == "mixtral"
 
 
-def test_task_evaluation_refuses_causal_lms_with_a_clear_error(tmp_path, capsys):
+def test_task_evaluation_accepts_causal_lms(tmp_path, capsys):
+    """Decoder families are evaluable (uncurl_hf/evaluation/causal.py; end to end in tests/test_causal_eval.py):
+    the cheap family check passes, and `uncurl eval` scores a tiny OLMoE through the task's prompt."""
     from uncurl_hf.cli.main import main
     from uncurl_hf.pipeline.source import check_evaluable_family
 
-    tiny_model("olmoe").save_pretrained(tmp_path / "olmoe")
-    with pytest.raises(UncurlError, match="encoder-decoder models only; olmoe is a decoder-only"):
-        check_evaluable_family(get_family(tmp_path / "olmoe"))
-    assert main(["eval", str(tmp_path / "olmoe"), "--task", "sentiment"]) != 0
-    assert "decoder-only (causal LM)" in capsys.readouterr().err
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "olmoe"
+    tiny_model("olmoe", vocab_size=len(AutoTokenizer.from_pretrained(ZOO_TOKENIZER)), pad_token_id=0, bos_token_id=None, eos_token_id=1,
+               max_position_embeddings=128).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(ZOO_TOKENIZER / name, folder / name)
+    for family_name in FAMILIES:
+        check_evaluable_family(get_family(tiny_config(family_name)))  # no refusal
+    assert main(["eval", str(folder), "--task", "sentiment", "--limit", "4", "--batch-size", "2",
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "kind                     causal" in out and "metric                   accuracy" in out
+    assert "perplexity" in out
 
 
 @pytest.mark.parametrize("family_name", FAMILIES)

@@ -114,3 +114,11 @@ class BrokenSymlinkError(CheckpointError):
 
 class ZooModelNotBuiltError(ModelNotFoundError):
     """A zoo model is neither shipped with the package nor in the cache; ``uncurl zoo build NAME`` trains it."""
+
+
+class EvaluationError(UncurlError):
+    """A model, task or option that evaluation cannot score as asked (the message names what to change)."""
+
+
+class PromptError(EvaluationError, ValueError):
+    """No prompt for a task, or a prompt that does not fit the model (also a ``ValueError`` for older callers)."""

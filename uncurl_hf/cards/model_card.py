@@ -16,8 +16,13 @@ Metadata choices (the Hub's model-card spec):
   users that only the precision changed (and put the model among GGUF/AWQ builds), ``merge`` means combining models,
   not experts inside one model, and ``adapter`` needs the base weights at load time. ``finetune`` is the closest
   honest value — the Hub's generic "derived from this base" relation; the card body says what was done.
-* ``model-index`` holds the pruned model's score and, labelled ``(original, before pruning)`` in ``metric_name``,
-  the original's score on the same split, so the drop is visible from the metadata alone.
+* ``model-index`` holds the pruned model's own score only. The original's score on the same split goes into the
+  body's comparison table: listed in ``model-index`` it would read, on the Hub, as a result of *this* model.
+* ``pipeline_tag``, tags, the format row and the usage code follow the checkpoint actually written: its
+  ``config.json`` (``model_type``, ``auto_map``) and the modeling files in the folder, read by
+  :func:`finalize_output`. A decoder family is ``text-generation`` loaded by ``AutoModelForCausalLM``; Switch is
+  ``text2text-generation`` loaded by ``AutoModelForSeq2SeqLM``. ``custom_code`` is tagged only when ``auto_map``
+  is written (a stock-format output has none), and the family's own model type is a tag (``mixtral``, ...).
 
 Determinism: without evaluation the card depends only on the run's inputs (no timestamps, no absolute paths), so
 pruning twice still gives byte-identical folders.
@@ -38,6 +43,14 @@ from huggingface_hub import EvalResult as HubEvalResult
 from huggingface_hub import ModelCard, ModelCardData
 
 from uncurl_hf._version import __version__
+from uncurl_hf.cards.usage import (
+    CheckpointFormat,
+    checkpoint_format,
+    example_input,
+    prompt_display,
+    usage_code,
+    written_format,
+)
 from uncurl_hf.plan import PruningPlan
 
 if TYPE_CHECKING:
@@ -48,8 +61,9 @@ logger = logging.getLogger(__name__)
 TEMPLATE_PATH = Path(__file__).parent / "templates" / "pruned_model_card.md"
 CARD_FILENAME = "README.md"
 BASE_MODEL_RELATION = "finetune"  # see the module docstring for why
-PIPELINE_TAG = "text2text-generation"
-ORIGINAL_SUFFIX = " (original, before pruning)"
+PIPELINE_TAG = "text2text-generation"  # encoder-decoder (Switch) outputs
+CAUSAL_PIPELINE_TAG = "text-generation"  # decoder-family outputs
+ORIGINAL_SUFFIX = " (original, before pruning)"  # the label older cards gave the original in model-index
 # Hub dataset ids of the registered tasks' data, for ``datasets:`` and ``model-index``. The sentiment task is a
 # sample of Pang & Lee's sentence polarity v1.0, which the Hub hosts as rotten_tomatoes.
 TASK_HUB_DATASETS = {"sentiment": "cornell-movie-review-data/rotten_tomatoes"}
@@ -80,6 +94,8 @@ class CardFacts:
     repo_id: str | None = None
     eval_original: EvalResult | None = None
     eval_pruned: EvalResult | None = None
+    model_type: str | None = None  # of the written config.json (finalize_output); else derived from the plan
+    remote_code_files: tuple[str, ...] | None = None  # the .py files config.json's auto_map names, in the folder
 
     @property
     def evaluated(self) -> bool:
@@ -126,14 +142,15 @@ def build_card(facts: CardFacts, template_path: str | Path = TEMPLATE_PATH) -> M
         except Exception:  # noqa: BLE001 - an unregistered task still gets a card, just a plainer one
             task_obj = None
     dataset_id = getattr(task_obj, "hub_dataset", None) or TASK_HUB_DATASETS.get(facts.task or "")
+    fmt = checkpoint_format(facts)
     card_data = ModelCardData(
         base_model=facts.base_model_id,
         library_name="transformers",
-        pipeline_tag=PIPELINE_TAG,
-        tags=_tags(facts),
+        pipeline_tag=fmt.pipeline_tag,
+        tags=_tags(facts, fmt),
         datasets=[dataset_id] if dataset_id else None,
         model_name=facts.model_name if facts.evaluated else None,
-        eval_results=_eval_results(facts, task_obj, dataset_id) if facts.evaluated else None,
+        eval_results=_eval_results(facts, task_obj, dataset_id, fmt) if facts.evaluated else None,
         **({"base_model_relation": BASE_MODEL_RELATION} if facts.base_model_id else {}),
     )
     try:
@@ -164,9 +181,9 @@ def build_card(facts: CardFacts, template_path: str | Path = TEMPLATE_PATH) -> M
         "factor_display": format(plan.factor, "g") if plan.factor is not None else None,
         "seed": plan.seed,
         "merged": any(not layer.is_pure_pruning for layer in plan.layers),
-        "format_display": "stock `switch_transformers` (no custom code)"
-        if facts.export == "stock"
-        else "`pruned_switch_transformers` (per-layer expert counts; modeling code included)",
+        "format_display": f"stock `{fmt.stock_type}` (no custom code)" if fmt.stock
+        else f"`{fmt.model_type}` (per-layer expert counts" + ("; modeling code included)" if fmt.remote_files
+                                                               else "; needs `import uncurl_hf`)"),
         "uncurl_version": __version__,
         "layers": [
             {
@@ -186,7 +203,16 @@ def build_card(facts: CardFacts, template_path: str | Path = TEMPLATE_PATH) -> M
         "disk_after": f"{facts.disk_bytes_after / 1e6:.2f}",
         "disk_ratio": _ratio(facts.disk_bytes_after, facts.disk_bytes_before),
         "evaluated": facts.evaluated,
-        "stock": facts.export == "stock",
+        "stock": fmt.stock,
+        "causal": fmt.causal,
+        "model_type": fmt.model_type,
+        "stock_type": fmt.stock_type,
+        "remote_files": list(fmt.remote_files),
+        "remote_files_display": ", ".join(f"`{name}`" for name in fmt.remote_files),
+        "usage_code": usage_code(fmt, facts.repo_id or "path/to/this/folder", example_input(fmt, task_obj)),
+        "remote_usage_code": usage_code(fmt, facts.repo_id or "path/to/this/folder", example_input(fmt, task_obj),
+                                        remote=True),
+        "prompt_display": prompt_display(fmt, task_obj),
         "experts_per_layer": counts_after[0] if counts_after else None,
         "uniform": len(set(counts_after)) == 1,
         "model_id": facts.repo_id or "path/to/this/folder",
@@ -207,7 +233,14 @@ def build_card(facts: CardFacts, template_path: str | Path = TEMPLATE_PATH) -> M
             latency1_pruned=format_ms(pruned.ms_per_example_batch1),
             latencyb_original=format_ms(original.ms_per_example_batched),
             latencyb_pruned=format_ms(pruned.ms_per_example_batched),
+            perplexity_original=_maybe(original.perplexity, "{:.2f}"),
+            perplexity_pruned=_maybe(pruned.perplexity, "{:.2f}"),
+            agreement=_maybe(pruned.agreement, "{:.2f}"),
+            kl_labels=_maybe(pruned.kl_labels, "{:.3g}"),
+            kl_tokens=_maybe(pruned.kl_tokens, "{:.3g}"),
         )
+    else:
+        variables.update(perplexity_pruned=None, agreement=None, kl_tokens=None)
     template = Path(template_path).read_text(encoding="utf-8")
     return ModelCard.from_template(card_data, template_str=template, **variables)
 
@@ -240,37 +273,38 @@ def format_ms(value: float) -> str:
     return f"{value:.2f}"
 
 
-def _eval_results(facts: CardFacts, task_obj: Any, dataset_id: str | None) -> list[HubEvalResult]:
-    """``model-index`` entries: the pruned model's score, then the original's (labelled) on the same split."""
-    assert facts.eval_original is not None and facts.eval_pruned is not None
-    task_type = "text-classification" if getattr(task_obj, "labels", None) else PIPELINE_TAG
-    common = {
-        "task_type": task_type,
-        "task_name": facts.task,
-        "dataset_type": dataset_id or facts.eval_pruned.task,
-        "dataset_name": getattr(task_obj, "description", None) or facts.eval_pruned.task,
-        "dataset_split": facts.eval_pruned.split,
-        "metric_type": facts.eval_pruned.metric,
-    }
+def _eval_results(facts: CardFacts, task_obj: Any, dataset_id: str | None, fmt: CheckpointFormat,
+                  ) -> list[HubEvalResult]:
+    """``model-index`` entries: the pruned model's own score (the original's is in the body's comparison)."""
+    assert facts.eval_pruned is not None
+    task_type = "text-classification" if getattr(task_obj, "labels", None) else fmt.pipeline_tag
     return [
-        HubEvalResult(metric_value=float(facts.eval_pruned.score), metric_name=facts.eval_pruned.metric, **common),
         HubEvalResult(
-            metric_value=float(facts.eval_original.score),
-            metric_name=facts.eval_original.metric + ORIGINAL_SUFFIX,
-            **common,
-        ),
+            task_type=task_type,
+            task_name=facts.task,
+            dataset_type=dataset_id or facts.eval_pruned.task,
+            dataset_name=getattr(task_obj, "description", None) or facts.eval_pruned.task,
+            dataset_split=facts.eval_pruned.split,
+            metric_type=facts.eval_pruned.metric,
+            metric_value=float(facts.eval_pruned.score),
+            metric_name=facts.eval_pruned.metric,
+        )
     ]
 
 
-def _tags(facts: CardFacts) -> list[str]:
-    tags = ["moe", "pruning", "uncurl", "switch_transformers", facts.plan.method]
+def _tags(facts: CardFacts, fmt: CheckpointFormat) -> list[str]:
+    tags = ["moe", "pruning", "uncurl", fmt.stock_type, facts.plan.method]
     if any(not layer.is_pure_pruning for layer in facts.plan.layers):
         tags.append("expert-merging")
     if facts.task:
         tags.append(facts.task)
-    if facts.export != "stock":
+    if fmt.remote_files:
         tags.append("custom_code")
     return tags
+
+
+def _maybe(value: float | None, spec: str) -> str | None:
+    return None if value is None else spec.format(value)
 
 
 def _method_params(plan: PruningPlan) -> Mapping[str, Any]:
@@ -318,16 +352,17 @@ def finalize_output(
     from uncurl_hf.io.checkpoint import weights_size
 
     folder = Path(folder)
-    facts = replace(facts, disk_bytes_after=weights_size(folder))
+    facts = replace(facts, disk_bytes_after=weights_size(folder), **written_format(folder))
     if evaluate:
-        from uncurl_hf.evaluation.scoring import evaluate_checkpoint
+        from uncurl_hf.evaluation.scoring import evaluate_pair
 
         if facts.task is None:
             raise ValueError("evaluation needs a task")
         logger.info("evaluating the original and the pruned checkpoint on %s (test split)", facts.task)
-        original = evaluate_checkpoint(source, facts.task, split="test", limit=eval_limit, progress=progress)
-        pruned = evaluate_checkpoint(folder, facts.task, split="test", limit=eval_limit, progress=progress)
+        original, pruned = evaluate_pair(source, folder, facts.task, split="test", limit=eval_limit,
+                                         progress=progress)
         original.model, pruned.model = facts.source_name, "pruned"  # not the temporary folder's path
+        pruned.reference = facts.source_name
         facts = replace(facts, eval_original=original, eval_pruned=pruned)
     if write:
         write_card(folder, facts)

@@ -25,9 +25,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from uncurl_hf.errors import EvaluationError, PromptError
 from uncurl_hf.evaluation.prompts import (
-    EvaluationError,
-    PromptError,
     continuation_ids,
     max_prompt_length,
     prompt_ids,
@@ -76,8 +75,9 @@ def check_prompt_fits(model: Any, tokenizer: Any, task: Any) -> None:
     template = task_prompt(task)
     needed = max_prompt_length(tokenizer, template)
     if needed > limit:
+        shown = template.render("<text>").replace("\n", "\\n")  # an error message is one line
         raise PromptError(
-            f"The {task.name!r} prompt needs up to {needed} tokens (template '{template.render('<text>')}' with up "
+            f"The {task.name!r} prompt needs up to {needed} tokens (template '{shown}' with up "
             f"to {template.max_text_tokens} text tokens, plus the longest label), but the model has "
             f"max_position_embeddings={limit}. Evaluate a model with at least {needed} positions, or register a "
             "PromptTemplate with a smaller max_text_tokens in uncurl_hf.evaluation.prompts.PROMPTS."
@@ -182,6 +182,7 @@ def label_logprobs(
     model: Any, tokenizer: Any, task: Any, examples: Sequence[Any], batch_size: int = 64, progress: bool = False
 ) -> torch.Tensor:
     """``[N, L]`` summed log-likelihood of each label's continuation (columns in ``task.labels`` order)."""
+    check_prompt_fits(model, tokenizer, task)
     template = task_prompt(task)
     conts = continuation_ids(tokenizer, template)
     pairs = []

@@ -17,17 +17,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from uncurl_hf.errors import UncurlError
+from uncurl_hf.errors import PromptError
 
 GENERIC_SUFFIX = "\nAnswer:"
 
 
-class EvaluationError(UncurlError):
-    """A model, task or option that evaluation cannot score as asked (the message names what to change)."""
-
-
-class PromptError(EvaluationError, ValueError):
-    """No prompt for a task, or a prompt that does not fit the model (also a ``ValueError`` for older callers)."""
 
 
 @dataclass(frozen=True)
@@ -155,9 +149,7 @@ def max_prompt_length(tokenizer: Any, task: str | PromptTemplate) -> int:
 
 
 __all__ = [
-    "EvaluationError",
     "PROMPTS",
-    "PromptError",
     "PromptTemplate",
     "continuation_ids",
     "generic_prompt",

@@ -28,7 +28,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from uncurl_hf.errors import SweepError
 from uncurl_hf.evaluation import causal
-from uncurl_hf.evaluation.prompts import EvaluationError
+from uncurl_hf.errors import EvaluationError
 from uncurl_hf.io.checkpoint import count_parameters, load_model, load_tokenizer, weights_size
 from uncurl_hf.evaluation.metrics import load_metric
 from uncurl_hf.evaluation.tasks import Example, Task, get_task

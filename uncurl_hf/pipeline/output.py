@@ -127,7 +127,7 @@ def write_output(loaded: Source, plan: PruningPlan, recipe: PruneRecipe, facts: 
         logger.info("applying the plan")
         pruned = apply_plan(loaded.model, loaded.family, plan, scale_expert_capacity=recipe.scale_expert_capacity)
         if recipe.export == "stock":
-            uniform_count(plan.counts)
+            uniform_count(plan.counts, loaded.family)
             pruned = to_stock(pruned)
         facts = replace(facts, params_before=count_parameters(loaded.model), params_after=count_parameters(pruned))
         output = write_checkpoint(

@@ -212,7 +212,7 @@ def _calibrate_and_plan(
     if isinstance(planning.num_experts_per_layer, list):  # positional counts (CLI) -> {layer: k} from here on
         planning = replace(planning, num_experts_per_layer={name: budget[name] for name in loaded.sizes})
     if recipe.export == "stock":
-        uniform_count(budget)  # fail before calibration when the requested counts already differ
+        uniform_count(budget, loaded.family)  # fail before calibration when the requested counts already differ
     if initial_stats is None:
         logger.info("calibrating on %d examples", len(examples))
     planned = calibrate_and_plan(  # the method's allocate() may re-split the budget's total across layers

@@ -1,10 +1,11 @@
-"""Output formats of a pruned model: ``pruned`` (custom ``pruned_switch_transformers``) or ``stock``.
+"""Output formats of a pruned model: ``pruned`` (custom ``pruned_<family>`` model type) or ``stock``.
 
-A pruned layer may keep any number of experts, which upstream ``SwitchTransformersConfig`` cannot express (one
-``num_experts`` for every layer), hence the custom model type. When every sparse layer keeps the same number ``k``,
-nothing custom is needed: the state-dict keys of the pruned model are the upstream ones, so a plain
-``SwitchTransformersConfig(num_experts=k)`` checkpoint loads in stock transformers with no remote code — the most
-portable output (inference servers, older transformers, users who cannot run ``trust_remote_code``).
+A pruned layer may keep any number of experts, which an upstream config (``SwitchTransformersConfig``,
+``MixtralConfig``, ...) cannot express (one ``num_experts`` / ``num_local_experts`` for every layer), hence the custom
+model types. When every sparse layer keeps the same number ``k``, nothing custom is needed: the state-dict keys of
+the pruned model are the upstream ones, so a plain ``SwitchTransformersConfig(num_experts=k)`` checkpoint loads in
+stock transformers with no remote code — the most portable output (inference servers, older transformers, users who
+cannot run ``trust_remote_code``). The decoder families write equal counts in the stock format by themselves.
 
 Expert capacity: the pruned config has one capacity per layer (pruning raises it by ``E_old / E_new``); with equal
 counts they are normally equal, and the stock config takes their maximum otherwise — a larger capacity never drops
@@ -43,17 +44,31 @@ def check_export_format(export: str) -> str:
     return export
 
 
-def uniform_count(counts: Mapping[str, int]) -> int:
-    """The common expert count of all layers, or :class:`ExportError` explaining how to get one."""
+def stock_config_name(family: Any | None) -> str:
+    """How a refusal names the stock config of ``family`` (``MixtralConfig``), generically without a family."""
+    if family is None:
+        return "stock transformers config"
+    getter = getattr(family, "stock_config_class", None)  # the decoder families
+    if callable(getter):
+        try:
+            return getter().__name__
+        except Exception:  # noqa: BLE001 - a model type this transformers does not know
+            pass
+    return "SwitchTransformersConfig" if family.name == "switch_transformers" else f"{family.name} config"
+
+
+def uniform_count(counts: Mapping[str, int], family: Any | None = None) -> int:
+    """The common expert count of all layers, or :class:`ExportError` explaining how to get one (naming the stock
+    config of ``family`` when it is given)."""
     values = set(counts.values())
     if len(values) == 1:
         return values.pop()
     detail = ", ".join(f"{name}: {k}" for name, k in counts.items())
     raise ExportError(
         f"--export stock needs the same number of experts in every sparse layer, but this run keeps {detail}. "
-        "A stock SwitchTransformersConfig has a single num_experts. Prune with --factor and --uniform (adaptive "
-        "methods then keep floor(E / factor) experts everywhere) or equal per-layer counts, or keep the default "
-        "--export pruned (loads with `import uncurl_hf` or trust_remote_code=True)."
+        f"A {stock_config_name(family)} has a single expert count for all layers. Prune with --factor and "
+        "--uniform (adaptive methods then keep floor(E / factor) experts everywhere) or equal per-layer counts, or "
+        "keep the default --export pruned (loads with `import uncurl_hf` or trust_remote_code=True)."
     )
 
 
@@ -65,7 +80,9 @@ def stock_config(config: Any) -> Any:
         return config
     counts = config.experts_per_layer(False) + config.experts_per_layer(True)
     names = [f"layer {i}" for i in range(len(counts))]
-    k = uniform_count(dict(zip(names, counts)))
+    from uncurl_hf.families import family_by_name
+
+    k = uniform_count(dict(zip(names, counts)), family_by_name("switch_transformers"))
     capacities = config.capacity_per_layer(False) + config.capacity_per_layer(True)
     capacity = max(capacities) if capacities else config.expert_capacity
     if len(set(capacities)) > 1:
@@ -91,9 +108,11 @@ def to_stock(model: nn.Module) -> nn.Module:
     if not str(model.config.model_type).startswith("pruned_"):
         return model  # already stock: Switch itself, or a decoder family pruned to equal counts (written stock)
     if model.config.model_type != "pruned_switch_transformers" or not hasattr(model, "lm_head"):
+        family_type = str(model.config.model_type)[len("pruned_"):]
         raise ExportError(
-            f"--export stock is implemented for Switch Transformers seq2seq models, not {type(model).__name__}; "
-            "use --export pruned."
+            f"--export stock cannot convert {type(model).__name__} ({model.config.model_type}): a {family_type} "
+            "model pruned to equal counts is already written as a stock checkpoint, and unequal counts have no "
+            f"stock {family_type} form. Prune to equal counts, or use --export pruned."
         )
     config = stock_config(model.config)
     with torch.device("meta"):
@@ -121,4 +140,5 @@ def to_stock(model: nn.Module) -> nn.Module:
     return stock
 
 
-__all__ = ["EXPORT_FORMATS", "check_export_format", "stock_config", "to_stock", "uniform_count"]
+__all__ = ["EXPORT_FORMATS", "check_export_format", "stock_config", "stock_config_name", "to_stock",
+           "uniform_count"]
