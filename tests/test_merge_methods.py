@@ -254,7 +254,7 @@ def test_method_options_are_checked_against_the_methods_options_dataclass_when_t
         ("uncurl", {"router": "sum"}, "router must be one of 'weighted', 'anchor', got 'sum'"),
         ("uncurl", {"uniform": "yes"}, "must be a bool"),
         ("uncurl", {"profile": "spearman"}, "profile must be one of 'pearson', 'centered', 'raw'"),
-        ("reap", {"gate": "none"}, "gate must be one of 'applied', 'renormalized'"),
+        ("reap", {"gate": "none"}, "gate must be one of 'applied', 'softmax', 'renormalized'"),
         ("hcsmoe", {"max_tokens": 0}, "max_tokens must be >= 1"),
         ("frequency", {"router": "anchor"}, r"Method 'frequency' options has no setting\(s\) \['router'\]"),
     ]:

@@ -37,6 +37,14 @@ from uncurl_hf.families import get_family
 from uncurl_hf.families.base import MoEFamily
 from uncurl_hf.io.access import check_readable_file, check_readable_folder
 from uncurl_hf.io.atomic import write_atomically
+from uncurl_hf.io.checks import (
+    check_model_finite,
+    check_shapes_match_config,
+    compare_outputs,
+    compare_written_tensors,
+    compute_dtype,
+    storage_state,
+)
 from uncurl_hf.io.placement import placement
 from uncurl_hf.io.safetensors import SAFE_WEIGHTS_INDEX_NAME, stored_tensors, weight_files
 from uncurl_hf.plan import PLAN_FILENAME, PruningPlan
@@ -178,12 +186,17 @@ def load_model(
     ``"float16"``. ``device``: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"`` (the loaded model is moved there), or
     ``"auto"`` (accelerate's ``device_map="auto"``); see :mod:`uncurl_hf.io.placement`. Both are checked before
     anything is read: :class:`~uncurl_hf.errors.DeviceError` when the device is not available here.
-    Raises the errors of :func:`inspect_checkpoint`, and :class:`CheckpointError` when transformers cannot load it.
+    Raises the errors of :func:`inspect_checkpoint`, and :class:`CheckpointError` when transformers cannot load it,
+    when a stored tensor's shape is not the one config.json implies (read from the headers before loading, so the
+    message names the tensor and both shapes), or when a sparse layer's router or expert weights hold NaN/Inf
+    (checked after loading, before any calibration; :mod:`uncurl_hf.io.checks`).
     """
     where = placement(device, dtype)
     folder = Path(path)
     family = inspect_checkpoint(folder, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     use_safetensors = bool(weight_files(folder))
+    if use_safetensors:
+        check_shapes_match_config(folder)  # a config that disagrees with the weights, named before loading
     try:
         model, info = family.auto_model_class().from_pretrained(
             str(folder),
@@ -203,6 +216,13 @@ def load_model(
             "either; get safetensors weights from a source you trust."
         ) from exc
     except Exception as exc:  # transformers raises many types (OSError, ValueError, SafetensorError, ...)
+        if "mismatched" in str(exc) or "size mismatch" in str(exc):  # shapes the header check could not compare
+            raise CheckpointError(
+                f"The tensor shapes in {folder} do not match its config.json ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0]}). Check config.json against the checkpoint (expert counts, hidden and "
+                "intermediate sizes): restore the config.json that came with the weights, or re-download the "
+                "checkpoint."
+            ) from exc
         raise CheckpointError(
             f"Could not load the checkpoint in {folder}: {type(exc).__name__}: {exc}. Check that the folder is a "
             "complete save_pretrained output."
@@ -216,6 +236,7 @@ def load_model(
     model.eval()
     if not family.sparse_layers(model):
         raise UnsupportedModelError(f"{folder} has no sparse MoE layers (num_sparse_*_layers = 0); nothing to prune.")
+    check_model_finite(model, family, folder)  # NaN/Inf in a router or expert: named now, before calibration
     if where.move_to is not None:
         model.to(where.move_to)
     logger.info("loaded %s (%s, %d parameters)", folder, type(model).__name__, count_parameters(model))
@@ -318,12 +339,13 @@ def write_checkpoint(
     """
 
     def fill(temp: Path) -> None:
-        model.save_pretrained(str(temp), max_shard_size=max_shard_size)
+        state = storage_state(model)
+        model.save_pretrained(str(temp), max_shard_size=max_shard_size, state_dict=dict(state))  # it pops entries
         plan.save(temp / PLAN_FILENAME)
         if source_dir is not None:
             copy_side_files(Path(source_dir).expanduser().resolve(), temp)
         if validate:
-            _validate_written(model, temp)
+            _validate_written(model, temp, state)
 
     output = write_atomically(
         output_dir, fill, source_dir=source_dir, overwrite=overwrite, finalize=finalize, sync=sync
@@ -342,17 +364,31 @@ def copy_side_files(source: Path, target: Path) -> None:
 
 
 @torch.no_grad()
-def _validate_written(model: nn.Module, folder: Path) -> None:
+def _validate_written(model: nn.Module, folder: Path, state: dict[str, torch.Tensor] | None = None) -> None:
+    """The written folder is the in-memory model: its tensors bit for bit, then a reload's forward pass.
+
+    Bits first, because they are exact in every dtype and name the tensor that differs; the forward pass then checks
+    what bits cannot (config.json and the classes it loads compute like the in-memory model), within a tolerance
+    derived from the dtype (:func:`uncurl_hf.io.checks.forward_tolerance`): tight in float32, a few ulps in
+    bfloat16/float16, where kernels may round a differently aligned copy of the same bytes differently.
+    """
     family = get_family(model)
+    compare_written_tensors(model, folder, storage_state(model) if state is None else state)
     try:
         reloaded, info = family.auto_model_class().from_pretrained(
             str(folder), use_safetensors=True, local_files_only=True, output_loading_info=True
         )
     except Exception as exc:
-        raise CheckpointError(f"The written checkpoint does not load back: {type(exc).__name__}: {exc}") from exc
+        raise CheckpointError(
+            f"The written checkpoint does not load back: {type(exc).__name__}: {exc}. Nothing was written; this is a "
+            "bug in uncurl-hf's writer for this model family: please report it with the plan (--dry-run writes it)."
+        ) from exc
     problems = {k: sorted(v) for k, v in info.items() if k != "error_msgs" and v}
     if problems or info.get("error_msgs"):
-        raise CheckpointError(f"The written checkpoint loads with problems: {problems or info['error_msgs']}")
+        raise CheckpointError(
+            f"The written checkpoint loads with problems: {problems or info['error_msgs']}. Nothing was written; "
+            "this is a bug in uncurl-hf's writer: please report it with the plan (--dry-run writes it)."
+        )
     reloaded.eval()
     inputs = {k: v.to(next(model.parameters()).device) for k, v in family.dummy_inputs(model).items()}
     was_training = model.training
@@ -362,8 +398,7 @@ def _validate_written(model: nn.Module, folder: Path) -> None:
     finally:
         model.train(was_training)
     actual = reloaded(**{k: v.to(next(reloaded.parameters()).device) for k, v in inputs.items()}).logits
-    if not torch.allclose(expected.float().cpu(), actual.float().cpu(), atol=1e-5, rtol=1e-4):
-        raise CheckpointError("The written checkpoint does not reproduce the pruned model's outputs.")
+    compare_outputs(expected, actual, compute_dtype(model), folder)
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> Any:

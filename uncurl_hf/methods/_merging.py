@@ -27,6 +27,7 @@ from torch import nn
 from uncurl_hf.calibration.stats import ExpertStats
 from uncurl_hf.errors import UncurlError
 from uncurl_hf.families.base import MoEFamily, MoELayer
+from uncurl_hf.io.checks import check_finite
 from uncurl_hf.methods.base import PruningMethod
 from uncurl_hf.methods.frequency import rank_by_frequency
 from uncurl_hf.plan import ROUTER_RULES, LayerPlan
@@ -155,15 +156,22 @@ def align_group(
     """Per member, the permutation aligning its hidden neurons to the anchor ``group[0]`` (anchor: ``None``).
 
     Members with merge weight 0 contribute nothing, so they are not aligned (``linear_sum_assignment`` on
-    ``d_ff x d_ff`` is the expensive step of a merge).
+    ``d_ff x d_ff`` is the expensive step of a merge). Every aligned expert is checked finite first: the assignment
+    solver would otherwise fail with "matrix contains invalid numeric entries", naming nothing.
     """
-    anchor = neuron_features(family.expert_tensors(layer, group[0]), family.neuron_axes)
+
+    def features(index: int) -> torch.Tensor:
+        tensors = family.expert_tensors(layer, index)
+        check_finite(tensors, f"layer {layer.name}, expert {index}")
+        return neuron_features(tensors, family.neuron_axes)
+
+    anchor = features(group[0])
     perms: list[Permutation] = [None]
     for member, weight in zip(group[1:], weights[1:]):
         if weight <= 0:
             perms.append(None)
             continue
-        perms.append(match_neurons(anchor, neuron_features(family.expert_tensors(layer, member), family.neuron_axes)))
+        perms.append(match_neurons(anchor, features(member)))
     return perms
 
 

@@ -28,6 +28,7 @@ from uncurl_hf.calibration.run import Batch, calibrate
 from uncurl_hf.calibration.stats import CalibrationStats, check_coverage
 from uncurl_hf.errors import UncurlError
 from uncurl_hf.families.base import MoEFamily
+from uncurl_hf.io.checks import check_stats_finite
 from uncurl_hf.methods.base import PruningMethod, make_plan
 from uncurl_hf.plan import LayerPlan, PruningPlan
 
@@ -73,6 +74,7 @@ def plan_model(
             "drop one of the two."
         )
     if method.needs_calibration:
+        check_stats_finite(stats)  # overflowing activations: one error naming the layer, not garbage plans
         check_coverage(stats)
     allocated = method.allocate(stats, budget, recipe)
     logger.info("planning with %s%s (budget %s)", method.name, " sequentially" if sequential else "", allocated)

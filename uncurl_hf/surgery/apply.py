@@ -6,8 +6,17 @@ Per layer and per output group ``g`` with members ``m_1..m_n`` and weights ``w_1
   (``plan extras["permutations"]``) along the family's neuron axis; a singleton group is an exact copy;
 * router rows: ``"weighted"`` -> ``sum_i w_i * row_{m_i}`` (bias likewise), ``"anchor"`` -> ``row_{m_1}``.
 
-Merging happens in float32 and is cast back to the parameter dtype. Removed experts are physically absent from the
-result, so the written checkpoint shrinks.
+Every computation on weights (weighted sums, permutations, router rows) runs in float32 and is stored in the source
+dtype, so a bfloat16/float16 checkpoint comes out in its own dtype and the in-memory and streamed paths give the same
+bytes: expert tensors in the dtype of the group's anchor, router rows in the dtype of the layer's expert weights.
+Why not the router's own dtype: Switch Transformers' router upcasts its classifier to ``router_dtype`` (float32) *in
+place* on every forward (``self.classifier = self.classifier.to(self.dtype)``), so after calibration the in-memory
+router is float32 while the checkpoint stores it, like the experts, in the model dtype; every supported family
+stores router and experts in one dtype (and ``from_pretrained`` loads a checkpoint in one dtype anyway).
+
+Inputs and results are checked finite (:func:`uncurl_hf.io.checks.check_finite`): a NaN in an expert is named here
+rather than surfacing as an assignment solver's "invalid numeric entries" or as a silently broken output.
+Removed experts are physically absent from the result, so the written checkpoint shrinks.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import torch
 from torch import nn
 
 from uncurl_hf.families.base import MoEFamily, MoELayer, ReducedLayer
+from uncurl_hf.io.checks import check_finite
 from uncurl_hf.plan import LayerPlan, PruningPlan
 
 logger = logging.getLogger(__name__)
@@ -90,14 +100,27 @@ def reduce_tensors(
     that returns fresh tensors, wrong for views of a live model (the default copies).
     """
     permutations = plan.extras.get("permutations") or [None] * len(plan.groups)
-    experts = [
-        merge_expert_tensors(expert, neuron_axes, group, weights, perms, copy=copy)
-        for group, weights, perms in zip(plan.groups, plan.weights, permutations)
-    ]
+
+    def checked_expert(index: int) -> Mapping[str, torch.Tensor]:
+        tensors = expert(index)
+        check_finite(tensors, f"layer {plan.name}, expert {index}")
+        return tensors
+
+    experts = []
+    for position, (group, weights, perms) in enumerate(zip(plan.groups, plan.weights, permutations)):
+        merged = merge_expert_tensors(checked_expert, neuron_axes, group, weights, perms, copy=copy)
+        if len(group) > 1:
+            check_finite(merged, f"layer {plan.name}, output expert {position} (group {list(group)})", computed=True)
+        experts.append(merged)
+    check_finite(router, f"layer {plan.name}, router")
+    dtype = _expert_dtype(experts)
     router_rows = {
-        name: torch.stack([_router_row(tensor, g, w, plan.router) for g, w in zip(plan.groups, plan.weights)])
+        name: torch.stack(
+            [_router_row(tensor, g, w, plan.router, dtype or tensor.dtype) for g, w in zip(plan.groups, plan.weights)]
+        )
         for name, tensor in router.items()
     }
+    check_finite(router_rows, f"layer {plan.name}, reduced router", computed=True)
     if capacity is not None and scale_expert_capacity:
         capacity = math.ceil(capacity * num_experts / plan.num_output_experts)
     return ReducedLayer(experts=experts, router=router_rows, expert_capacity=capacity)
@@ -146,9 +169,21 @@ def merge_expert_tensors(
     return {name: value.to(dtypes[name]) for name, value in merged.items()}
 
 
-def _router_row(tensor: torch.Tensor, group: Sequence[int], weights: Sequence[float], rule: str) -> torch.Tensor:
+def _expert_dtype(experts: Sequence[Mapping[str, torch.Tensor]]) -> torch.dtype | None:
+    """The floating dtype the layer's experts are stored in (router rows are stored in it: see the module docstring)."""
+    for tensors in experts:
+        for tensor in tensors.values():
+            if tensor.is_floating_point():
+                return tensor.dtype
+    return None
+
+
+def _router_row(
+    tensor: torch.Tensor, group: Sequence[int], weights: Sequence[float], rule: str, dtype: torch.dtype
+) -> torch.Tensor:
+    """One output router row (or bias entry) in ``dtype``: the anchor's, or the float32 weighted sum of the members'."""
     if len(group) == 1 or rule == "anchor":
-        return tensor[group[0]].clone()
+        return tensor[group[0]].to(dtype, copy=True)
     rows = tensor[list(group)].float()
     scale = torch.tensor(weights, dtype=torch.float32, device=rows.device).reshape(-1, *[1] * (rows.dim() - 1))
-    return (scale * rows).sum(dim=0).to(tensor.dtype)
+    return (scale * rows).sum(dim=0).to(dtype)

@@ -9,7 +9,10 @@
   file to the output file (``copy_file_range``): they are never decoded, never held in memory, and their dtype and
   bits are the source's by construction;
 * each sparse layer is read, reduced and written while it is the only layer in memory: experts are read one at a
-  time, and experts the plan drops are never read at all;
+  time, and experts the plan drops are never read at all; every expert and router the output is made of is checked
+  finite as it is read (a kept expert, copied as bytes, is read once for that check just before its copy), because
+  the model is never loaded and so never scanned. Tensors outside the sparse layers are not decoded, so not checked:
+  ``uncurl verify``'s forward pass catches non-finite values there;
 * shards are written straight to their files (header first, then the tensors in the order ``safetensors`` itself
   lays them out), so no output shard is buffered: peak memory is about one layer's surviving experts plus the
   reduced layer.
@@ -48,6 +51,7 @@ from uncurl_hf.io.checkpoint import (
     read_config,
     weights_size,
 )
+from uncurl_hf.io.checks import check_stored_finite
 from uncurl_hf.io.manifest import FileDigest
 from uncurl_hf.io.safetensors import MetaReader, SafetensorsReader, StoredTensor, safetensors_dtype, stored_tensors
 from uncurl_hf.io.shards import OutputTensor, ShardWriter, shard_layout, shard_names, write_shard_index
@@ -218,7 +222,9 @@ def _write_shards(
 
     A layer's outputs are cached only until they are all written; if a shard's layout interleaves two layers (mixed
     dtypes), the cache is dropped and the later layer recomputed when needed again, so memory stays one layer.
-    Outputs that are stored tensors unchanged (``source`` set: kept experts) are copied as bytes and never read.
+    Outputs that are stored tensors unchanged (``source`` set: kept experts) are copied as bytes; a kept expert is
+    read once just before (so the copy comes from the page cache) to check its values are finite, because a NaN in it
+    would otherwise reach the output unseen (:func:`~uncurl_hf.surgery.apply.reduce_tensors` checks what it reads).
     """
     from tqdm.auto import tqdm
 
@@ -236,6 +242,8 @@ def _write_shards(
             try:
                 for tensor in writer.order:
                     if tensor.source is not None:
+                        if tensor.layer is not None:  # a kept expert: the surgery never decodes it, so check it here
+                            check_stored_finite(reader, [tensor.source.key])
                         writer.copy(tensor.key, reader.handle(tensor.source.file))
                     else:
                         assert tensor.layer is not None
