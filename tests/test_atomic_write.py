@@ -4,6 +4,7 @@ The CLI runs in forked children (real processes, see ``tests/forked.py``). A chi
 ``write_checkpoint`` starts and ends; a first, unkilled run measures that window, then each run is killed after a
 seeded random delay inside it — some while the shards are written, some during validation, the card or the
 manifest. No sleep hooks in the product code are needed: the window of the tiny model is short but measured.
+Last, the atomic protocol's temporary files must not leak into the output's permissions (modes under two umasks).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import shutil
 import signal
 import time
 from pathlib import Path
+
+import pytest
 
 import forked
 from uncurl_hf.io.atomic import OLD_PREFIX, TEMP_PREFIX
@@ -134,3 +137,39 @@ def test_kill_between_the_two_renames_of_an_overwrite_restores_the_old_output(
     assert "already exists; pass --overwrite" in capsys.readouterr().err
     assert _leftovers(tmp_path) == []
     assert verify_checkpoint(out).ok
+
+
+def _modes_under_umask(umask: int, model: str, calibration: str, root: str) -> dict:
+    """Child: set ``umask``, prune in memory and then streamed (the saved plan), and report every mode written,
+    next to what a plain ``open()`` / ``mkdir()`` give under the same umask."""
+    os.umask(umask)
+    root_path = Path(root)
+    memory, streamed = root_path / "memory", root_path / "streamed"
+    assert main(_argv(Path(model), Path(calibration), memory)) == 0
+    assert main(["prune", model, "--plan", str(memory / "uncurl_plan.json"), "-o", str(streamed), "--streaming",
+                 "--no-progress"]) == 0
+    (root_path / "plain.txt").write_text("x")
+    (root_path / "plain-dir").mkdir()
+
+    def modes(folder: Path) -> dict:
+        return {"folder": folder.stat().st_mode & 0o777,
+                **{p.name: p.stat().st_mode & 0o777 for p in sorted(folder.iterdir())}}
+
+    return {"memory": modes(memory), "streamed": modes(streamed),
+            "plain_file": (root_path / "plain.txt").stat().st_mode & 0o777,
+            "plain_dir": (root_path / "plain-dir").stat().st_mode & 0o777}
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077], ids=["umask-022", "umask-077"])
+def test_every_written_file_gets_the_mode_a_plain_write_gives(switch_dir, calibration_jsonl, tmp_path, umask):
+    """Issue 17: ``model.safetensors`` came out 0600 beside 0644 files (``safetensors``' ``save_file`` writes through
+    a private temporary file, and the temporary folder is ``mkdtemp``'s 0700). Every file of an output folder, in
+    memory or streamed, must get ``0666 & ~umask`` and the folder ``0777 & ~umask``, like any other file the user
+    writes. Run in a forked child: the umask is process-wide."""
+    got = forked.run(_modes_under_umask, umask, str(switch_dir), str(calibration_jsonl), str(tmp_path))
+    assert got["plain_file"] == 0o666 & ~umask and got["plain_dir"] == 0o777 & ~umask
+    for kind in ("memory", "streamed"):
+        modes = got[kind]
+        assert "model.safetensors" in modes and "uncurl_manifest.json" in modes, modes
+        assert modes.pop("folder") == got["plain_dir"], (kind, modes)
+        assert set(modes.values()) == {got["plain_file"]}, (kind, {k: oct(v) for k, v in modes.items()})

@@ -15,6 +15,7 @@ import os
 import pickle
 import re
 import shutil
+import stat
 import subprocess
 import sys
 from contextlib import redirect_stderr
@@ -26,6 +27,7 @@ import pytest
 import torch
 
 import forked
+import unprivileged
 import uncurl_hf.errors as errors
 from uncurl_hf import LayerPlan, PruningPlan
 from uncurl_hf.cli.main import main
@@ -207,6 +209,28 @@ def _read_only_parent(c: Ctx) -> list[str]:
     return c.prune(out=c.tmp / "a-file" / "out")
 
 
+def _chmod(c: Ctx, name: str, mode: int) -> list[str]:
+    """A model copy with ``name`` (``""``: the folder itself) set to ``mode``; run it as a user bound by the bits
+    (see UNPRIVILEGED_CASES)."""
+    model = c.model()
+    os.chmod(model / name, mode)
+    return c.prune(model)
+
+
+def _weights_symlink(c: Ctx, target: str) -> list[str]:
+    model = c.model()
+    (model / "model.safetensors").unlink()
+    os.symlink(target, model / "model.safetensors")
+    return c.prune(model)
+
+
+def _unwritable_output_parent(c: Ctx) -> list[str]:
+    parent = c.tmp / "read-only"
+    parent.mkdir()
+    os.chmod(parent, 0o555)
+    return c.prune(out=parent / "sub" / "out")  # a missing folder under it: it is where "sub" would be created
+
+
 @dataclass(frozen=True)
 class Case:
     id: str
@@ -251,6 +275,18 @@ CASES = [
     Case("remote-code-refused", E.RemoteCodeError, "configuration_evil.py.*--trust-remote-code", _remote_code),
     Case("remote-code-trusted-but-unsupported", E.UnsupportedModelError, "'evil_moe' is not a sparse",
          lambda c: _remote_code(c, "--trust-remote-code")),
+    Case("model-dir-unreadable", E.AccessDeniedError, r"Cannot read the model folder .*/model: permission denied "
+         r"\(mode d---------.*chmod -R u\+rX", lambda c: _chmod(c, "", 0)),
+    Case("weights-unreadable", E.AccessDeniedError, r"Cannot read the weight file .*/model.safetensors: permission "
+         r"denied \(mode ----------.*chmod u\+r", lambda c: _chmod(c, "model.safetensors", 0)),
+    Case("tokenizer-unreadable", E.AccessDeniedError, r"Cannot read the checkpoint file .*/tokenizer.json: permission "
+         r"denied.*chmod u\+r", lambda c: _chmod(c, "tokenizer.json", 0)),
+    Case("weights-symlink-loop", E.BrokenSymlinkError, r"weight file .*/model.safetensors is a symlink loop "
+         r"\(model.safetensors -> model.safetensors.*replace it with the real file",
+         lambda c: _weights_symlink(c, "model.safetensors")),
+    Case("weights-dangling-symlink", E.BrokenSymlinkError, r"weight file .*/model.safetensors is a dangling symlink: "
+         r"it points to ../gone/model.safetensors, which does not exist.*re-download",
+         lambda c: _weights_symlink(c, "../gone/model.safetensors")),
     Case("tokenizer-missing", E.CheckpointError, "no tokenizer vocabulary.*untrained.*Copy the model's tokenizer",
          lambda c: c.prune(_without(c, "tokenizer.json", "tokenizer_config.json"))),
     # factor and per-layer counts
@@ -316,6 +352,9 @@ CASES = [
          lambda c: (c.out.mkdir(), (c.out / "thesis.tex").write_text("keep"), [*c.prune(), "--overwrite"])[-1]),
     Case("output-parent-not-a-directory", E.CheckpointError, "Choose an -o whose parent is a writable directory",
          _read_only_parent),
+    Case("output-parent-not-writable", E.AccessDeniedError, r"Cannot write the output .*/read-only/sub/out: the "
+         r"folder .*/read-only is not writable for this user \(permission denied; mode dr-xr-xr-x.*Choose an -o in a "
+         r"folder you can write to", _unwritable_output_parent),
     Case("write-fails-file-too-large", E.CheckpointError, "File too large.*Nothing was written.*free disk space",
          _rlimit_write),
     # saved plans
@@ -342,6 +381,8 @@ CASES = [
          lambda c: c.prune(None, "--plan", str(c.plan()), "--method", "frequency", data=None, factor=None)),
 ]
 RLIMIT_CASES = {"write-fails-file-too-large": 64 * 1024}  # RLIMIT_FSIZE bytes: below the ~390 kB weight file
+# Run in a child bound by permission bits (tests/unprivileged.py: as root, CAP_DAC_OVERRIDE is dropped first).
+UNPRIVILEGED_CASES = {"model-dir-unreadable", "weights-unreadable", "tokenizer-unreadable", "output-parent-not-writable"}
 
 
 def _snapshot(*roots: Path) -> dict[str, str]:
@@ -349,9 +390,21 @@ def _snapshot(*roots: Path) -> dict[str, str]:
     picture = {}
     for root in roots:
         for path in [root, *sorted(root.rglob("*"))] if root.is_dir() else [root]:
-            key = str(path)
-            picture[key] = "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+            picture[str(path)] = _fingerprint(path)
     return picture
+
+
+def _fingerprint(path: Path) -> str:
+    """A symlink's target, ``dir``, or the file's sha256 (mode included: a case may not chmod anything back)."""
+    if path.is_symlink():
+        return f"link -> {os.readlink(path)}"
+    mode = stat.filemode(path.lstat().st_mode)
+    if path.is_dir():
+        return f"dir {mode}"
+    try:
+        return f"{mode} {hashlib.sha256(path.read_bytes()).hexdigest()}"
+    except PermissionError:  # a mode-000 file, for a runner that is not root
+        return f"{mode} unreadable"
 
 
 def _run_cli(argv: list[str], fsize_limit: int | None = None) -> dict[str, Any]:
@@ -381,6 +434,10 @@ def test_bad_input(case: Case, switch_dir, t5_dir, calibration_jsonl, tmp_path):
     before = _snapshot(*watched)
     if case.id in RLIMIT_CASES:
         result = forked.run(_run_cli, argv, RLIMIT_CASES[case.id])
+    elif case.id in UNPRIVILEGED_CASES:
+        if not unprivileged.available():
+            pytest.skip("this runner cannot give a child process ordinary file permissions (capset failed)")
+        result = unprivileged.run(_run_cli, argv)
     else:
         result = _run_cli(argv)
 
@@ -431,3 +488,39 @@ def test_pickle_payload_is_plain_data(tmp_path):
     marker = tmp_path / "ran"
     pickle.loads(pickle.dumps(_RunsCode(marker)))
     assert marker.exists()
+
+
+def _cli_stderr(argv: list[str]) -> dict[str, Any]:
+    """Child: the CLI as a terminal user runs it (its own logging setup, not pytest's); exit code and stderr."""
+    import logging
+
+    root = logging.getLogger()
+    for handler in root.handlers[:]:  # pytest's capture handlers would swallow the CLI's warnings
+        root.removeHandler(handler)
+    stderr = io.StringIO()
+    with redirect_stderr(stderr):
+        code = main(argv)
+    return {"code": code, "stderr": stderr.getvalue()}
+
+
+def test_recover_on_another_task_than_the_calibration_warns(switch_dir, tmp_path):
+    """Issue 17: ``uncurl recover OUT --task topic`` on a folder calibrated on sentiment said nothing. It warns now,
+    on the command line too, before anything is loaded; the existing -o stops each run right after the checks."""
+    from helpers import prune_flat
+
+    pruned = tmp_path / "pruned"
+    prune_flat(str(switch_dir), pruned, task="sentiment", factor=2, method="frequency",
+               num_calibration_examples=16, progress=False)
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "config.json").write_text("{}")
+    argv = ["recover", str(pruned), "-o", str(taken), "--no-progress", "--task"]
+    other = forked.run(_cli_stderr, [*argv, "topic"])
+    assert other["code"] == errors.OutputExistsError.exit_code
+    warning, error = other["stderr"].splitlines()
+    assert re.fullmatch(r"WARNING uncurl_hf\.recover\.train: .*/pruned was pruned with calibration on the "
+                        r"'sentiment' task, but this recovery trains and scores 'topic'.*Recover with --task "
+                        r"sentiment, or prune on 'topic' first.*", warning), warning
+    assert error.startswith("error: Output folder") and "already exists" in error
+    same = forked.run(_cli_stderr, [*argv, "sentiment"])
+    assert same["code"] == errors.OutputExistsError.exit_code and "WARNING" not in same["stderr"], same

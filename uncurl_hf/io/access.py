@@ -62,7 +62,7 @@ def check_readable_file(path: Path, what: str) -> bool:
     if stat.S_ISLNK(info.st_mode):
         _check_link(path, what)
     try:
-        os.close(os.open(path, os.O_RDONLY))
+        os.close(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)))  # a FIFO must not block the check
     except PermissionError as exc:
         raise _denied(path, what, exc) from exc
     except IsADirectoryError:

@@ -5,7 +5,9 @@ Every writer of an output folder (the in-memory :func:`~uncurl_hf.io.checkpoint.
 crash or a kill never leaves a half-written output: the folder is assembled as ``.uncurl-tmp-<name>-<pid>-*`` on the
 same filesystem, gets its integrity manifest (:mod:`uncurl_hf.io.manifest`), and only then replaces the output. An
 overwrite moves the previous output aside as ``.uncurl-old-<name>-<pid>-*`` for the instant between the two renames;
-leftovers of killed runs (their pid is gone) are swept, or restored, by the next write of the same output.
+leftovers of killed runs (their pid is gone) are swept, or restored, by the next write of the same output. Every
+file and folder of the output gets the mode a plain write gives (``0666``/``0777`` less the umask), whatever the
+temporary machinery used (:func:`normalize_modes`).
 """
 
 from __future__ import annotations

@@ -77,6 +77,31 @@ def check_pruned_folder(path: str | Path) -> Path:
     return folder.resolve()
 
 
+def warn_if_other_task(folder: Path, task: str) -> str | None:
+    """Warn (and return the plan's task) when ``folder`` was calibrated on another task than ``task``.
+
+    The plan kept the experts the calibration task routes to; recovering on a different task asks LoRA to restore
+    experts that were removed for it, which it usually cannot, and the run would otherwise say nothing about it.
+    A plan calibrated on a file (no task recorded) or without readable metadata gives no warning.
+    """
+    import json
+
+    from uncurl_hf.plan import PLAN_FILENAME
+
+    try:
+        calibrated = json.loads((folder / PLAN_FILENAME).read_text(encoding="utf-8"))["metadata"]["calibration"]["task"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(calibrated, str) or calibrated == task:
+        return None
+    logger.warning(
+        "%s was pruned with calibration on the %r task, but this recovery trains and scores %r: the experts kept are "
+        "the ones %r routes to, and recovery cannot bring back what %r lost. Recover with --task %s, or prune on %r "
+        "first (uncurl prune MODEL --task %s ...).", folder, calibrated, task, calibrated, task, calibrated, task, task,
+    )
+    return calibrated
+
+
 def training_batches(tokenizer: Any, examples: list, config: RecoverConfig) -> Iterator[dict[str, torch.Tensor]]:
     """Exactly ``config.steps`` batches: shuffled epochs over ``examples`` (seeded), repeated as often as needed."""
     from uncurl_hf.zoo.recipe import task_batches
@@ -156,6 +181,7 @@ def recover(
     (and test with ``eval_test``), train the adapters, score again, write ``output_dir`` atomically (temporary folder,
     reload check, card, ``uncurl_manifest.json``, rename). ``pruned_dir`` is only read.
     """
+    from uncurl_hf.io.access import check_writable_parent
     from uncurl_hf.io.atomic import check_output_dir, sweep_stale_temp_dirs
     from uncurl_hf.io.checkpoint import count_parameters, load_model, load_tokenizer
     from uncurl_hf.evaluation.scoring import task_score
@@ -168,9 +194,11 @@ def recover(
     if not task.labels:
         raise RecoveryError(f"Task {task.name!r} is a generation task; recovery scores classification tasks only.")
     source = check_pruned_folder(pruned_dir)
+    warn_if_other_task(source, task.name)
     output = Path(output_dir).expanduser().resolve()
     sweep_stale_temp_dirs(output)
     check_output_dir(output, source, overwrite)
+    check_writable_parent(output)
 
     model = load_model(source)
     tokenizer = load_tokenizer(source)
