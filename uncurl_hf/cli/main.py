@@ -149,7 +149,12 @@ def cmd_zoo(args: argparse.Namespace) -> int:
     elif args.zoo_command == "path":
         print(registry.zoo_path(args.name, progress=not args.no_progress))
     else:
+        from uncurl_hf.zoo.runtime import estimated_build_minutes
+
         out = Path(args.output) if args.output else registry.sources.cache_dir() / "zoo" / args.name
+        minutes = estimated_build_minutes(registry.get_recipe(args.name))
+        print(f"building {args.name} into {out}" + (f" (about {minutes} min on 2 cores)" if minutes else ""),
+              file=sys.stderr)
         print(registry.build(args.name, out, progress=not args.no_progress))
     return 0
 
@@ -320,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     zoo = p.add_subparsers(dest="zoo_command", metavar="ZOO_COMMAND")
     zoo.required = True
     zoo.add_parser("list", help="list zoo models")
-    zp = zoo.add_parser("path", help="print a zoo model's folder (building it if missing)")
+    zp = zoo.add_parser("path", help="print a zoo model's folder (never trains: `uncurl zoo build NAME` does)")
     zp.add_argument("name")
     zb = zoo.add_parser("build", help="run a zoo recipe (pretrain + fine-tune) into the cache or -o DIR")
     zb.add_argument("name")
