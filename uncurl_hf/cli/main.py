@@ -14,9 +14,10 @@ import sys
 from collections.abc import Sequence
 
 from uncurl_hf._version import __version__
-from uncurl_hf.cli.arguments import add_settings
+from uncurl_hf.cli.arguments import add_settings, given
 from uncurl_hf.cli.prune import add_prune_parser
 from uncurl_hf.recipe import CalibrationSpec
+from uncurl_hf.recover.config import RecoverConfig
 from uncurl_hf.errors import UncurlError
 
 logger = logging.getLogger("uncurl_hf")
@@ -47,7 +48,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     (calibrated once, pruned in memory), write results.json/.csv + plot.png, print thresholds with bootstrap CIs."""
     import time
 
-    from uncurl_hf.cli.arguments import given
     from uncurl_hf.experiments.sweep import SweepConfig, run_sweep, split_methods
     from uncurl_hf.io.resolve import resolve_model
 
@@ -198,15 +198,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_recover(args: argparse.Namespace) -> int:
     """``uncurl recover PRUNED --task T --steps N -o OUT``: LoRA fine-tune of a pruned checkpoint (peft), scores
     before/after on the dev split, saved as an adapter or merged into the weights."""
-    from uncurl_hf.recover.config import DEFAULT_TARGET_MODULES, RecoverConfig
     from uncurl_hf.recover.train import recover
 
-    config = RecoverConfig(
-        task=args.task, steps=args.steps, lr=args.lr, rank=args.rank, alpha=args.alpha, dropout=args.dropout,
-        batch_size=args.batch_size, seed=args.seed, warmup=args.warmup, weight_decay=args.weight_decay,
-        target_modules=args.target_modules or DEFAULT_TARGET_MODULES, save=args.save, eval_test=args.eval_test,
-        eval_limit=args.eval_limit, train_limit=args.train_limit, max_length=args.max_length,
-    )
+    config = RecoverConfig(**given(args, RecoverConfig))
     result = recover(args.model, args.output, config, overwrite=args.overwrite, progress=not args.no_progress)
     print(result.summary_table())
     return 0
@@ -260,24 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("recover", help="LoRA fine-tune a pruned checkpoint on its task (needs peft)")
     p.add_argument("model", help="pruned output folder written by `uncurl prune`")
-    p.add_argument("--task", required=True, help="registered task (trained on train, scored on dev)")
-    p.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (default 1e-3)")
-    p.add_argument("--rank", type=int, default=8, help="LoRA rank r (default 8)")
-    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
-    p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (default 0)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--warmup", type=int, help="warm-up steps (default 10%% of --steps)")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--target-modules", metavar="REGEX",
-                   help="modules to adapt (regex over module names; default: attention q/k/v/o + experts' wi/wo)")
-    p.add_argument("--save", choices=["adapter", "merged"], default="adapter",
-                   help="adapter: PEFT adapter folder; merged: LoRA folded in (merge_and_unload), a normal checkpoint")
-    p.add_argument("--eval-test", action="store_true", help="also score the test split before and after")
-    p.add_argument("--eval-limit", type=int, metavar="N", help="score only the first N examples of each split")
-    p.add_argument("--train-limit", type=int, metavar="N", help="train on the first N train examples only")
-    p.add_argument("--max-length", type=int, default=128, help="max source tokens per training example")
+    add_settings(p, RecoverConfig)  # every flag is a RecoverConfig field
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from uncurl_hf.errors import RecoveryError
+from uncurl_hf.settings import setting
 
 # Attention projections of every block (encoder self-attention, decoder self- and cross-attention) and the
 # surviving experts' two matrices. Dense feed-forward layers (``mlp.wi``/``mlp.wo`` of the non-sparse blocks) are not
@@ -29,22 +30,31 @@ class RecoverConfig:
     examples of the train / evaluation splits (quick checks and tests).
     """
 
-    task: str
-    steps: int = 200
-    lr: float = 1e-3
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    batch_size: int = 16
-    seed: int = 0
-    warmup: int | None = None
-    weight_decay: float = 0.0
-    target_modules: str | tuple[str, ...] = DEFAULT_TARGET_MODULES
-    save: str = "adapter"
-    eval_test: bool = False
-    eval_limit: int | None = None
-    train_limit: int | None = None
-    max_length: int = 128
+    task: str = setting(None, "--task", required=True, help="registered task (trained on train, scored on dev)")
+    steps: int = setting(200, "--steps", help="optimizer steps (default 200)")
+    lr: float = setting(1e-3, "--lr", help="peak AdamW learning rate (default 1e-3)")
+    rank: int = setting(8, "--rank", help="LoRA rank r (default 8)")
+    alpha: float = setting(16.0, "--alpha", help="LoRA alpha (default 16)")
+    dropout: float = setting(0.0, "--dropout", help="LoRA dropout (default 0)")
+    batch_size: int = setting(16, "--batch-size", help="training batch size (default 16)")
+    seed: int = setting(0, "--seed", help="seed of the LoRA initialization and the batch order (default 0)")
+    warmup: int | None = setting(None, "--warmup", help="warm-up steps (default 10%% of --steps)")
+    weight_decay: float = setting(0.0, "--weight-decay", help="AdamW weight decay (default 0)")
+    target_modules: str | tuple[str, ...] = setting(
+        DEFAULT_TARGET_MODULES, "--target-modules", metavar="REGEX",
+        help="modules to adapt (regex over module names; default: attention q/k/v/o + experts' wi/wo)",
+    )
+    save: str = setting(
+        "adapter", "--save", choices=SAVE_CHOICES,
+        help="adapter: PEFT adapter folder; merged: LoRA folded in (merge_and_unload), a normal checkpoint",
+    )
+    eval_test: bool = setting(False, "--eval-test", action="store_true",
+                              help="also score the test split before and after")
+    eval_limit: int | None = setting(None, "--eval-limit", metavar="N",
+                                     help="score only the first N examples of each split")
+    train_limit: int | None = setting(None, "--train-limit", metavar="N",
+                                      help="train on the first N train examples only")
+    max_length: int = setting(128, "--max-length", help="max source tokens per training example (default 128)")
 
     @property
     def warmup_steps(self) -> int:
