@@ -30,7 +30,7 @@ from uncurl_hf.families.base import MoEFamily, MoELayer
 from uncurl_hf.io.checks import check_finite
 from uncurl_hf.methods.base import PruningMethod
 from uncurl_hf.methods.frequency import rank_by_frequency
-from uncurl_hf.plan import ROUTER_RULES, LayerPlan
+from uncurl_hf.plan import LayerPlan
 from uncurl_hf.settings import setting
 
 if TYPE_CHECKING:

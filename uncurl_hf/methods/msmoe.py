@@ -20,8 +20,6 @@ The compression stage of MC-SMoE (low-rank + pruning of the merged experts) is n
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
 from uncurl_hf.calibration.stats import ExpertStats

@@ -25,13 +25,11 @@ calibration statistics the search used (one calibration pass per run).
 from __future__ import annotations
 
 import logging
-import math
 import time
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from uncurl_hf.errors import MaxDropError, UncurlError
+from uncurl_hf.errors import MaxDropError
 
 logger = logging.getLogger(__name__)
 
