@@ -115,8 +115,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from uncurl_hf.evaluation.scoring import evaluate_checkpoint
     from uncurl_hf.families import get_family
+    from uncurl_hf.io.resolve import resolve_model
     from uncurl_hf.pipeline.source import check_evaluable_family
 
+    args.model = str(resolve_model(args.model))  # a folder, a zoo name or a Hub id, as everywhere
+    args.reference = str(resolve_model(args.reference)) if args.reference else None
     for folder in (args.model, args.reference):
         try:
             family = get_family(folder) if folder and (Path(folder) / "config.json").is_file() else None
