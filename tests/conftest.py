@@ -15,6 +15,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+from huggingface_hub import constants  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
@@ -79,3 +80,22 @@ def hub_server(tmp_path_factory: pytest.TempPathFactory):
 
     with HubServer(tmp_path_factory.mktemp("hub"), tokens={"hf_test_token": "tester", "hf_other_token": "other"}) as hub:
         yield hub
+
+
+@pytest.fixture
+def hub(hub_server, monkeypatch, tmp_path):
+    """The test Hub server as this process's Hub (online), with an empty cache and no saved token.
+
+    huggingface_hub read ``HF_ENDPOINT``/``HF_HUB_OFFLINE`` at import; the resolver reads them at call time, so this
+    sets the environment and turns off only the import-time offline flag, Xet and the agent registry."""
+    from huggingface_hub.utils import _detect_agent
+
+    monkeypatch.setenv("HF_ENDPOINT", hub_server.url)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.setattr(_detect_agent, "_registry", _detect_agent._EMPTY_REGISTRY)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    return hub_server

@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from huggingface_hub import HfApi, constants
+from huggingface_hub import HfApi
 
 import uncurl_hf
 from helpers import CALIBRATION_TARGETS, CALIBRATION_TEXTS, hash_tree
@@ -108,22 +108,6 @@ def test_a_zoo_name_is_a_model(tmp_path):
     recipe = PruneRecipe(factor=2, calibration=CalibrationSpec(task="sentiment", num_examples=16))
     result = uncurl_hf.prune("tiny-switch-8", recipe, tmp_path / "zoo", RunOptions(progress=False, card=False))
     assert result.plan.base_model == "tiny-switch-8" and set(result.plan.counts.values()) == {4}
-
-
-@pytest.fixture
-def hub(hub_server, monkeypatch, tmp_path):
-    """The test Hub server as this process's Hub (online), with an empty cache and no saved token."""
-    from huggingface_hub.utils import _detect_agent
-
-    monkeypatch.setenv("HF_ENDPOINT", hub_server.url)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
-    monkeypatch.setattr(_detect_agent, "_registry", _detect_agent._EMPTY_REGISTRY)
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    return hub_server
 
 
 def test_a_hub_id_is_a_model_and_prunes_like_its_folder(hub, switch_dir, calibration_jsonl, tmp_path):

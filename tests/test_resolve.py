@@ -25,22 +25,6 @@ TOKEN = "hf_test_token"
 EXTRA_FILES = {"notes.md": b"# not needed\n", "logo.png": b"\x89PNG not needed", "pytorch_model.bin": b"pickle"}
 
 
-@pytest.fixture
-def hub(hub_server, monkeypatch, tmp_path):
-    """The test server as this process's Hub (online), with an empty cache and no saved token."""
-    from huggingface_hub.utils import _detect_agent
-
-    monkeypatch.setenv("HF_ENDPOINT", hub_server.url)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
-    monkeypatch.setattr(_detect_agent, "_registry", _detect_agent._EMPTY_REGISTRY)
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    return hub_server
-
-
 def _push(hub, folder: Path, name: str, extra: dict[str, bytes] | None = None, skip: tuple[str, ...] = ()) -> str:
     """Upload ``folder`` (minus ``skip``, plus ``extra`` files) as ``tester/<name>``; returns the repo id."""
     repo_id = f"tester/{name}"

@@ -197,7 +197,7 @@ class PruneRecipe:
 
     def to_dict(self) -> dict[str, Any]:
         """Every setting, YAML-safe: ``from_dict(to_dict())`` equals the recipe. A Python ``data`` source cannot be
-        written; the written recipe then says so (``calibration.data: in-memory``) and cannot be rerun as is."""
+        written; the written recipe then says so (``calibration.file: <in-memory ...>``) and cannot be rerun as is."""
         data = {"format": RECIPE_FORMAT, **to_mapping(self)}
         if self.calibration.data is not None:
             data["calibration"]["file"] = IN_MEMORY
