@@ -12,7 +12,7 @@ from uncurl_hf.plan import LayerPlan, PruningPlan
 from uncurl_hf.settings import from_mapping, setting
 
 if TYPE_CHECKING:
-    from uncurl_hf.calibration.stats import CalibrationStats
+    from uncurl_hf.calibration.stats import CalibrationStats, ExpertStats
     from uncurl_hf.families.base import MoEFamily
     from uncurl_hf.recipe import PruneRecipe
 
@@ -114,6 +114,17 @@ class PruningMethod(ABC):
 
         ``stats`` is the layer's :class:`~uncurl_hf.calibration.stats.ExpertStats` (``None`` without calibration).
         """
+
+
+def rank_by_score(stats: "ExpertStats", scores: Any) -> list[int]:
+    """Experts by ``scores`` (one value per expert), highest first; ties: routing count, gate mass, lower index.
+
+    The tie-breaking every saliency method (REAP, EAN) shares, so a plan never depends on sort stability.
+    """
+    values = scores.tolist() if hasattr(scores, "tolist") else list(scores)
+    counts = stats.counts.tolist()
+    mass = stats.gate_mass.tolist()
+    return sorted(range(stats.num_experts), key=lambda e: (-values[e], -counts[e], -mass[e], e))
 
 
 def make_plan(

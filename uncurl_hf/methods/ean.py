@@ -28,7 +28,7 @@ from uncurl_hf.calibration.stats import ExpertStats
 from uncurl_hf.errors import UncurlError
 from uncurl_hf.methods import register_method
 from uncurl_hf.methods._merging import find_layer
-from uncurl_hf.methods.base import PruningMethod
+from uncurl_hf.methods.base import PruningMethod, rank_by_score
 from uncurl_hf.methods.super_experts import (
     SuperExpertOptions,
     check_super_expert_options,
@@ -62,10 +62,7 @@ def ean_scores(stats: ExpertStats, reduce: str = "mean") -> torch.Tensor:
 
 def rank_by_ean(stats: ExpertStats, reduce: str = "mean") -> list[int]:
     """Experts by EAN, highest first (ties: routing count, gate mass, lower index)."""
-    scores = ean_scores(stats, reduce).tolist()
-    counts = stats.counts.tolist()
-    mass = stats.gate_mass.tolist()
-    return sorted(range(stats.num_experts), key=lambda e: (-scores[e], -counts[e], -mass[e], e))
+    return rank_by_score(stats, ean_scores(stats, reduce))
 
 
 @register_method

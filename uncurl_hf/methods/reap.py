@@ -36,7 +36,7 @@ from torch import nn
 from uncurl_hf.calibration.stats import ExpertStats
 from uncurl_hf.errors import UncurlError
 from uncurl_hf.methods import register_method
-from uncurl_hf.methods.base import PruningMethod
+from uncurl_hf.methods.base import PruningMethod, rank_by_score
 from uncurl_hf.plan import LayerPlan
 from uncurl_hf.settings import setting
 
@@ -72,10 +72,7 @@ def reap_scores(stats: ExpertStats, gate: str = "applied") -> torch.Tensor:
 
 def rank_by_reap(stats: ExpertStats, gate: str = "applied") -> list[int]:
     """Experts by REAP saliency, highest first (ties: routing count, gate mass, lower index)."""
-    scores = reap_scores(stats, gate).tolist()
-    counts = stats.counts.tolist()
-    mass = stats.gate_mass.tolist()
-    return sorted(range(stats.num_experts), key=lambda e: (-scores[e], -counts[e], -mass[e], e))
+    return rank_by_score(stats, reap_scores(stats, gate))
 
 
 @register_method
