@@ -16,6 +16,8 @@ Metadata choices (the Hub's model-card spec):
   users that only the precision changed (and put the model among GGUF/AWQ builds), ``merge`` means combining models,
   not experts inside one model, and ``adapter`` needs the base weights at load time. ``finetune`` is the closest
   honest value — the Hub's generic "derived from this base" relation; the card body says what was done.
+* ``license`` (and ``license_name`` / ``license_link``) is the base model's, read from the source folder, else
+  ``unknown``; the body closes with the licence and the papers to cite (:mod:`uncurl_hf.cards.provenance`).
 * ``model-index`` holds the pruned model's own score only. The original's score on the same split goes into the
   body's comparison table: listed in ``model-index`` it would read, on the Hub, as a result of *this* model.
 * ``pipeline_tag``, tags, the format row and the usage code follow the checkpoint actually written: its
@@ -32,7 +34,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -43,6 +44,14 @@ from huggingface_hub import EvalResult as HubEvalResult
 from huggingface_hub import ModelCard, ModelCardData
 
 from uncurl_hf._version import __version__
+from uncurl_hf.cards.provenance import (
+    SourceLicense,
+    copy_license_files,
+    hub_model_id,
+    is_hub_id,
+    provenance_markdown,
+    read_source_license,
+)
 from uncurl_hf.cards.usage import (
     CheckpointFormat,
     checkpoint_format,
@@ -67,8 +76,6 @@ ORIGINAL_SUFFIX = " (original, before pruning)"  # the label older cards gave th
 # Hub dataset ids of the registered tasks' data, for ``datasets:`` and ``model-index``. The sentiment task is a
 # sample of Pang & Lee's sentence polarity v1.0, which the Hub hosts as rotten_tomatoes.
 TASK_HUB_DATASETS = {"sentiment": "cornell-movie-review-data/rotten_tomatoes"}
-_HUB_CACHE_DIR = re.compile(r"^models--([\w.-]+)--([\w.-]+)$")
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 @dataclass
@@ -96,6 +103,7 @@ class CardFacts:
     eval_pruned: EvalResult | None = None
     model_type: str | None = None  # of the written config.json (finalize_output); else derived from the plan
     remote_code_files: tuple[str, ...] | None = None  # the .py files config.json's auto_map names, in the folder
+    source_license: SourceLicense | None = None  # read from the source folder by finalize_output; None: unknown
 
     @property
     def evaluated(self) -> bool:
@@ -108,25 +116,6 @@ class CardFacts:
             return self.repo_id.split("/")[-1]
         factor = f"x{self.plan.factor:g}" if self.plan.factor is not None else "custom"
         return "-".join(p for p in (self.source_name, self.task, self.plan.method, factor) if p)
-
-
-def hub_model_id(path: str | Path) -> str | None:
-    """The Hub id of a model folder when it can be known: ``org/name`` for a folder in the HF cache, else ``None``.
-
-    ``hf download org/name`` stores ``.../models--org--name/snapshots/<sha>``; a ``--local-dir`` copy loses the id,
-    so pass ``base_model_id`` explicitly for those.
-    """
-    parts = Path(path).expanduser().resolve().parts
-    for i, part in enumerate(parts):
-        match = _HUB_CACHE_DIR.match(part)
-        if match and i + 1 < len(parts) and parts[i + 1] == "snapshots":
-            return f"{match.group(1)}/{match.group(2)}"
-    return None
-
-
-def is_hub_id(value: str | None) -> bool:
-    """Whether ``value`` looks like ``namespace/name`` (and is not an existing local path)."""
-    return bool(value) and bool(_HUB_ID.match(value)) and not Path(value).exists()
 
 
 def build_card(facts: CardFacts, template_path: str | Path = TEMPLATE_PATH) -> ModelCard:
@@ -149,6 +138,7 @@ def build_card(facts: CardFacts, template_path: str | Path = TEMPLATE_PATH) -> M
         pipeline_tag=fmt.pipeline_tag,
         tags=_tags(facts, fmt),
         datasets=[dataset_id] if dataset_id else None,
+        **(facts.source_license or SourceLicense()).metadata(),
         model_name=facts.model_name if facts.evaluated else None,
         eval_results=_eval_results(facts, task_obj, dataset_id, fmt) if facts.evaluated else None,
         **({"base_model_relation": BASE_MODEL_RELATION} if facts.base_model_id else {}),
@@ -158,12 +148,12 @@ def build_card(facts: CardFacts, template_path: str | Path = TEMPLATE_PATH) -> M
     except Exception:  # noqa: BLE001 - a plan from a method that is not installed here
         method_description = ""
     counts_after = list(facts.experts_after.values())
+    base_display = (f"[`{facts.base_model_id}`](https://huggingface.co/{facts.base_model_id})" if facts.base_model_id
+                    else f"`{facts.source_name}` (a local checkpoint)")
     variables: dict[str, Any] = {
         "title": f"{facts.source_name} pruned for {facts.task or 'custom data'} "
         f"({plan.method}, {'x' + format(plan.factor, 'g') if plan.factor is not None else 'per-layer counts'})",
-        "base_display": f"[`{facts.base_model_id}`](https://huggingface.co/{facts.base_model_id})"
-        if facts.base_model_id
-        else f"`{facts.source_name}` (a local checkpoint)",
+        "base_display": base_display,
         "task": facts.task,
         "task_display": f"`{facts.task}`" + (f" ({task_obj.description})" if task_obj else "")
         if facts.task
@@ -218,6 +208,7 @@ def build_card(facts: CardFacts, template_path: str | Path = TEMPLATE_PATH) -> M
         "model_id": facts.repo_id or "path/to/this/folder",
         "command": facts.command,
         "recipe_yaml": facts.recipe_yaml.rstrip("\n"),
+        "provenance": provenance_markdown(facts.source_license, base_display, plan.method, _method_params(plan)),
     }
     if facts.evaluated:
         original, pruned = facts.eval_original, facts.eval_pruned
@@ -352,7 +343,9 @@ def finalize_output(
     from uncurl_hf.io.checkpoint import weights_size
 
     folder = Path(folder)
-    facts = replace(facts, disk_bytes_after=weights_size(folder), **written_format(folder))
+    found = read_source_license(source, facts.base_model_id)
+    copy_license_files(source, folder, found)  # a derivative carries its base's licence text
+    facts = replace(facts, disk_bytes_after=weights_size(folder), source_license=found, **written_format(folder))
     if evaluate:
         from uncurl_hf.evaluation.scoring import evaluate_pair
 

@@ -32,7 +32,8 @@ logger = logging.getLogger(__name__)
 
 # What a checkpoint folder needs, as snapshot_download allow_patterns; JSON covers configs, shard indexes and the
 # JSON tokenizer files (tokenizer.json, tokenizer_config.json, vocab.json, ...).
-DOWNLOAD_PATTERNS = ("*.safetensors", "*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.py")
+# README.md and LICENSE files: the pruned card carries the base model's licence (cards/provenance.py)
+DOWNLOAD_PATTERNS = ("*.safetensors", "*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.py", "README.md", "LICEN[CS]E*")
 PICKLE_PATTERNS = ("*.bin",)
 _TRUE = {"1", "on", "yes", "true"}
 

@@ -43,6 +43,7 @@ class PruningMethod(ABC):
     Options: ClassVar[type] = UniformOptions
     merges: ClassVar[bool] = False  # True when plans may merge experts (groups of several members)
     needs_calibration: ClassVar[bool] = True  # False: ``stats`` may be empty (e.g. random)
+    citation: ClassVar[str | None] = None  # BibTeX of the method's paper (model cards cite it); None: no paper
 
     def __call__(
         self,

@@ -71,6 +71,7 @@ class EANPruning(PruningMethod):
 
     name = "ean"
     description = "EAN: keep the k experts with the largest mean ||expert output|| over their routed tokens."
+    citation = "@article{jaiswal2025finding, title={Finding Fantastic Experts in {MoEs}: A Unified Study for Expert Dropping Strategies and Observations}, author={Jaiswal, Ajay and Wang, Jianyu and Li, Yixiao and Li, Pingzhi and Chen, Tianlong and Wang, Zhangyang and Wang, Chong and Pang, Ruoming and Du, Xianzhi}, journal={arXiv preprint arXiv:2504.05586}, year={2025}}"
     Options = EANOptions
 
     def check_options(self, options: EANOptions) -> None:

@@ -29,6 +29,7 @@ class FrequencyPruning(PruningMethod):
 
     name = "frequency"
     description = "Keep the k most-routed experts per layer on the calibration data (ties: gate mass, then index)."
+    citation = None  # a baseline with no paper of its own (the model card says so)
 
     def plan_layer(
         self, name: str, num_experts: int, stats: ExpertStats, k: int, model: nn.Module, family: Any, config: Any

@@ -95,6 +95,7 @@ class HCSMoEMerging(MergingMethod):
     description = (
         "HC-SMoE: average-linkage hierarchical clustering of experts' mean outputs on the task, usage-weighted merge."
     )
+    citation = "@article{chen2024retraining, title={Retraining-Free Merging of Sparse {MoE} via Hierarchical Clustering}, author={Chen, I-Chun and Liu, Hsu-Shen and Sun, Wei-Fang and Chao, Chen-Hao and Hsu, Yen-Chang and Lee, Chun-Yi}, journal={arXiv preprint arXiv:2410.08589}, year={2024}}"
     Options = HCSMoEOptions
     adaptive_counts = False  # uniform k = floor(E / factor), as in the paper
 

@@ -48,6 +48,7 @@ class MSMoEMerging(MergingMethod):
         "M-SMoE (MC-SMoE's merge): most-used experts are centres (one global usage threshold), the rest join the "
         "most similar centre by router logits; aligned, usage-weighted merge."
     )
+    citation = "@article{li2023merge, title={Merge, Then Compress: Demystify Efficient {SMoE} with Hints from Its Routing Policy}, author={Li, Pingzhi and Zhang, Zhenyu and Yadav, Prateek and Sung, Yi-Lin and Cheng, Yu and Bansal, Mohit and Chen, Tianlong}, journal={arXiv preprint arXiv:2310.01334}, year={2023}}"
     Options = MergeOptions
 
     def group_experts(

@@ -225,6 +225,7 @@ class NAEEPruning(PruningMethod):
         "NAEE: keep the k experts whose layer output best reconstructs the full layer's on the calibration tokens "
         "(every subset when few, greedy elimination beyond)."
     )
+    citation = "@article{lu2024not, title={Not All Experts are Equal: Efficient Expert Pruning and Skipping for Mixture-of-Experts Large Language Models}, author={Lu, Xudong and Liu, Qi and Xu, Yuhui and Zhou, Aojun and Huang, Siyuan and Zhang, Bo and Yan, Junchi and Li, Hongsheng}, journal={arXiv preprint arXiv:2402.14800}, year={2024}}"
     Options = NAEEOptions
 
     def check_options(self, options: NAEEOptions) -> None:

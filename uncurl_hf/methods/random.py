@@ -19,6 +19,7 @@ class RandomPruning(PruningMethod):
 
     name = "random"
     description = "Keep k experts per layer chosen uniformly at random (seeded); a lower-bound baseline."
+    citation = None  # a baseline with no paper of its own (the model card says so)
     needs_calibration = False
 
     def plan_layer(

@@ -81,6 +81,7 @@ class ReapPruning(PruningMethod):
 
     name = "reap"
     description = "REAP: keep the k experts with the largest mean gate * ||expert output|| over their routed tokens."
+    citation = "@article{lasby2025reap, title={{REAP} the Experts: Why Pruning Prevails for One-Shot {MoE} Compression}, author={Lasby, Mike and Lazarevich, Ivan and Sinnadurai, Nish and Lie, Sean and Ioannou, Yani and Thangarasa, Vithursan}, journal={arXiv preprint arXiv:2510.13999}, year={2025}}"
     Options = ReapOptions
 
     def plan_layer(

@@ -55,6 +55,7 @@ SITES = ("output", "input")
 MIN_MEASURED = 3  # a median and a MAD of fewer experts say nothing about outliers
 SCALE_FLOOR = 0.05  # s >= 5% of the median
 MAD_TO_SIGMA = 1.4826
+CITATION = "@article{su2025unveiling, title={Unveiling Super Experts in Mixture-of-Experts Large Language Models}, author={Su, Zunhai and Li, Qingyuan and Zhang, Hao and Qian, YuLei and Xie, Yuchen and Yuan, Kehong and others}, journal={arXiv preprint arXiv:2507.23279}, year={2025}}"  # cited by cards with protection on
 
 
 @dataclass(frozen=True)

@@ -118,6 +118,7 @@ class UncurlMerging(MergingMethod):
         "adaptive per-layer counts (--uniform to disable)."
     )
     Options = UncurlOptions
+    citation = "@article{sarkar2024revisiting, title={Revisiting {SMoE} Language Models by Evaluating Inefficiencies with Task Specific Expert Pruning}, author={Sarkar, Soumajyoti and Lausen, Leonard and Cevher, Volkan and Brox, Thomas and Zha, Sheng and Karypis, George}, journal={arXiv preprint arXiv:2409.01483}, year={2024}}"
 
     def group_experts(
         self, layer: MoELayer, stats: ExpertStats, k: int, family: MoEFamily, options: UncurlOptions, seed: int
