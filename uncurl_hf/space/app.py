@@ -33,6 +33,7 @@ from uncurl_hf.space.comparison import (  # noqa: E402
     compare_batch,
     display_text,
 )
+from uncurl_hf.space.inputs import DEFAULT_PROMPT_FORMAT, PROMPT_FORMAT_HELP, PROMPT_FORMATS  # noqa: E402
 from uncurl_hf.space.limits import MAX_BATCH, MAX_INPUT_CHARS, MAX_QUEUE, REQUEST_TIMEOUT_S  # noqa: E402
 from uncurl_hf.space.render import (  # noqa: E402
     batch_html,
@@ -61,9 +62,13 @@ def _error_text(exc: BaseException) -> str:
 
 
 INTRO = """# uncurl-hf: original vs pruned
-Task-specific expert pruning of a sparse mixture-of-experts model, compared side by side on the **{task}** task.
+Task-specific expert pruning of a sparse mixture-of-experts model (an encoder-decoder such as Switch Transformers, or a
+decoder-only LM such as Mixtral, Qwen-MoE, OLMoE or gpt-oss), compared side by side on the **{task}** task.
 Pick a base model and a pruned checkpoint (a listed one, a local folder, or a Hub id already in the local cache),
-type a sentence or pick an example, and press **Compare**. Inputs are limited to {limit} characters."""
+type a sentence or pick an example, and press **Compare**. Labels are scored as `uncurl eval` scores them (a decoder
+through the task's prompt); both models run the same experts kernel. Inputs are limited to {limit} characters."""
+
+PROMPT_INFO = "what generation starts from: " + "; ".join(f"{k}: {v}" for k, v in PROMPT_FORMAT_HELP.items())
 
 
 def build_demo(
@@ -91,10 +96,12 @@ def build_demo(
     task_obj = classification_task(task)
     examples = [[display_text(task_obj, e.source)] for e in task_obj.load_split("test")[:num_examples]]
 
-    def ui_compare(text: str, base_ref: str, pruned_ref: str) -> tuple[Any, ...]:
+    def ui_compare(
+        text: str, base_ref: str, pruned_ref: str, prompt_format: str = DEFAULT_PROMPT_FORMAT
+    ) -> tuple[Any, ...]:
         try:
             start = time.perf_counter()
-            result = compare(text, base_ref, pruned_ref, task, timeout=request_timeout)
+            result = compare(text, base_ref, pruned_ref, task, timeout=request_timeout, prompt_format=prompt_format)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a message on the page, never a crash
             return _error_text(exc), "", "", "", None, None
         status = f"Compared in {time.perf_counter() - start:.2f} s."
@@ -115,10 +122,10 @@ def build_demo(
         rows = [[r["text"], r["gold"], r["original"], r["pruned"]] for r in batch["rows"]]
         return f"Ran {batch['n']} examples.", batch_html(batch), latency_figure(batch), rows
 
-    def api_compare(text: str, base: str, pruned: str) -> dict:
+    def api_compare(text: str, base: str, pruned: str, prompt_format: str = DEFAULT_PROMPT_FORMAT) -> dict:
         """Compare one input (the Python `uncurl_hf.space.comparison.compare` result)."""
         try:
-            return compare(text, base, pruned, task, timeout=request_timeout)
+            return compare(text, base, pruned, task, timeout=request_timeout, prompt_format=prompt_format)
         except UncurlError as exc:
             raise gr.Error(str(exc)) from exc
 
@@ -146,6 +153,8 @@ def build_demo(
                 placeholder="e.g. a gorgeous, witty, seductive movie.",
             )
             gr.Examples(examples=examples, inputs=[text], label=f"{task_obj.name} test examples")
+            prompt_format = gr.Radio(list(PROMPT_FORMATS), value=DEFAULT_PROMPT_FORMAT, label="Generation prompt",
+                                     info=PROMPT_INFO, elem_id="prompt-format")
             button = gr.Button("Compare", variant="primary", elem_id="compare-button")
             status = gr.Markdown(elem_id="status")
             with gr.Row():
@@ -158,10 +167,11 @@ def build_demo(
             outputs = [status, original_out, pruned_out, ratios, heatmap, raw]
             # progress shows on the result cards, so the status line only ever holds a final message
             progress_on = [original_out, pruned_out]
-            button.click(ui_compare, [text, base_box, pruned_box], outputs, api_name="compare", concurrency_id="models",
+            inputs = [text, base_box, pruned_box, prompt_format]
+            button.click(ui_compare, inputs, outputs, api_name="compare", concurrency_id="models",
                          show_progress_on=progress_on)
-            text.submit(ui_compare, [text, base_box, pruned_box], outputs, api_visibility="private",
-                        concurrency_id="models", show_progress_on=progress_on)
+            text.submit(ui_compare, inputs, outputs, api_visibility="private", concurrency_id="models",
+                        show_progress_on=progress_on)
         with gr.Tab("Batch"):
             n = gr.Slider(1, MAX_BATCH, value=DEFAULT_BATCH, step=1, label="test examples", elem_id="batch-n")
             batch_button = gr.Button("Run batch", variant="primary", elem_id="batch-button")

@@ -3,6 +3,11 @@
 Both return JSON-able dicts; the page (:mod:`uncurl_hf.space.app`) only formats them (:mod:`uncurl_hf.space.render`),
 and the tests call them directly and through ``gradio_client``, so "what the page shows" and "what the Python API
 returns" cannot drift apart. Runs without Gradio or matplotlib.
+
+Encoder-decoders (Switch) and causal LMs (the decoder families, stock or pruned classes) take one code path: what a
+model is given differs (:mod:`uncurl_hf.space.inputs`), what is measured does not. Labels are scored by evaluation's
+own scorer, the two models run one experts kernel (:func:`~uncurl_hf.space.models.align_experts_kernel`), and a batch
+of causal LMs also reports evaluation's teacher-forced KL(original || pruned) and perplexities.
 """
 
 from __future__ import annotations
@@ -18,14 +23,26 @@ from typing import Any, TypeVar
 
 import torch
 
-from uncurl_hf.calibration.data import build_batches
 from uncurl_hf.calibration.run import calibrate
 from uncurl_hf.errors import RequestTimeoutError, SpaceInputError
-from uncurl_hf.evaluation.scoring import label_logprobs
+from uncurl_hf.evaluation.scoring import label_distribution
 from uncurl_hf.evaluation.tasks import Example, Task, get_task
 from uncurl_hf.families import get_family
+from uncurl_hf.modeling.kernels import experts_implementation
+from uncurl_hf.space.inputs import (
+    DEFAULT_PROMPT_FORMAT,
+    check_fits,
+    check_label_prompt,
+    check_prompt_format,
+    generate_kwargs,
+    generation_prompt,
+    label_input,
+    new_token_ids,
+    usage_batches,
+)
+from uncurl_hf.space.divergence import token_metrics as divergence_metrics
 from uncurl_hf.space.limits import Deadline, check_batch_size, check_text
-from uncurl_hf.space.models import LoadedModel, get_model
+from uncurl_hf.space.models import LoadedModel, align_experts_kernel, get_model
 
 DEFAULT_TASK = "sentiment"
 LATENCY_REPEATS = 3
@@ -54,6 +71,9 @@ class SideResult:
     disk_mb: float
     experts: dict[str, int]
     expert_usage: dict[str, dict[str, Any]]
+    kind: str = "seq2seq"  # or "causal"
+    prompt: str = ""  # the generation prompt as text
+    experts_kernel: str = "eager"  # the experts kernel the model ran (the same on both sides when it can be)
 
 
 def _timed(fn: Callable[[], T], repeats: int | None = None, warmup: int = 1) -> tuple[T, float]:
@@ -89,20 +109,22 @@ def display_text(task: Task, source: str) -> str:
     return source
 
 
-def expert_usage(loaded: LoadedModel, source: str, target: str, max_length: int) -> dict[str, dict[str, Any]]:
+def expert_usage(loaded: LoadedModel, batches: list[dict[str, torch.Tensor]]) -> dict[str, dict[str, Any]]:
     """Per sparse layer: how many of this input's tokens the router sent to each expert.
 
-    Encoder layers see the input tokens; decoder layers see the (teacher-forced) ``target`` tokens, here the
-    model's own predicted label. Uses the same hooks as calibration, so it shows exactly what pruning saw.
+    ``batches`` are :func:`~uncurl_hf.space.inputs.usage_batches`: a seq2seq model's encoder layers see the input and
+    its decoder layers the (teacher-forced) predicted label; a causal LM's layers see the task prompt and the label.
+    Uses the same hooks as calibration, so it shows exactly what pruning saw. With top-k routing each token counts
+    once in each of its ``top_k`` experts, so a layer's counts sum to ``tokens * top_k``.
     """
     family = get_family(loaded.model)
-    batches = build_batches([Example(source, target)], loaded.tokenizer, batch_size=1, max_length=max_length)
     stats = calibrate(loaded.model, family, batches, max_logit_samples=1, progress=False)
     usage: dict[str, dict[str, Any]] = {}
     for name, layer_stats in stats.items():
         mapping = loaded.layer_groups(name)
         usage[name] = {
             "tokens": int(layer_stats.num_tokens),
+            "top_k": (loaded.top_k or {}).get(name, 1),
             "counts": [int(c) for c in layer_stats.counts.tolist()],
             "groups": mapping[0] if mapping else None,
             "source_experts": mapping[1] if mapping else None,
@@ -110,38 +132,52 @@ def expert_usage(loaded: LoadedModel, source: str, target: str, max_length: int)
     return usage
 
 
+def label_log_distribution(loaded: LoadedModel, task: Task, source: str) -> torch.Tensor:
+    """``[L]`` log-distribution over the task's labels for one input: evaluation's own scorer
+    (:func:`~uncurl_hf.evaluation.scoring.label_distribution`: label sequences for a seq2seq model, label
+    continuations of the task prompt for a causal LM), so the page and `uncurl eval` cannot disagree."""
+    return label_distribution(loaded.model, loaded.tokenizer, task, [Example(source)], batch_size=1)[0]
+
+
 @torch.no_grad()
-def _run_side(loaded: LoadedModel, task: Task, source: str, deadline: Deadline | None = None) -> SideResult:
+def _run_side(
+    loaded: LoadedModel, task: Task, source: str, text: str, prompt_format: str, deadline: Deadline | None = None
+) -> SideResult:
     deadline = deadline or Deadline(None)
-    tokenizer, model = loaded.tokenizer, loaded.model
-    deadline.check(f"before scoring with {loaded.path.name}")
-    scores, latency_ms = _timed(lambda: label_logprobs(model, tokenizer, [source], task.labels, task.max_source_tokens))
-    probs = torch.softmax(scores[0].float(), dim=-1).tolist()
-    label = task.labels[int(torch.tensor(probs).argmax())]
-    enc = tokenizer(source, truncation=True, max_length=task.max_source_tokens, return_tensors="pt")
-    deadline.check(f"before generating with {loaded.path.name}")
+    name = loaded.path.name
+    prompt = generation_prompt(loaded, task, source, text, prompt_format)
+    check_fits(loaded, prompt, MAX_NEW_TOKENS)
+    deadline.check(f"before scoring with {name}")
+    log_dist, latency_ms = _timed(lambda: label_log_distribution(loaded, task, source))
+    probs = log_dist.double().exp().tolist()
+    label = task.labels[int(log_dist.argmax())]
+    deadline.check(f"before generating with {name}")
     left = deadline.remaining()
     budget = {} if left is None else {"max_time": max(left, 1e-3) / (LATENCY_REPEATS + 1)}
+    kwargs = generate_kwargs(loaded, prompt)
     output, generate_ms = _timed(
-        lambda: model.generate(**enc, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, num_beams=1, **budget)
+        lambda: loaded.model.generate(**kwargs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, num_beams=1, **budget)
     )
-    deadline.check(f"after generating with {loaded.path.name}")
-    new = output[0, 1:]  # drop the decoder start token; with one sequence every later position was generated
+    deadline.check(f"after generating with {name}")
+    new = new_token_ids(loaded, output, prompt)
     new_tokens = int(new.numel())
     return SideResult(
         model=str(loaded.path),
         label=label,
         probabilities={lab: round(float(p), 6) for lab, p in zip(task.labels, probs)},
-        generated=tokenizer.decode(new, skip_special_tokens=True).strip(),
+        generated=loaded.tokenizer.decode(new, skip_special_tokens=True).strip(),
         latency_ms=round(latency_ms, 3),
         generate_ms=round(generate_ms, 3),
         new_tokens=new_tokens,
         tokens_per_s=round(new_tokens / (generate_ms / 1000), 1) if generate_ms > 0 else 0.0,
-        input_tokens=int(enc["input_ids"].shape[1]),
+        input_tokens=len(prompt.ids),
         params=loaded.params,
         disk_mb=loaded.disk_mb,
         experts=loaded.experts,
-        expert_usage=expert_usage(loaded, source, label, task.max_source_tokens),
+        expert_usage=expert_usage(loaded, usage_batches(loaded, task, source, label)),
+        kind=loaded.kind,
+        prompt=prompt.text,
+        experts_kernel=experts_implementation(loaded.model),
     )
 
 
@@ -169,31 +205,58 @@ def classification_task(task: str) -> Task:
     return task_obj
 
 
+def _pair(base: str | Path, pruned: str | Path, task: Task) -> tuple[LoadedModel, LoadedModel]:
+    """Both models, checked to be one kind and to fit the task's prompt, before any of them runs."""
+    original_model, pruned_model = get_model(base), get_model(pruned)
+    if original_model.kind != pruned_model.kind:
+        raise SpaceInputError(
+            f"The base model is {'a causal LM' if original_model.is_causal else 'an encoder-decoder'} and the pruned "
+            f"checkpoint {'a causal LM' if pruned_model.is_causal else 'an encoder-decoder'}; compare a pruned "
+            "checkpoint with the model it was pruned from."
+        )
+    for loaded in (original_model, pruned_model):
+        check_label_prompt(loaded, task)
+    return original_model, pruned_model
+
+
 def compare(
-    text: str, base: str | Path, pruned: str | Path, task: str = DEFAULT_TASK, timeout: float | None = None
+    text: str,
+    base: str | Path,
+    pruned: str | Path,
+    task: str = DEFAULT_TASK,
+    timeout: float | None = None,
+    prompt_format: str = DEFAULT_PROMPT_FORMAT,
 ) -> dict[str, Any]:
     """Run ``text`` through the base and the pruned model; everything the Compare tab shows.
 
-    Returns ``{"text", "model_input", "task", "labels", "original": SideResult, "pruned": SideResult, "ratios",
-    "agree"}`` (SideResults as dicts). Labels and probabilities come from label scoring (softmax over the labels'
-    sequence log-likelihoods, as in evaluation), ``generated`` from greedy ``generate``; ``latency_ms`` is the
-    median time to score the labels for this input, ``tokens_per_s`` the generation throughput.
-    Raises :class:`SpaceInputError` (empty / too long input), :class:`RequestTimeoutError` when the work takes
-    longer than ``timeout`` seconds (``None``: no limit), and the loading errors of :func:`get_model`.
+    Returns ``{"text", "model_input", "task", "labels", "kind", "prompt_format", "experts_kernel", "original":
+    SideResult, "pruned": SideResult, "ratios", "agree"}`` (SideResults as dicts). Labels and probabilities come from
+    evaluation's label scoring (softmax over the labels' sequence log-likelihoods; a causal LM's through the task's
+    prompt, ``model_input``), ``generated`` from greedy ``generate`` on the ``prompt_format`` prompt (``task``,
+    ``chat`` or ``plain``; :mod:`uncurl_hf.space.inputs`); ``latency_ms`` is the median time to score the labels for
+    this input, ``tokens_per_s`` the generation throughput, both on the ``experts_kernel`` of both models.
+    Raises :class:`SpaceInputError` (empty / too long input, no chat template, a prompt longer than the model's
+    positions, models of two kinds), :class:`RequestTimeoutError` when the work takes longer than ``timeout``
+    seconds (``None``: no limit), and the loading errors of :func:`get_model`.
     """
     deadline = Deadline(timeout)
     text = check_text(text)
+    prompt_format = check_prompt_format(prompt_format)
     task_obj = classification_task(task)
     source = model_input(task_obj, text)
-    original_model, pruned_model = get_model(base), get_model(pruned)
+    original_model, pruned_model = _pair(base, pruned, task_obj)
     with _locked(deadline):
-        original = _run_side(original_model, task_obj, source, deadline)
-        reduced = _run_side(pruned_model, task_obj, source, deadline)
+        kernel = align_experts_kernel(original_model, pruned_model)
+        original = _run_side(original_model, task_obj, source, text, prompt_format, deadline)
+        reduced = _run_side(pruned_model, task_obj, source, text, prompt_format, deadline)
     return {
         "text": text,
-        "model_input": source,
+        "model_input": label_input(original_model, task_obj, source),
         "task": task_obj.name,
         "labels": list(task_obj.labels),
+        "kind": original_model.kind,
+        "prompt_format": prompt_format,
+        "experts_kernel": kernel,
         "original": asdict(original),
         "pruned": asdict(reduced),
         "ratios": {
@@ -206,53 +269,70 @@ def compare(
     }
 
 
+def _score_batch(
+    models: dict[str, LoadedModel], task: Task, examples: list[Example], deadline: Deadline
+) -> tuple[dict[str, list[torch.Tensor]], dict[str, list[float]]]:
+    """Per side: each example's label log-distribution and its latency (ms, batch 1), examples alternating models
+    so both see the same background load."""
+    dists: dict[str, list[torch.Tensor]] = {side: [] for side in models}
+    latency: dict[str, list[float]] = {side: [] for side in models}
+    for loaded in models.values():  # warm-up: first calls allocate and are not representative
+        label_log_distribution(loaded, task, examples[0].source)
+    for index, example in enumerate(examples):
+        deadline.check(f"after {index} of {len(examples)} examples")
+        for side, loaded in models.items():
+            dist, ms = _timed(lambda: label_log_distribution(loaded, task, example.source), repeats=1, warmup=0)
+            dists[side].append(dist)
+            latency[side].append(round(ms, 3))
+    return dists, latency
+
+
 def compare_batch(
-    n: int, base: str | Path, pruned: str | Path, task: str = DEFAULT_TASK, timeout: float | None = None
+    n: int,
+    base: str | Path,
+    pruned: str | Path,
+    task: str = DEFAULT_TASK,
+    timeout: float | None = None,
+    token_metrics: bool = True,
 ) -> dict[str, Any]:
     """Score the first ``n`` test examples with both models; everything the Batch tab shows.
 
-    Returns ``{"task", "split", "n", "metric", "scores": {original, pruned}, "agreement" (0..1),
-    "latency_ms": {original: [...], pruned: [...]} (per example, batch 1), "median_latency_ms", "rows"}``.
-    Examples run one at a time, alternating models, so both see the same background load. Raises
-    :class:`RequestTimeoutError` when the batch takes longer than ``timeout`` seconds (checked between examples).
+    Returns ``{"task", "split", "n", "kind", "metric", "scores": {original, pruned}, "agreement" (0..1),
+    "kl_labels" (mean KL(original || pruned) of the label distributions, nats), "experts_kernel", "latency_ms":
+    {original: [...], pruned: [...]} (per example, batch 1), "median_latency_ms", "rows"}``; for causal LMs with
+    ``token_metrics`` also ``"kl_tokens"`` (teacher-forced next-token KL(original || pruned), nats per token) and
+    ``"perplexity": {original, pruned}`` on the examples' prompts + gold labels (:mod:`uncurl_hf.space.divergence`).
+    Raises :class:`RequestTimeoutError` when the batch takes longer than ``timeout`` seconds (checked between
+    examples).
     """
-    from uncurl_hf.evaluation.metrics import load_metric
+    from uncurl_hf.evaluation.scoring import divergence, metric_score
 
     deadline = Deadline(timeout)
     count = check_batch_size(n)
     task_obj = classification_task(task)
     examples = task_obj.load_split("test")[:count]
-    models = {"original": get_model(base), "pruned": get_model(pruned)}
-    preds: dict[str, list[str]] = {side: [] for side in models}
-    latency: dict[str, list[float]] = {side: [] for side in models}
+    count = len(examples)
+    original_model, pruned_model = _pair(base, pruned, task_obj)
+    models = {"original": original_model, "pruned": pruned_model}
+    extra: dict[str, Any] = {}
     with _locked(deadline), torch.no_grad():
-        for side, loaded in models.items():  # warm-up: first calls allocate and are not representative
-            label_logprobs(loaded.model, loaded.tokenizer, [examples[0].source], task_obj.labels)
-        for index, example in enumerate(examples):
-            deadline.check(f"after {index} of {count} examples")
-            for side, loaded in models.items():
-                scores, ms = _timed(
-                    lambda: label_logprobs(
-                        loaded.model, loaded.tokenizer, [example.source], task_obj.labels, task_obj.max_source_tokens
-                    ),
-                    repeats=1,
-                    warmup=0,
-                )
-                preds[side].append(task_obj.labels[int(scores[0].argmax())])
-                latency[side].append(round(ms, 3))
-    metric = load_metric(task_obj.metric)
-    references = [e.target for e in examples]
-    scores_by_side = {
-        side: float(metric.compute(predictions=p, references=references)[task_obj.metric]) for side, p in preds.items()
-    }
-    agreement = sum(a == b for a, b in zip(preds["original"], preds["pruned"])) / count
+        kernel = align_experts_kernel(original_model, pruned_model)
+        dists, latency = _score_batch(models, task_obj, examples, deadline)
+        if token_metrics and original_model.is_causal:
+            extra = divergence_metrics(original_model, pruned_model, task_obj, examples, deadline)
+    preds = {side: [task_obj.labels[int(d.argmax())] for d in values] for side, values in dists.items()}
+    _, kl_labels = divergence(torch.stack(dists["original"]), torch.stack(dists["pruned"]))
     return {
         "task": task_obj.name,
         "split": "test",
         "n": count,
+        "kind": original_model.kind,
         "metric": task_obj.metric,
-        "scores": scores_by_side,
-        "agreement": agreement,
+        "scores": {side: metric_score(task_obj, p, examples) for side, p in preds.items()},
+        "agreement": sum(a == b for a, b in zip(preds["original"], preds["pruned"])) / count,
+        "kl_labels": round(kl_labels, 6),
+        **extra,
+        "experts_kernel": kernel,
         "latency_ms": latency,
         "median_latency_ms": {side: round(statistics.median(v), 3) for side, v in latency.items()},
         "rows": [

@@ -34,11 +34,24 @@ def _usage_matrix(result: Mapping[str, Any], side: str, layers: list[str], width
     return rows
 
 
+MAX_ANNOTATED_EXPERTS = 16  # beyond this many columns, cell percentages would overlap: colour alone tells
+MAX_FIGURE_INCHES = 16.0  # a 64- or 128-expert decoder must still fit the page
+
+
+def _expert_ticks(width: int) -> list[int]:
+    """Every expert id up to 16 columns, else about 16 evenly spaced ones (always including 0)."""
+    step = 1 if width <= MAX_ANNOTATED_EXPERTS else -(-width // MAX_ANNOTATED_EXPERTS)
+    return list(range(0, width, step))
+
+
 def expert_usage_figure(result: Mapping[str, Any]) -> "Figure":
     """Heatmaps (layer x expert) of where this input's tokens were routed, original vs pruned.
 
     Pruned columns sit at the original expert id that survived (the anchor of a merged group), so a reader sees
     which experts the input used before and what is left of them after; grey cells are experts that do not exist.
+    With top-k routing a token counts in each of its k experts, so a row's shares sum to k. The figure stays within
+    :data:`MAX_FIGURE_INCHES` whatever the expert count (Switch's 8 or a decoder's 64+); cells are annotated only up
+    to :data:`MAX_ANNOTATED_EXPERTS` columns.
     """
     from matplotlib.figure import Figure
 
@@ -47,26 +60,37 @@ def expert_usage_figure(result: Mapping[str, Any]) -> "Figure":
         if layer not in layers:
             layers.append(layer)
     width = max([*result["original"]["experts"].values(), *result["pruned"]["experts"].values(), 1])
-    fig = Figure(figsize=(max(6.0, 1.1 * width + 2), 0.45 * len(layers) + 1.8), layout="constrained")
+    annotate = width <= MAX_ANNOTATED_EXPERTS
+    inches = min(MAX_FIGURE_INCHES, max(6.0, (1.1 if annotate else 0.2) * width + 2))
+    fig = Figure(figsize=(inches, 0.45 * len(layers) + 1.8), layout="constrained")
     axes = fig.subplots(1, 2, sharey=True)
     image = None
-    for ax, side, title in zip(axes, ("original", "pruned"), ("original", "pruned")):
-        matrix = _usage_matrix(result, side, layers, width)
-        image = ax.imshow(matrix, cmap=_colormap(), vmin=0.0, vmax=1.0, aspect="auto")
-        ax.set_title(f"{title} ({sum(result[side]['experts'].values())} experts)", fontsize=10)
-        ax.set_xticks(range(width))
+    matrices = {side: _usage_matrix(result, side, layers, width) for side in ("original", "pruned")}
+    # top-k routing spreads a layer's tokens over k experts: scale colours to the largest share, not to 1
+    top = max([v for m in matrices.values() for row in m for v in row if v == v] + [0.0])
+    vmax = 1.0 if top > 0.5 else max(top, 0.05)
+    for ax, side in zip(axes, ("original", "pruned")):
+        matrix = matrices[side]
+        image = ax.imshow(matrix, cmap=_colormap(), vmin=0.0, vmax=vmax, aspect="auto", interpolation="nearest")
+        ax.set_title(f"{side} ({sum(result[side]['experts'].values())} experts)", fontsize=10)
+        ax.set_xticks(_expert_ticks(width))
         ax.set_xlabel("expert (original id)")
         ax.set_yticks(range(len(layers)), layers, fontsize=8)
-        for i, row in enumerate(matrix):
+        for i, row in enumerate(matrix if annotate else []):
             for j, value in enumerate(row):
                 if value == value and value > 0:  # not NaN
                     ax.text(j, i, f"{value:.0%}", ha="center", va="center", fontsize=7,
-                            color="white" if value > 0.5 else "black")
+                            color="black" if value > 0.5 * vmax else "white")  # viridis: light when high
     if image is not None:
         fig.colorbar(image, ax=axes, shrink=0.8, label="share of the layer's tokens")
-    fig.suptitle("Experts this input's tokens were routed to, per layer (grey: expert removed by pruning)",
-                 fontsize=10)
+    fig.suptitle(_usage_title(result), fontsize=10)
     return fig
+
+
+def _usage_title(result: Mapping[str, Any]) -> str:
+    top_k = {usage.get("top_k", 1) for usage in result["original"]["expert_usage"].values()}
+    routed = "" if top_k <= {1} else f" (top-{max(top_k)}: each token counts in each of its experts)"
+    return f"Experts this input's tokens were routed to, per layer{routed}; grey: expert removed by pruning"
 
 
 def _colormap() -> Any:
@@ -101,18 +125,26 @@ def format_probability(p: float) -> str:
     return f"{p:.4f}"
 
 
+PRE = 'style="white-space: pre-wrap"'  # prompts and generations keep their newlines (a decoder prompt has one)
+
+
 def side_html(side: Mapping[str, Any], title: str) -> str:
-    """One model's card: predicted label, probabilities, generated text, latency, tokens/s, size."""
+    """One model's card: predicted label, probabilities, the generation prompt and generated text, latency, tokens/s,
+    size. A causal LM's generation continues its prompt, so the card shows both; a seq2seq one answers its input."""
     e = html.escape
     probs = "".join(
         f'<li><span class="prob-label">{e(label)}</span>: <span class="prob">{format_probability(p)}</span></li>'
         for label, p in side["probabilities"].items()
     )
+    prompt = side.get("prompt", "")
+    prompt_html = (f'<p>prompt: <code class="prompt" {PRE}>{e(prompt)}</code></p>'
+                   if prompt else "")
+    verb = "continues" if side.get("kind") == "causal" else "generates"
     return (
         f'<div class="uncurl-side"><h3>{e(title)}</h3>'
         f'<p>prediction: <b class="pred-label">{e(side["label"])}</b></p>'
-        f'<ul class="probs">{probs}</ul>'
-        f'<p>generate: <code class="generated">{e(side["generated"]) or "(empty)"}</code></p>'
+        f'<ul class="probs">{probs}</ul>{prompt_html}'
+        f'<p>{verb}: <code class="generated" {PRE}>{e(side["generated"]) or "(empty)"}</code></p>'
         f'<p>latency: <span class="latency">{side["latency_ms"]:.2f} ms</span> per example · '
         f'<span class="tokens-per-s">{side["tokens_per_s"]:.1f} tokens/s</span> generating</p>'
         f'<p class="size">{side["params"]:,} parameters · {side["disk_mb"]:.2f} MB on disk · '
@@ -142,7 +174,27 @@ def ratios_html(result: Mapping[str, Any]) -> str:
     return (
         '<table class="uncurl-ratios"><thead><tr><th></th><th>original</th><th>pruned</th>'
         f"<th>pruned / original</th></tr></thead><tbody>{body}</tbody></table><p>{agree}</p>"
+        f"{kernel_html(result.get('experts_kernel'))}"
     )
+
+
+def kernel_note(kernel: Mapping[str, Any] | None) -> str:
+    """One sentence saying which experts kernel the latencies were measured on (and whether both sides shared it)."""
+    if not kernel:
+        return ""
+    if kernel["same"]:
+        return f"Latencies measured with the {kernel['original']} experts kernel on both models."
+    return (f"Latencies measured with different experts kernels (original: {kernel['original']}, pruned: "
+            f"{kernel['pruned']}): the pruned model could not run the original's, so the ratio compares kernels too.")
+
+
+def kernel_html(kernel: Mapping[str, Any] | None) -> str:
+    note = kernel_note(kernel)
+    return f'<p class="experts-kernel">{html.escape(note)}</p>' if note else ""
+
+
+def _number(value: float | None, digits: int) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
 
 
 def batch_html(batch: Mapping[str, Any]) -> str:
@@ -155,5 +207,23 @@ def batch_html(batch: Mapping[str, Any]) -> str:
         f'<tr><td>{name}</td><td class="score-original">{s["original"]:.4f}</td>'
         f'<td class="score-pruned">{s["pruned"]:.4f}</td></tr>'
         f"<tr><td>median ms / example</td><td>{m['original']:.2f}</td><td>{m['pruned']:.2f}</td></tr>"
-        "</tbody></table>"
+        f"{_perplexity_row(batch)}</tbody></table>{_divergence_html(batch)}{kernel_html(batch.get('experts_kernel'))}"
     )
+
+
+def _perplexity_row(batch: Mapping[str, Any]) -> str:
+    ppl = batch.get("perplexity")
+    if not ppl:
+        return ""
+    return (f'<tr><td>perplexity (prompt + gold label)</td><td class="ppl-original">{_number(ppl["original"], 2)}'
+            f'</td><td class="ppl-pruned">{_number(ppl["pruned"], 2)}</td></tr>')
+
+
+def _divergence_html(batch: Mapping[str, Any]) -> str:
+    """KL(original || pruned): of the label distributions, and (causal LMs) of every next-token distribution."""
+    parts = []
+    if batch.get("kl_labels") is not None:
+        parts.append(f'labels <b class="kl-labels">{batch["kl_labels"]:.4f}</b> nats per example')
+    if batch.get("kl_tokens") is not None:
+        parts.append(f'next token (teacher-forced) <b class="kl-tokens">{batch["kl_tokens"]:.4f}</b> nats per token')
+    return f"<p>KL(original ‖ pruned): {' · '.join(parts)}</p>" if parts else ""
