@@ -110,7 +110,8 @@ def cmd_families(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     """``uncurl eval SRC --task T [--reference ORIGINAL]``: metric (accuracy, or perplexity for a text task),
     params, disk MB and ms/example (batch 1 and batched); a causal LM also its perplexity; with ``--reference``, the
-    original's score, the agreement of the predicted labels and KL(original || SRC)."""
+    original's score, the agreement of the predicted labels and KL(original || SRC). ``--harness TASKS`` instead
+    runs lm-eval on the tasks (:func:`cmd_eval_harness`)."""
     from pathlib import Path
 
     from uncurl_hf.evaluation.scoring import evaluate_checkpoint
@@ -127,6 +128,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             family = None  # what is wrong with the folder is reported by the loader, as before
         if family is not None:
             check_evaluable_family(family)
+    if args.harness:
+        return cmd_eval_harness(args)
     result = evaluate_checkpoint(
         args.model, args.task, split=args.split, limit=args.limit, batch_size=args.batch_size,
         progress=not args.no_progress, reference=args.reference,
@@ -137,6 +140,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
         for key, value in result.to_dict().items():
             if value is not None:  # fields of the other model kind, or of a comparison not asked for
                 print(f"{key:<24} {value}")
+    return 0
+
+
+def cmd_eval_harness(args: argparse.Namespace) -> int:
+    """``uncurl eval SRC --harness TASKS [--reference ORIGINAL]``: lm-eval's acc on the tasks (original and SRC side
+    by side) and the ``lm_eval`` command lines that reproduce them."""
+    from uncurl_hf.evaluation.harness import evaluate_harness
+
+    report = evaluate_harness(
+        args.model, args.harness, reference=args.reference, split=args.split, limit=args.limit,
+        batch_size=args.batch_size, progress=not args.no_progress,
+    )
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.format_table())
     return 0
 
 
@@ -288,11 +304,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("families", help="list supported MoE model families")
     p.set_defaults(func=cmd_families)
 
-    p = sub.add_parser("eval", help="evaluate a checkpoint on a task (metric, size, latency)")
+    p = sub.add_parser("eval", help="evaluate a checkpoint on a task (metric, size, latency), or run lm-eval on it")
     p.add_argument("model", help="checkpoint folder")
-    p.add_argument("--task", required=True, help="registered task")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--task", help="registered task")
+    what.add_argument("--harness", metavar="TASKS",
+                      help="run lm-evaluation-harness on comma-separated classification tasks (sentiment,topic,"
+                           "hedge) and print the lm_eval command that reproduces it (pip install 'uncurl-hf[eval]')")
     p.add_argument("--split", default="test", choices=["train", "dev", "test"])
-    p.add_argument("--limit", type=int, help="only the first N examples")
+    p.add_argument("--limit", "--eval-limit", dest="limit", type=int, help="only the first N examples")
     p.add_argument("--batch-size", type=int, default=64, help="examples per forward pass (default 64)")
     p.add_argument("--reference", metavar="ORIGINAL",
                    help="the model MODEL was pruned from: also report its score, label agreement and "
