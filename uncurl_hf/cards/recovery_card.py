@@ -1,17 +1,22 @@
 """The card of a recovered output: the pruned model's card carried on with a ``## Recovery`` section (merged
 weights), or a PEFT adapter card that says how to load the adapter on the pruned folder.
 
+The merged card keeps the pruned card's usage code: the merged folder has the same config, format and files.
+The adapter card writes its own, for the pruned folder's format (:class:`~uncurl_hf.cards.usage.CheckpointFormat`):
+``AutoModelForCausalLM`` and a prompted input for a decoder (pipeline tag ``text-generation``),
+``AutoModelForSeq2SeqLM`` for Switch, and ``import uncurl_hf`` only where the base is a ``pruned_*`` checkpoint.
 Scores in the source card's ``model-index`` were measured before recovery; they are relabelled, never claimed for
 the recovered weights.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import replace
 from typing import Any
 
-from uncurl_hf.recover.config import DEFAULT_TARGET_MODULES
+from uncurl_hf.cards.usage import CheckpointFormat
 
 RECOVERED_SUFFIX = " (pruned, before recovery)"
 _RECOVERY_TAGS = ("peft", "lora", "uncurl-recovered")
@@ -20,9 +25,7 @@ _RECOVERY_TAGS = ("peft", "lora", "uncurl-recovered")
 def recovery_section(record: dict[str, Any]) -> str:
     """The card's ``## Recovery`` section: settings, scores before/after, the command."""
     cfg = record["config"]
-    targets = cfg["target_modules"]
-    target_text = ("attention `q/k/v/o` (self and cross) and the surviving experts' `wi`/`wo`"
-                   if targets == DEFAULT_TARGET_MODULES else f"`{targets}`")
+    target_text = _target_text(record)
     share = record["trainable_params"] / record["total_params"] if record["total_params"] else 0.0
     warmup = cfg["warmup"] if cfg["warmup"] is not None else max(1, cfg["steps"] // 10)
     lines = [
@@ -37,7 +40,7 @@ def recovery_section(record: dict[str, Any]) -> str:
         f"| Steps | {cfg['steps']} (batch {cfg['batch_size']}) |",
         f"| Learning rate | {cfg['lr']:g} (AdamW, {warmup} warm-up steps, cosine decay to 10%) |",
         f"| LoRA rank / alpha / dropout | {cfg['rank']} / {cfg['alpha']:g} / {cfg['dropout']:g} |",
-        f"| Target modules | {target_text} |",
+        f"| LoRA targets | {target_text} |",
         f"| Trainable parameters | {record['trainable_params']:,} ({share:.2%} of {record['total_params']:,}) |",
         f"| Training loss | {record['loss_first']:.4f} (first step) → {record['loss_last']:.4f} (last step) |",
         f"| Seed | {cfg['seed']} |",
@@ -49,6 +52,16 @@ def recovery_section(record: dict[str, Any]) -> str:
         lines.append(f"| {score['split']} | {score['num_examples']} | {score['before']:.4f} | {score['after']:.4f} |")
     lines += ["", "```bash", record["command"], "```", ""]
     return "\n".join(lines)
+
+
+def _target_text(record: dict[str, Any]) -> str:
+    """The targets as the run resolved them (``record["lora"]``), else as configured."""
+    described = (record.get("lora") or {}).get("targets", {}).get("description")
+    if described:
+        return described
+    cfg = record["config"]
+    given = [f"`{cfg[key]}`" for key in ("target_modules", "target_parameters") if cfg.get(key)]
+    return " and ".join(given) or "the family's default targets (attention and the surviving experts)"
 
 
 def merged_card(source_card: str | None, record: dict[str, Any]) -> str:
@@ -76,17 +89,24 @@ def merged_card(source_card: str | None, record: dict[str, Any]) -> str:
     return f"---\n{data.to_yaml()}\n---\n{body}"
 
 
-def adapter_card(source_card: str | None, record: dict[str, Any]) -> str:
-    """A card for the adapter folder: PEFT metadata, how to load it on the pruned model, the recovery section."""
+def adapter_card(source_card: str | None, record: dict[str, Any], fmt: CheckpointFormat | None = None) -> str:
+    """A card for the adapter folder: PEFT metadata, how to load it on the pruned model, the recovery section.
+
+    ``fmt`` is the pruned folder's format (``None``: a ``pruned_switch_transformers`` checkpoint).
+    """
     from huggingface_hub import ModelCard, ModelCardData
 
+    from uncurl_hf.cards.provenance import carry_license, provenance_sections
+
+    fmt = fmt or CheckpointFormat("pruned_switch_transformers", causal=False, remote_files=())
     source = ModelCard(source_card).data if source_card else ModelCardData()
     data = ModelCardData(
         library_name="peft",
-        pipeline_tag=source.pipeline_tag or "text2text-generation",
+        pipeline_tag=source.pipeline_tag or fmt.pipeline_tag,
         datasets=source.datasets,
         tags=_merge_tags(source.tags, ["pruning", "uncurl", record["config"]["task"]]),
     )
+    carry_license(source_card, data)  # the pruned card's licence (the base model's), and its citations below
     base = record["base"]
     body = "\n".join([
         "",
@@ -100,17 +120,43 @@ def adapter_card(source_card: str | None, record: dict[str, Any]) -> str:
         "## How to use",
         "",
         "```python",
-        "import uncurl_hf  # noqa: F401  (registers pruned_switch_transformers with the Auto classes)",
-        "from peft import PeftModel",
-        "from transformers import AutoModelForSeq2SeqLM",
-        "",
-        f'base = AutoModelForSeq2SeqLM.from_pretrained("path/to/{base}")',
-        'model = PeftModel.from_pretrained(base, "path/to/this/folder")',
-        "model = model.merge_and_unload()  # optional: fold the adapter into the weights",
+        adapter_usage(fmt, base, record["config"]["task"]),
         "```",
         "",
+        provenance_sections(source_card),
     ])
     return f"---\n{data.to_yaml()}\n---\n{body}"
+
+
+def adapter_usage(fmt: CheckpointFormat, base: str, task_name: str) -> str:
+    """Python that loads the pruned model with its Auto class, puts the adapter on it and generates (runs as is once
+    the two paths are filled in; a test executes it for a decoder)."""
+    from uncurl_hf.cards.usage import example_input
+    from uncurl_hf.evaluation.tasks import get_task
+
+    try:
+        task = get_task(task_name)
+    except Exception:  # noqa: BLE001 - a task registered only in the training process still gets a card
+        task = None
+    lines = []
+    if not fmt.stock:
+        lines.append(f"import uncurl_hf  # noqa: F401  (registers {fmt.model_type} with the Auto classes)")
+    lines += [
+        "from peft import PeftModel",
+        f"from transformers import {fmt.auto_class}, AutoTokenizer",
+        "",
+        f'base = {fmt.auto_class}.from_pretrained("path/to/{base}")',
+        'model = PeftModel.from_pretrained(base, "path/to/this/folder")',
+        "model = model.merge_and_unload()  # optional: fold the adapter into the weights",
+        'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")',
+        f'inputs = tokenizer({json.dumps(example_input(fmt, task))}, return_tensors="pt")',
+        "outputs = model.generate(**inputs, max_new_tokens=8, do_sample=False)",
+    ]
+    if fmt.causal:  # a causal LM's output starts with the prompt
+        lines.append('print(tokenizer.decode(outputs[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))')
+    else:
+        lines.append("print(tokenizer.decode(outputs[0], skip_special_tokens=True))")
+    return "\n".join(lines)
 
 
 def _merge_tags(existing: list[str] | None, extra: list[str]) -> list[str]:

@@ -10,12 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from uncurl_hf.errors import RecoveryError
+from uncurl_hf.recover.targets import split_names
 from uncurl_hf.settings import setting
 
-# Attention projections of every block (encoder self-attention, decoder self- and cross-attention) and the
-# surviving experts' two matrices. Dense feed-forward layers (``mlp.wi``/``mlp.wo`` of the non-sparse blocks) are not
-# targets: pruning did not change them. PEFT matches a string target against each module's full name (re.fullmatch).
-DEFAULT_TARGET_MODULES = r".*\.(SelfAttention|EncDecAttention)\.(q|k|v|o)|.*\.mlp\.experts\.expert_\d+\.(wi|wo)"
 SAVE_CHOICES = ("adapter", "merged")
 RECOVERY_FILENAME = "uncurl_recovery.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -26,8 +23,10 @@ class RecoverConfig:
     """Settings of one recovery run (what ``uncurl recover`` flags set).
 
     ``target_modules`` is a PEFT target: a regular expression matched against full module names, or a list of
-    name suffixes. ``warmup`` of ``None`` means 10% of the steps. ``train_limit``/``eval_limit`` take the first N
-    examples of the train / evaluation splits (quick checks and tests).
+    name suffixes; ``target_parameters`` lists suffixes of fused ``nn.Parameter`` names (the decoders' experts).
+    Both ``None`` (the default) adapt the family's default targets (:mod:`uncurl_hf.recover.targets`); either given
+    replaces them, and exactly what is given is adapted. ``warmup`` of ``None`` means 10% of the steps.
+    ``train_limit``/``eval_limit`` take the first N examples of the train / evaluation splits (quick checks, tests).
     """
 
     task: str = setting(None, "--task", required=True, help="registered task (trained on train, scored on dev)")
@@ -40,9 +39,15 @@ class RecoverConfig:
     seed: int = setting(0, "--seed", help="seed of the LoRA initialization and the batch order (default 0)")
     warmup: int | None = setting(None, "--warmup", help="warm-up steps (default 10%% of --steps)")
     weight_decay: float = setting(0.0, "--weight-decay", help="AdamW weight decay (default 0)")
-    target_modules: str | tuple[str, ...] = setting(
-        DEFAULT_TARGET_MODULES, "--target-modules", metavar="REGEX",
-        help="modules to adapt (regex over module names; default: attention q/k/v/o + experts' wi/wo)",
+    target_modules: str | tuple[str, ...] | None = setting(
+        None, "--target-modules", metavar="REGEX",
+        help="modules to adapt (regex over full module names); default: the family's attention q/k/v/o + the "
+             "surviving experts (uncurl_hf/recover/targets.py). Given, it replaces the defaults",
+    )
+    target_parameters: str | tuple[str, ...] | None = setting(
+        None, "--target-parameters", metavar="NAMES",
+        help="fused nn.Parameters to adapt, comma-separated name suffixes (e.g. mlp.experts.gate_up_proj); "
+             "given, it replaces the defaults",
     )
     save: str = setting(
         "adapter", "--save", choices=SAVE_CHOICES,
@@ -54,7 +59,11 @@ class RecoverConfig:
                                      help="score only the first N examples of each split")
     train_limit: int | None = setting(None, "--train-limit", metavar="N",
                                       help="train on the first N train examples only")
-    max_length: int = setting(128, "--max-length", help="max source tokens per training example (default 128)")
+    max_length: int = setting(
+        128, "--max-length",
+        help="max source tokens per seq2seq training example (default 128; decoders: the task prompt's own limit, "
+             "the one scoring uses)",
+    )
 
     @property
     def warmup_steps(self) -> int:
@@ -79,7 +88,10 @@ class RecoverConfig:
             (self.eval_limit is None or self.eval_limit >= 1, f"--eval-limit must be >= 1, got {self.eval_limit!r}."),
             (self.train_limit is None or self.train_limit >= 1,
              f"--train-limit must be >= 1, got {self.train_limit!r}."),
-            (bool(self.target_modules), "--target-modules must name at least one module pattern."),
+            (self.target_modules is None or bool(self.target_modules),
+             "--target-modules must name at least one module pattern."),
+            (self.target_parameters is None or bool(split_names(self.target_parameters)),
+             "--target-parameters must name at least one parameter."),
         ]
         for ok, message in checks:
             if not ok:
@@ -87,8 +99,9 @@ class RecoverConfig:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        if isinstance(self.target_modules, tuple):
-            data["target_modules"] = list(self.target_modules)
+        for name in ("target_modules", "target_parameters"):
+            if isinstance(data[name], tuple):
+                data[name] = list(data[name])
         return data
 
 
@@ -152,9 +165,10 @@ def recover_command(source_name: str, config: RecoverConfig) -> str:
         value = getattr(config, name)
         if value != getattr(default, name):
             args += [flag, format(value, spec) if spec else str(value)]
-    if config.target_modules != default.target_modules:
-        targets = config.target_modules
-        args += ["--target-modules", targets if isinstance(targets, str) else ",".join(targets)]
+    given = (("--target-modules", config.target_modules), ("--target-parameters", config.target_parameters))
+    for flag, targets in given:
+        if targets is not None:
+            args += [flag, targets if isinstance(targets, str) else ",".join(targets)]
     if config.eval_test:
         args.append("--eval-test")
     return shlex.join(args)

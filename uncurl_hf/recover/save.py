@@ -29,11 +29,13 @@ def recovery_record(
     losses: list[float],
     trainable: int,
     total: int,
+    lora: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """What ``uncurl_recovery.json`` holds (and the card shows): settings, scores, losses. No times, no paths."""
+    """What ``uncurl_recovery.json`` holds (and the card shows): settings, resolved targets (``lora``: family, peft
+    task type, targets), scores, losses. No times, no paths."""
     from uncurl_hf._version import __version__
 
-    return {
+    record: dict[str, Any] = {
         "base": source.name,
         "config": config.to_dict(),
         "metric": metric,
@@ -45,6 +47,9 @@ def recovery_record(
         "command": recover_command(source.name, config),
         "uncurl_version": __version__,
     }
+    if lora is not None:
+        record["lora"] = lora
+    return record
 
 
 def write_merged(
@@ -74,16 +79,28 @@ def write_adapter(
     from uncurl_hf.io.checkpoint import TOKENIZER_FILES
 
     def fill(temp: Path) -> None:
+        sort_target_sets(model)
         model.save_pretrained(str(temp))
         for name in TOKENIZER_FILES:
             if (source / name).is_file():
                 (temp / name).write_bytes((source / name).read_bytes())
         _write_json(temp / RECOVERY_FILENAME, record)
-        _write_text(temp / CARD_FILENAME, adapter_card(_read_card(source), record))
+        _write_text(temp / CARD_FILENAME, adapter_card(_read_card(source), record, base_format(source)))
         validate_adapter(model, source, temp)
 
     written = write_atomically(output, fill, source_dir=source, overwrite=overwrite, sync=sync)
     return sorted(p.name for p in written.iterdir())
+
+
+def sort_target_sets(model: Any) -> None:
+    """peft keeps some targets as sets (its transformers-5 MoE conversion turns lists into sets) and writes them with
+    ``list(set)``, whose order depends on the process's hash seed; sorted lists make ``adapter_config.json`` the same
+    bytes in every run, stock or ``pruned_*`` (peft reads them back as sets, and sorts parameter targets itself)."""
+    for config in model.peft_config.values():
+        for name in ("target_modules", "target_parameters"):
+            value = getattr(config, name, None)
+            if isinstance(value, (set, frozenset, list, tuple)):
+                setattr(config, name, sorted(value))
 
 
 @torch.no_grad()
@@ -105,6 +122,19 @@ def validate_adapter(model: Any, source: Path, folder: Path) -> None:
             f"The written adapter does not reproduce the trained model's outputs (max difference "
             f"{(expected - actual).abs().max().item():.3g}); nothing was written. Rerun, and report it if it repeats."
         )
+
+
+def base_format(source: Path) -> Any:
+    """The pruned folder's checkpoint format (stock or ``pruned_*``, causal or seq2seq), as its files say: what the
+    adapter card's usage code must load."""
+    from uncurl_hf.cards.usage import PRUNED_PREFIX, CheckpointFormat, written_format
+    from uncurl_hf.families import get_family
+
+    written = written_format(source)
+    model_type = str(written.get("model_type") or "")
+    causal = get_family(source).auto_model_class().__name__ == "AutoModelForCausalLM"
+    remote = tuple(written.get("remote_code_files") or ()) if model_type.startswith(PRUNED_PREFIX) else ()
+    return CheckpointFormat(model_type=model_type, causal=causal, remote_files=remote)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

@@ -2,15 +2,17 @@
 
 Pruning removes experts the task rarely routes to, but the tokens that did go to them now land on a surviving
 expert that was never trained for them, and the layers around have never seen the reduced model's hidden states.
-A short fine-tune of low-rank adapters on the attention projections (``q/k/v/o`` of self- and cross-attention) and
-on the surviving experts' ``wi``/``wo`` lets the model adapt to its new routing for a small fraction of the
-parameters, and the result stays one of two things a user can ship:
+A short fine-tune of low-rank adapters on the attention projections and the surviving experts (per family:
+:mod:`~uncurl_hf.recover.targets`) lets the model adapt to its new routing for a small fraction of the parameters.
+Switch Transformers (seq2seq) and the decoder families (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, gpt-oss; stock or
+``pruned_*`` checkpoints) are trained the same way; a decoder learns the label continuation of the task's prompt,
+the one its scoring reads (:mod:`~uncurl_hf.recover.batches`). The result stays one of two things a user can ship:
 
 * ``save="adapter"``: a PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) whose
   ``base_model_name_or_path`` is the pruned folder; it loads with
-  ``PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(pruned_dir), adapter_dir)``.
+  ``PeftModel.from_pretrained(AutoModelFor{CausalLM,Seq2SeqLM}.from_pretrained(pruned_dir), adapter_dir)``.
 * ``save="merged"``: the adapters folded into the weights (``merge_and_unload``) and written as an ordinary
-  pruned checkpoint (same config, same plan, same shapes), so it loads with ``AutoModelForSeq2SeqLM`` and
+  pruned checkpoint (same config, same plan, same shapes), so it loads with the family's Auto class and
   ``uncurl verify`` checks it like any other output.
 
 Choices, and why:
@@ -20,16 +22,19 @@ Choices, and why:
   (``output_router_logits=False``: no load-balancing or z-loss terms), for the same reason.
 * AdamW (not the zoo recipe's Adafactor): Adafactor scales its steps by each parameter's RMS, and LoRA's ``B``
   matrices start at exactly zero, so Adafactor's first steps on them are degenerate. The schedule is the zoo
-  recipe's (:func:`uncurl_hf.zoo.recipe.lr_at`: linear warm-up, cosine decay to 10% of the peak) and the batches are
-  its :func:`~uncurl_hf.zoo.recipe.task_batches` (shuffled epochs of text-to-text pairs, labels padded with -100).
+  recipe's (:func:`uncurl_hf.zoo.recipe.lr_at`: linear warm-up, cosine decay to 10% of the peak); batches are
+  shuffled epochs (:func:`~uncurl_hf.recover.batches.training_batches`: text-to-text pairs for seq2seq, prompt +
+  label for causal LMs, labels padded with -100).
 * Determinism: the adapter's random init (``lora_A``), dropout and the data order are all seeded from
   ``RecoverConfig.seed``, so the same pruned folder, config and torch thread count give byte-identical output
   folders. Wall times are reported in :class:`RecoverResult` only, never written.
-* Scores before and after are measured on the task's dev split (test only with ``eval_test``: tuning the recovery
-  budget on test would leak it). "After" is measured on exactly what is written: the adapter model, or the merged
-  model (which the writer checks reproduces the in-memory logits).
+* Scores before and after are the ones ``uncurl eval`` reports (:func:`~uncurl_hf.evaluation.scoring.task_score`:
+  label sequences for seq2seq, label continuations of the prompt for causal LMs), measured on the task's dev split
+  (test only with ``eval_test``: tuning the recovery budget on test would leak it). "After" is measured on exactly
+  what is written: the adapter model, or the merged model (which the writer checks reproduces the in-memory logits).
 
-Modules: :mod:`~uncurl_hf.recover.config` (settings and results), :mod:`~uncurl_hf.recover.lora` (PEFT wrapping),
+Modules: :mod:`~uncurl_hf.recover.config` (settings and results), :mod:`~uncurl_hf.recover.targets` (what is
+adapted), :mod:`~uncurl_hf.recover.lora` (PEFT wrapping), :mod:`~uncurl_hf.recover.batches` (training data),
 this one (the training loop and :func:`recover`), :mod:`~uncurl_hf.recover.save` (the output folders) and
 :mod:`uncurl_hf.cards.recovery_card` (their cards).
 """
@@ -37,9 +42,8 @@ this one (the training loop and :func:`recover`), :mod:`~uncurl_hf.recover.save`
 from __future__ import annotations
 
 import logging
-import random
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -48,15 +52,17 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from uncurl_hf.errors import ModelNotFoundError, RecoveryError
+from uncurl_hf.recover.batches import training_batches
 from uncurl_hf.recover.config import RecoverConfig, RecoverResult, SplitScore
-from uncurl_hf.recover.lora import add_lora, require_peft, trainable_parameters
+from uncurl_hf.recover.lora import add_lora, check_dropout, require_peft, trainable_parameters
+from uncurl_hf.recover.targets import LoraTargets, resolve_targets, task_type_of
 from uncurl_hf.recover.save import recovery_record, write_adapter, write_merged
 
 logger = logging.getLogger(__name__)
 
 
-def check_pruned_folder(path: str | Path) -> Path:
-    """The resolved folder of a pruned encoder-decoder checkpoint, or a named error.
+def check_pruned_folder(path: str | Path) -> tuple[Path, Any]:
+    """The resolved folder of a pruned checkpoint and its family, or a named error.
 
     A model folder without ``uncurl_plan.json`` was not written by ``uncurl prune``: recovery is meant for what
     pruning lost, and its card and plan are what the merged output carries on.
@@ -74,7 +80,7 @@ def check_pruned_folder(path: str | Path) -> Path:
             "OUT."
         )
     check_evaluable_family(family)
-    return folder.resolve()
+    return folder.resolve(), family
 
 
 def warn_if_other_task(folder: Path, task: str) -> str | None:
@@ -100,22 +106,6 @@ def warn_if_other_task(folder: Path, task: str) -> str | None:
         "first (uncurl prune MODEL --task %s ...).", folder, calibrated, task, calibrated, task, calibrated, task, task,
     )
     return calibrated
-
-
-def training_batches(tokenizer: Any, examples: list, config: RecoverConfig) -> Iterator[dict[str, torch.Tensor]]:
-    """Exactly ``config.steps`` batches: shuffled epochs over ``examples`` (seeded), repeated as often as needed."""
-    from uncurl_hf.zoo.recipe import task_batches
-
-    if not examples:
-        raise RecoveryError(f"Task {config.task!r} has no training examples; recovery needs its train split.")
-    rng = random.Random(config.seed)
-    produced = 0
-    while True:
-        for batch in task_batches(tokenizer, examples, config.batch_size, rng, config.max_length):
-            if produced == config.steps:
-                return
-            produced += 1
-            yield batch
 
 
 def train_lora(
@@ -177,9 +167,10 @@ def recover(
 ) -> RecoverResult:
     """LoRA-recover the pruned checkpoint ``pruned_dir`` on ``config.task``; write the adapter or merged model.
 
-    Cheap checks first (settings, peft, task, folder, output), then: load, score the pruned model on the dev split
-    (and test with ``eval_test``), train the adapters, score again, write ``output_dir`` atomically (temporary folder,
-    reload check, card, ``uncurl_manifest.json``, rename). ``pruned_dir`` is only read.
+    Cheap checks first (settings, peft, task, folder, a decoder's prompt, targets vs dropout, output), then: load,
+    score the pruned model on the dev split (and test with ``eval_test``), train the adapters, score again, write
+    ``output_dir`` atomically (temporary folder, reload check, card, ``uncurl_manifest.json``, rename).
+    ``pruned_dir`` is only read.
     """
     from uncurl_hf.io.access import check_writable_parent
     from uncurl_hf.io.atomic import check_output_dir, sweep_stale_temp_dirs
@@ -193,7 +184,12 @@ def recover(
     task = get_task(config.task)
     if not task.labels:
         raise RecoveryError(f"Task {task.name!r} is a generation task; recovery scores classification tasks only.")
-    source = check_pruned_folder(pruned_dir)
+    source, family = check_pruned_folder(pruned_dir)
+    causal = task_type_of(family) == "CAUSAL_LM"
+    if causal:
+        check_decoder_task(task)
+    targets = resolve_targets(family.name, config.target_modules, config.target_parameters)
+    check_dropout(targets, config.dropout)
     warn_if_other_task(source, task.name)
     output = Path(output_dir).expanduser().resolve()
     sweep_stale_temp_dirs(output)
@@ -207,13 +203,13 @@ def recover(
     before = {split: task_score(model, tokenizer, task, ex, progress=progress) for split, ex in eval_sets.items()}
     logger.info("pruned model: %s", ", ".join(f"{s} {v:.4f}" for s, v in before.items()))
 
-    wrapped = add_lora(model, config)
+    wrapped = add_lora(model, config, targets)
     wrapped.peft_config["default"].base_model_name_or_path = str(source)
     trainable = trainable_parameters(wrapped)
     train = _limited(task.load_split("train"), config.train_limit)
     t0 = time.perf_counter()
     losses = train_lora(
-        wrapped, training_batches(tokenizer, train, config), steps=config.steps, lr=config.lr,
+        wrapped, training_batches(tokenizer, train, config, causal=causal), steps=config.steps, lr=config.lr,
         warmup=config.warmup_steps, weight_decay=config.weight_decay, seed=config.seed, progress=progress,
     )
     train_time = time.perf_counter() - t0
@@ -221,7 +217,8 @@ def recover(
     final.eval()
     after = {split: task_score(final, tokenizer, task, ex, progress=progress) for split, ex in eval_sets.items()}
     scores = {s: SplitScore(s, len(eval_sets[s]), before[s], after[s]) for s in eval_sets}
-    record = recovery_record(source, config, task.metric, scores, losses, trainable, total_params)
+    record = recovery_record(source, config, task.metric, scores, losses, trainable, total_params,
+                             lora=lora_record(family, targets))
     if config.save == "merged":
         files = write_merged(final, output, source, record, overwrite=overwrite, sync=sync)
     else:
@@ -234,6 +231,19 @@ def recover(
     logger.info("recovered %s -> %s: %s", source, output,
                 ", ".join(f"{s.split} {s.before:.4f} -> {s.after:.4f}" for s in scores.values()))
     return result
+
+
+def check_decoder_task(task: Any) -> None:
+    """A causal LM learns (and is scored on) the task's decoder prompt: refuse a task without one before loading
+    (the prompt's own errors name the fix: a label without a continuation, a task without labels)."""
+    from uncurl_hf.evaluation.causal import task_prompt
+
+    task_prompt(task)
+
+
+def lora_record(family: Any, targets: LoraTargets) -> dict[str, Any]:
+    """What ``uncurl_recovery.json`` says about the adapters: family, peft task type, the targets resolved."""
+    return {"family": family.name, "task_type": task_type_of(family), "targets": targets.to_dict()}
 
 
 def _limited(examples: list, limit: int | None) -> list:
