@@ -283,6 +283,25 @@ def test_task_examples_are_the_tasks_own_seeded_sample():
     )
 
 
+def test_a_decoder_calibrates_on_the_prompt_it_is_scored_on(tmp_path):
+    """For a causal LM a task's example is its prompt + the label's continuation, exactly the tokens label scoring
+    and lm-eval put to it (``Review: <text>\nSentiment:`` + `` positive``), not the seq2seq ``sentiment: <text>``;
+    the same seeded sample. A file is the user's text and stays as given."""
+    from uncurl_hf.evaluation.prompts import get_prompt
+
+    spec = Spec(task="sentiment", num_examples=5, seed=2)
+    plain, prompted = calibration_examples(spec), calibration_examples(spec, causal=True)
+    template = get_prompt("sentiment")
+    assert prompted == [
+        Example(f"Review: {e.source.removeprefix('sentiment: ').strip()}\nSentiment:", f" {e.target}") for e in plain
+    ]
+    assert all(p.source == template.render(get_task("sentiment").raw_text(e.source)) for p, e in zip(prompted, plain))
+    path = tmp_path / "c.txt"
+    path.write_text("one line\nanother line\n")
+    assert calibration_examples(Spec(file=str(path), num_examples=5), causal=True) == calibration_examples(
+        Spec(file=str(path), num_examples=5))
+
+
 @pytest.mark.parametrize("suffix", [".txt", ".jsonl", ".parquet", ".csv", "folder", "list", "dataset"])
 def test_larger_sources_are_sampled_with_random_sample_of_the_seed(tmp_path, suffix):
     """More examples than ``num_examples``: exactly ``random.Random(seed).sample(all examples, n)`` (what a .txt or

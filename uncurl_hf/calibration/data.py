@@ -33,6 +33,7 @@ from uncurl_hf.calibration.tables import (
     table_examples,
 )
 from uncurl_hf.errors import CalibrationDataError
+from uncurl_hf.evaluation.prompts import prompted_examples
 from uncurl_hf.evaluation.tasks import Example, get_task
 
 logger = logging.getLogger(__name__)
@@ -44,12 +45,14 @@ _FORMATS = (
 )
 
 
-def calibration_examples(spec: Any, tokenizer: Any = None) -> list[Example]:
+def calibration_examples(spec: Any, tokenizer: Any = None, causal: bool = False) -> list[Example]:
     """The examples of ``spec``'s one source, a seeded sample of ``spec.num_examples`` when there are more.
 
     ``spec`` is read by attribute (a :class:`~uncurl_hf.recipe.CalibrationSpec` or anything shaped like it):
     ``task``, ``file``, ``data`` (exactly one set), ``column``, ``target_column``, ``split``, ``num_examples``,
-    ``seed``. ``tokenizer`` renders chat ``messages`` with its chat template (needed only for chats).
+    ``seed``. ``tokenizer`` renders chat ``messages`` with its chat template (needed only for chats). ``causal``:
+    a task's examples are put as the decoder prompt it is scored on (:func:`~uncurl_hf.evaluation.prompts.
+    prompted_examples`); files and data are the user's text, used as given.
     """
     n, seed = int(spec.num_examples), int(spec.seed)
     if n < 1:
@@ -61,7 +64,8 @@ def calibration_examples(spec: Any, tokenizer: Any = None) -> list[Example]:
             f"(--calibration-file F), or, from Python, data=[...]; got {' and '.join(given) or 'none'}."
         )
     if spec.task is not None:
-        return _task_examples(spec.task, n, seed, spec.split)
+        examples = _task_examples(spec.task, n, seed, spec.split)
+        return prompted_examples(get_task(spec.task), examples) if causal else examples
     column, target_column = spec.column, spec.target_column
     if spec.data is not None and is_dataset(spec.data):
         dataset = pick_split(spec.data, spec.split, "the calibration data")

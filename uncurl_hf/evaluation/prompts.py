@@ -107,6 +107,26 @@ def prompt_for_task(task: Any) -> PromptTemplate | None:
     return generic_prompt(task.name, task.labels, task.prefix)
 
 
+def prompted_examples(task: Any, examples: Sequence[Any]) -> list[Any]:
+    """A task's examples as a causal LM sees the task: ``Example(prompt, continuation)`` (e.g. ``Review: <text>
+    \nSentiment:`` then `` positive``), for calibrating a decoder on the tokens it is scored and prompted on.
+
+    A seq2seq example (``sentiment: <text>`` -> ``positive``) routes a decoder's tokens differently from the prompt
+    evaluation, the Space and lm-eval put to it, so a plan calibrated on it is computed on the wrong routing.
+    Tasks without a prompt (no labels) and examples whose target is not a label are returned as they are.
+    """
+    from uncurl_hf.evaluation.tasks import Example
+
+    template = prompt_for_task(task)
+    if template is None:
+        return list(examples)
+    return [
+        Example(template.render(task.raw_text(e.source)), template.continuations[e.target])
+        if e.target in template.continuations else e
+        for e in examples
+    ]
+
+
 def _template(task: str | PromptTemplate) -> PromptTemplate:
     return task if isinstance(task, PromptTemplate) else get_prompt(task)
 

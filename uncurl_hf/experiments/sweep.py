@@ -325,7 +325,7 @@ def run_sweep(
 
 def _measure(config: SweepConfig, progress: bool) -> SweepResult:
     from uncurl_hf.surgery.apply import apply_plan
-    from uncurl_hf.calibration.data import build_batches
+    from uncurl_hf.calibration.data import build_batches, calibration_examples
     from uncurl_hf.calibration.run import calibrate
     from uncurl_hf.calibration.stats import check_coverage
     from uncurl_hf.io.checkpoint import inspect_checkpoint, load_model, load_tokenizer
@@ -355,7 +355,7 @@ def _measure(config: SweepConfig, progress: bool) -> SweepResult:
 
     start = time.perf_counter()
     calibration_spec = config.calibration
-    calibration = task.calibration_examples(calibration_spec.num_examples, calibration_spec.seed)  # train split
+    calibration = calibration_examples(calibration_spec, tokenizer, causal=family.is_causal_lm())  # train split
     batches = build_batches(calibration, tokenizer, batch_size=calibration_spec.batch_size,
                             max_length=calibration_spec.max_length)
     stats = calibrate(model, family, batches, calibration_spec.max_logit_samples, calibration_spec.seed,

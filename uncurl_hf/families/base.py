@@ -102,6 +102,10 @@ class MoEFamily(ABC):
     def auto_model_class(self) -> type:
         """The ``transformers`` Auto class that loads checkpoints of this family."""
 
+    def is_causal_lm(self) -> bool:
+        """Whether checkpoints of this family are decoder-only LMs: a task is put to them as its prompt."""
+        return self.auto_model_class().__name__ == "AutoModelForCausalLM"
+
     @abstractmethod
     def sparse_layers(self, model: nn.Module) -> list[MoELayer]:
         """Every sparse MoE layer of ``model``, in a stable order."""

@@ -122,7 +122,7 @@ def prune(
     if saved_plan is None:  # the tokenizer is cheap and reading the data may need it (chat templates)
         recipe.calibration.require_one_source()
         tokenizer = load_tokenizer(source, trust_remote_code=options.trust_remote_code)
-        examples = calibration_examples(recipe.calibration, tokenizer)
+        examples = calibration_examples(recipe.calibration, tokenizer, causal=family.is_causal_lm())
     base_model_id = _base_model_id(options, source)
     if options.push_to_hub:
         from uncurl_hf.io.hub import preflight as hub_preflight
