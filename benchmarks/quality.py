@@ -1,22 +1,29 @@
-"""Quality benchmark: every pruning method x factor x task, scored as % of the unpruned model, with planning time.
+"""Quality benchmark: which method keeps a task's quality, on models where the methods differ, with paired intervals.
 
-    OMP_NUM_THREADS=1 python benchmarks/quality.py                      # zoo model tiny-switch-8, all methods
-    python benchmarks/quality.py --model path/to/ckpt --tasks sentiment --methods frequency,uncurl \\
-        --factors 2,4 --limit 200 --json results.json
+    OMP_NUM_THREADS=2 python benchmarks/quality.py                        # the suite below, 3 calibration seeds
+    python benchmarks/quality.py --pairs tiny-switch-8:sentiment --seeds 0 --factors 2 --limit 50   # smoke row
+    python benchmarks/quality.py --pairs study-switch-64-topic:topic --methods msmoe,uncurl,uncurl:router=fitted
 
-A method spec may carry options: ``uncurl:router=anchor,uniform=true`` (values parsed as JSON, as with
-``uncurl prune --method-arg``), so variants of one method can be compared side by side.
+The suite (``--pairs``, MODEL:TASK): the embedded 64-expert decoder ``tiny-qwen3moe-64`` (prompted labels) on topic
+and sentiment, and the study zoo's Switch models with E = 16, 32, 64 on topic and hedge (``uncurl zoo build NAME``
+makes them once; a pair whose model is not built is skipped with the command). tiny-switch-8 is a smoke row only:
+every method keeps ~100% there.
 
-Per task the model is calibrated ONCE (the same seeded draw of ``--num-calibration`` training examples that
-``uncurl prune --task`` uses) and every method plans from those statistics; the pruned model is built in memory with
-:func:`uncurl_hf.apply_plan` and scored on the test split with :func:`uncurl_hf.evaluation.scoring.label_distribution`. That is
-``uncurl prune`` minus the checkpoint writing; ``--from-disk`` also writes every pruned model and scores the
-reloaded checkpoint instead. "plan s" is the wall time of the method alone (calibration is shared and reported once).
+Per pair and calibration seed the model is calibrated ONCE (the seeded draw of ``--num-calibration`` train examples
+that ``uncurl prune --task`` uses) and every method plans from those statistics with the one planning step
+(:func:`uncurl_hf.pipeline.planning.plan_model`); the pruned model is built in memory and every test example is
+scored (argmax of the label log-likelihoods). Per cell the table shows the test accuracy as % of the unpruned
+model (mean over seeds), the best method, and the paired bootstrap (``--bootstrap`` resamples of the test examples,
+each example's correctness averaged over seeds) of UNCURL minus the best: ``ok`` when UNCURL is the best or the 95%
+interval holds 0, ``worse`` otherwise. ``--reference`` names the spec compared (default ``uncurl``).
 
-``--sequential`` adds a row ``METHOD +seq`` per method and factor: the same method planned layer by layer, each
-layer on statistics of the model whose earlier layers are already pruned (``uncurl prune --sequential``, see
-:mod:`uncurl_hf.pipeline.sequential`); its "plan s" includes the extra calibration passes (one per sparse layer after the
-first).
+Diagnostics per plan (second table): ``replaced`` = share of the routing decisions whose expert is no longer in the
+model as it was (dropped, or merged into another member's group anchor), mean over layers; for merges also the
+plan's ``router_agreement`` (tokens whose top group is their top expert's group) from ``extras["diagnostics"]``.
+
+A method spec may carry options: ``uncurl:router=fitted,centres=usage`` (values parsed as JSON, as with
+``uncurl prune --method-arg``). ``--sequential`` adds ``SPEC +seq`` rows: the same method planned layer by layer on
+the progressively pruned model (``uncurl prune --sequential``); their plan time includes the extra calibration.
 """
 
 from __future__ import annotations
@@ -25,204 +32,225 @@ import argparse
 import json
 import logging
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 logger = logging.getLogger("benchmarks.quality")
 
-DEFAULT_METHODS = ("random", "frequency", "reap", "msmoe", "hcsmoe", "uncurl", "uncurl:uniform=true")
+DEFAULT_PAIRS = (
+    "tiny-qwen3moe-64:topic", "tiny-qwen3moe-64:sentiment",
+    "study-switch-16-topic:topic", "study-switch-32-topic:topic", "study-switch-64-topic:topic",
+    "study-switch-16-hedge:hedge", "study-switch-32-hedge:hedge", "study-switch-64-hedge:hedge",
+)
+DEFAULT_METHODS = ("random", "frequency", "reap", "ean", "msmoe", "hcsmoe", "uncurl")
 DEFAULT_FACTORS = (2.0, 4.0, 8.0)
 
 
 @dataclass
 class Cell:
-    """One (task, method spec, factor) measurement."""
+    """One (model, task, method spec, factor, seed) measurement; ``correct`` is per test example (0/1)."""
 
+    model: str
     task: str
     method: str
     factor: float
+    seed: int
     score: float
     baseline: float
     plan_s: float
+    replaced: float
+    router_agreement: float
     counts: dict[str, int] = field(default_factory=dict)
-    agreement: float = float("nan")  # % of test examples where pruned and original predict the same label
-    kl: float = float("nan")  # mean KL(original || pruned) of the label distribution, in nats
+    correct: list[int] = field(default_factory=list, repr=False)
 
     @property
     def relative(self) -> float:
-        """Score as a percentage of the unpruned model's score."""
+        """Accuracy as a percentage of the unpruned model's."""
         return 100.0 * self.score / self.baseline if self.baseline else float("nan")
 
 
 @dataclass
-class TaskInfo:
-    """The unpruned reference of one task."""
+class PairInfo:
+    """The unpruned reference of one (model, task) pair."""
 
+    model: str
     task: str
-    metric: str
     baseline: float
     num_test: int
-    num_calibration: int
+    num_experts: int
     calibration_s: float
 
 
-def run_task(
-    model_dir: Path,
-    task_name: str,
-    methods: Sequence[str],
-    factors: Sequence[float],
-    limit: int | None,
-    num_calibration: int,
-    seed: int,
-    from_disk: bool,
-    sequential: bool = False,
-) -> tuple[TaskInfo, list[Cell]]:
-    """Calibrate once on ``task_name`` and score every method spec at every factor."""
+def replaced_share(plan: Any, stats: Any) -> float:
+    """Mean over layers of the share of routing decisions whose expert is not kept as it was (see the docstring)."""
+    shares = []
+    for layer in plan.layers:
+        counts = stats[layer.name].counts.double()
+        total = float(counts.sum())
+        if total <= 0:
+            continue
+        kept = sum(float(counts[max(g, key=lambda e: (float(counts[e]), -e))]) for g in layer.groups)
+        shares.append(1.0 - kept / total)
+    return float(np.mean(shares)) if shares else 0.0
+
+
+def router_agreement(plan: Any) -> float:
+    """Mean over merged layers of the plan's recorded router agreement (NaN for pure pruning)."""
+    values = [layer.extras.get("diagnostics", {}).get("router_agreement") for layer in plan.layers]
+    values = [v for v in values if isinstance(v, (int, float))]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def run_pair(
+    pair: str, methods: Sequence[str], factors: Sequence[float], seeds: Sequence[int], limit: int | None,
+    num_calibration: int, sequential: bool = False,
+) -> tuple[PairInfo, list[Cell]]:
+    """Calibrate once per seed and score every method spec at every factor on the pair's test split (and, with
+    ``sequential``, each spec planned layer by layer too: rows ``SPEC +seq``)."""
     from uncurl_hf import CalibrationSpec, PruneRecipe, apply_plan, build_batches, calibrate, get_family, load_model
-    from uncurl_hf.surgery.budget import expert_budget
-    from uncurl_hf.io.checkpoint import load_tokenizer
+    from uncurl_hf.calibration.data import calibration_examples
     from uncurl_hf.errors import InvalidFactorError
-    from uncurl_hf.experiments.sweep import parse_method_spec
     from uncurl_hf.evaluation.scoring import label_distribution
+    from uncurl_hf.evaluation.tasks import get_task
+    from uncurl_hf.experiments.sweep import parse_method_spec
+    from uncurl_hf.io.checkpoint import load_tokenizer
+    from uncurl_hf.io.resolve import resolve_model
     from uncurl_hf.methods import get_method
     from uncurl_hf.pipeline.planning import plan_model
-    from uncurl_hf.evaluation.tasks import get_task
+    from uncurl_hf.surgery.budget import expert_budget
 
+    model_name, task_name = pair.rsplit(":", 1)
+    model_dir = resolve_model(model_name)
     task = get_task(task_name)
-    model = load_model(model_dir)
-    tokenizer = load_tokenizer(model_dir)
+    model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
     family = get_family(model)
     sizes = family.layer_sizes(model)
     test = task.load_split("test")[:limit] if limit else task.load_split("test")
-    reference = label_distribution(model, tokenizer, task, test)
-    baseline = _score(task, reference, test)
-    defaults = CalibrationSpec(task=task_name, num_examples=num_calibration, seed=seed)  # batch/length defaults
-    examples = task.calibration_examples(num_calibration, seed)
-    start = time.perf_counter()
-    batches = build_batches(examples, tokenizer, batch_size=defaults.batch_size, max_length=defaults.max_length)
-    stats = calibrate(model, family, batches, defaults.max_logit_samples, seed, progress=False)
-    info = TaskInfo(task_name, task.metric, baseline, len(test), len(examples), time.perf_counter() - start)
-    logger.info("%s: unpruned %s %.4f on %d test examples", task_name, task.metric, baseline, len(test))
-
-    cells = []
-    for factor in factors:
-        try:
-            budget = expert_budget(sizes, factor)
-        except InvalidFactorError as exc:
-            logger.warning("%s: skipping factor %g (%s)", task_name, factor, exc)
-            continue
-        for spec in methods:
-            name, kwargs = parse_method_spec(spec)
-            method = get_method(name)
-            recipe = PruneRecipe(method=name, factor=factor, method_options=kwargs, calibration=defaults)
-            for mode in ("one-shot", "sequential") if sequential else ("one-shot",):
+    targets = np.array([task.labels.index(e.target) for e in test])
+    reference = label_distribution(model, tokenizer, task, test).argmax(-1).numpy()
+    baseline = float((reference == targets).mean())
+    cells: list[Cell] = []
+    calibration_s = 0.0
+    modes = ("one-shot", "seq") if sequential else ("one-shot",)
+    for seed in seeds:
+        spec = CalibrationSpec(task=task_name, num_examples=num_calibration, seed=seed)
+        start = time.perf_counter()
+        examples = calibration_examples(spec, tokenizer, causal=family.is_causal_lm())  # the decoder's prompt
+        batches = build_batches(examples, tokenizer, batch_size=spec.batch_size, max_length=spec.max_length)
+        stats = calibrate(model, family, batches, spec.max_logit_samples, seed, progress=False)
+        calibration_s += time.perf_counter() - start
+        for factor in factors:
+            try:
+                budget = expert_budget(sizes, factor)
+            except InvalidFactorError as exc:
+                logger.warning("%s: skipping factor %g (%s)", pair, factor, exc)
+                continue
+            for method_spec, mode in [(m, mode) for m in methods for mode in modes]:
+                name, kwargs = parse_method_spec(method_spec)
+                recipe = PruneRecipe(method=name, factor=factor, method_options=kwargs, calibration=spec)
                 start = time.perf_counter()
-                plan = plan_model(model, family, method, stats, budget, recipe, sequential=mode == "sequential",
-                                  batches=batches).plan  # the one planning step (allocate, plan, validate)
+                plan = plan_model(model, family, get_method(name), stats, budget, recipe, sequential=mode == "seq",
+                                  batches=batches).plan
                 plan_s = time.perf_counter() - start
-                pruned = apply_plan(model, family, plan)
-                if from_disk:
-                    pruned = _reload(pruned, plan, model_dir)
-                distribution = label_distribution(pruned, tokenizer, task, test)
-                score = _score(task, distribution, test)
-                agreement, kl = _divergence(reference, distribution)
-                label = spec if mode == "one-shot" else f"{spec} +seq"
-                cells.append(Cell(task_name, label, factor, score, baseline, plan_s, plan.counts, agreement, kl))
-                logger.info(
-                    "%s  %-24s x%g  %.4f (%.1f%%)  %.2f s", task_name, label, factor, score, cells[-1].relative, plan_s
-                )
+                method_spec = f"{method_spec} +seq" if mode == "seq" else method_spec
+                predicted = label_distribution(apply_plan(model, family, plan), tokenizer, task, test).argmax(-1).numpy()
+                correct = (predicted == targets).astype(int)
+                cells.append(Cell(
+                    model_name, task_name, method_spec, factor, seed, float(correct.mean()), baseline, plan_s,
+                    replaced_share(plan, stats), router_agreement(plan), plan.counts, correct.tolist(),
+                ))
+                logger.info("%s seed %d  %-32s x%g  %.1f%%  replaced %.1f%%  %.1f s", pair, seed, method_spec, factor,
+                            cells[-1].relative, 100 * cells[-1].replaced, plan_s)
+    info = PairInfo(model_name, task_name, baseline, len(test), max(sizes.values()), calibration_s / len(seeds))
     return info, cells
 
 
-def _score(task: Any, distribution: Any, examples: Sequence[Any]) -> float:
-    """The task metric of the argmax predictions of an [N, L] label distribution (one forward pass serves both)."""
-    from uncurl_hf.evaluation.scoring import metric_score
-
-    return metric_score(task, [task.labels[i] for i in distribution.argmax(-1).tolist()], examples)
-
-
-def _divergence(reference: Any, pruned: Any) -> tuple[float, float]:
-    """(% same argmax, mean KL(reference || pruned)) of two [N, L] label log-probability tensors."""
-    agreement = 100.0 * float((reference.argmax(-1) == pruned.argmax(-1)).double().mean())
-    kl = float((reference.exp() * (reference - pruned)).sum(-1).mean())
-    return agreement, kl
+def paired_interval(a: np.ndarray, b: np.ndarray, resamples: int, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of ``a - b`` (per-example values) and its 95% percentile-bootstrap interval over examples."""
+    diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, len(diff), size=(resamples, len(diff)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(diff.mean()), float(low), float(high)
 
 
-def _reload(pruned: Any, plan: Any, source: Path) -> Any:
-    """Write ``pruned`` like `uncurl prune` does and load it back (scores the checkpoint users download)."""
-    from uncurl_hf import load_model, write_checkpoint
+@dataclass
+class Verdict:
+    """One (pair, factor) row of the summary."""
 
-    with tempfile.TemporaryDirectory(prefix="uncurl-bench-") as tmp:
-        out = write_checkpoint(pruned, Path(tmp) / "pruned", plan, source_dir=source)
-        return load_model(out)
+    model: str
+    task: str
+    factor: float
+    relative: dict[str, float]
+    best: str
+    difference: tuple[float, float, float]  # reference - best, in accuracy points: mean, low, high
+    ok: bool
 
 
-def format_table(infos: Sequence[TaskInfo], cells: Sequence[Cell]) -> str:
-    """Rows: method x factor; per task: score as % of unpruned and the method's planning time."""
-    tasks = [info.task for info in infos]
-    by_key = {(c.method, c.factor, c.task): c for c in cells}
-    rows = sorted({(c.method, c.factor) for c in cells}, key=lambda r: (r[1], _method_order(cells, r[0])))
-    header = (
-        ["method", "factor"]
-        + [f"{t} %" for t in tasks]
-        + [f"{t} agree %" for t in tasks]
-        + [f"{t} KL e-3" for t in tasks]
-        + [f"{t} plan s" for t in tasks]
-    )
-    lines = [header]
-    for method, factor in rows:
-        found = [by_key.get((method, factor, t)) for t in tasks]
-        lines.append(
-            [method, f"{factor:g}"]
-            + [f"{c.relative:.1f}" if c else "-" for c in found]
-            + [f"{c.agreement:.1f}" if c else "-" for c in found]
-            + [f"{1000 * c.kl:.2f}" if c else "-" for c in found]
-            + [f"{c.plan_s:.2f}" if c else "-" for c in found]
-        )
-    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
-    text = [
-        "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths))) for row in lines
-    ]
+def summarize(infos: Sequence[PairInfo], cells: Sequence[Cell], reference: str, resamples: int) -> list[Verdict]:
+    """Per (pair, factor): mean relative score per method, the best method, reference minus best with its interval."""
+    verdicts = []
+    for info in infos:
+        mine = [c for c in cells if (c.model, c.task) == (info.model, info.task)]
+        for factor in sorted({c.factor for c in mine}):
+            at = [c for c in mine if c.factor == factor]
+            methods = list(dict.fromkeys(c.method for c in at))
+            per_example = {m: np.mean([c.correct for c in at if c.method == m], axis=0) for m in methods}
+            relative = {m: float(np.mean([c.relative for c in at if c.method == m])) for m in methods}
+            best = max(methods, key=lambda m: (relative[m], m == reference))
+            if reference not in per_example:
+                verdicts.append(Verdict(info.model, info.task, factor, relative, best, (np.nan,) * 3, False))
+                continue
+            diff = paired_interval(per_example[reference], per_example[best], resamples)
+            diff = tuple(100 * v for v in diff)
+            ok = best == reference or diff[2] >= 0
+            verdicts.append(Verdict(info.model, info.task, factor, relative, best, diff, ok))
+    return verdicts
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    text = ["  ".join(v.ljust(w) if i < 3 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths))) for row in rows]
     text.insert(1, "-" * len(text[0]))
-    notes = [
-        f"{i.task}: unpruned {i.metric} = {i.baseline:.4f} on {i.num_test} test examples; "
-        f"calibration {i.num_calibration} train examples in {i.calibration_s:.1f} s"
-        for i in infos
-    ]
-    return "\n".join(text + [""] + notes)
+    return "\n".join(text)
 
 
-def _method_order(cells: Sequence[Cell], method: str) -> int:
-    return [c.method for c in cells].index(method)
+def format_summary(verdicts: Sequence[Verdict], reference: str) -> str:
+    methods = list(dict.fromkeys(m for v in verdicts for m in v.relative))
+    rows = [["model", "task", "factor", *methods, "best", f"{reference} - best [95% CI]", "verdict"]]
+    for v in verdicts:
+        low, high = v.difference[1], v.difference[2]
+        rows.append([v.model, v.task, f"x{v.factor:g}", *[f"{v.relative.get(m, float('nan')):.1f}" for m in methods],
+                     v.best, f"{v.difference[0]:+.1f} [{low:+.1f}, {high:+.1f}]", "ok" if v.ok else "worse"])
+    return _table(rows)
+
+
+def format_diagnostics(cells: Sequence[Cell]) -> str:
+    """Replaced routing share (and router agreement for merges) per method and factor, mean over seeds."""
+    keys = list(dict.fromkeys((c.model, c.task, c.factor) for c in cells))
+    methods = list(dict.fromkeys(c.method for c in cells))
+    rows = [["model", "task", "factor", *methods]]
+    for model, task, factor in keys:
+        values = []
+        for m in methods:
+            at = [c for c in cells if (c.model, c.task, c.factor, c.method) == (model, task, factor, m)]
+            if not at:
+                values.append("-")
+                continue
+            text = f"{100 * np.mean([c.replaced for c in at]):.1f}"
+            agreement = np.mean([c.router_agreement for c in at])
+            values.append(text if np.isnan(agreement) else f"{text}/{100 * agreement:.0f}")
+        rows.append([model, task, f"x{factor:g}", *values])
+    return _table(rows)
 
 
 def _floats(text: str) -> list[float]:
     return [float(v) for v in text.split(",") if v]
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="tiny-switch-8", help="zoo model name or checkpoint folder")
-    parser.add_argument("--tasks", default="sentiment", help="comma-separated registered tasks")
-    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated method specs")
-    parser.add_argument(
-        "--factors", type=_floats, default=list(DEFAULT_FACTORS), help="comma-separated factors (default 2,4,8)"
-    )
-    parser.add_argument("--limit", type=int, help="score only the first N test examples")
-    parser.add_argument("--num-calibration", type=int, default=256, help="calibration examples (as uncurl prune)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--from-disk", action="store_true", help="write + reload every pruned model before scoring")
-    parser.add_argument(
-        "--sequential", action="store_true",
-        help="also plan every method layer by layer on the progressively pruned model (rows 'METHOD +seq')",
-    )
-    parser.add_argument("--json", help="also write the results as JSON here")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only print the table")
-    return parser
 
 
 def split_methods(text: str) -> list[str]:
@@ -236,37 +264,63 @@ def split_methods(text: str) -> list[str]:
     return specs
 
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pairs", default=",".join(DEFAULT_PAIRS), help="comma-separated MODEL:TASK pairs")
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated method specs")
+    parser.add_argument("--factors", type=_floats, default=list(DEFAULT_FACTORS), help="comma-separated factors")
+    parser.add_argument("--seeds", default="0,1,2", help="calibration seeds (default 0,1,2)")
+    parser.add_argument("--limit", type=int, help="score only the first N test examples")
+    parser.add_argument("--num-calibration", type=int, default=256, help="calibration examples (as uncurl prune)")
+    parser.add_argument("--reference", default="uncurl", help="the method spec compared with the best (default uncurl)")
+    parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    parser.add_argument("--sequential", action="store_true",
+                        help="also plan every method layer by layer on the progressively pruned model ('SPEC +seq')")
+    parser.add_argument("--json", help="also write every cell (with per-example correctness) as JSON here")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only print the tables")
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logger.setLevel(logging.WARNING if args.quiet else logging.INFO)
     import transformers
 
+    from uncurl_hf.errors import ZooModelNotBuiltError
+
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-
-    from uncurl_hf.io.resolve import resolve_model
-
-    model_dir = resolve_model(args.model)
     methods = split_methods(args.methods)
-    infos: list[TaskInfo] = []
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    start = time.perf_counter()
+    infos: list[PairInfo] = []
     cells: list[Cell] = []
-    for task in filter(None, args.tasks.split(",")):
-        info, task_cells = run_task(
-            model_dir, task, methods, args.factors, args.limit, args.num_calibration, args.seed, args.from_disk,
-            args.sequential,
-        )
+    for pair in filter(None, args.pairs.split(",")):
+        try:
+            info, pair_cells = run_pair(pair, methods, args.factors, seeds, args.limit, args.num_calibration,
+                                         args.sequential)
+        except ZooModelNotBuiltError as exc:
+            logger.warning("skipping %s: %s", pair, exc)
+            continue
         infos.append(info)
-        cells.extend(task_cells)
-    print(f"model: {model_dir}")
-    print(format_table(infos, cells))
+        cells.extend(pair_cells)
+    verdicts = summarize(infos, cells, args.reference, args.bootstrap)
+    print("Test accuracy, % of the unpruned model (mean over seeds "
+          f"{','.join(map(str, seeds))}); {args.reference} - best in accuracy points, paired bootstrap")
+    print(format_summary(verdicts, args.reference))
+    print("\nReplaced routing share % (merges: / router agreement %), mean over layers and seeds")
+    print(format_diagnostics(cells))
+    print()
+    for info in infos:
+        print(f"{info.model} {info.task}: unpruned {100 * info.baseline:.1f}% on {info.num_test} test examples, "
+              f"E={info.num_experts}, calibration {info.calibration_s:.1f} s per seed")
+    print(f"{sum(v.ok for v in verdicts)}/{len(verdicts)} cells ok for {args.reference}; "
+          f"wall {time.perf_counter() - start:.0f} s")
     if args.json:
-        payload = {
-            "model": str(model_dir),
-            "tasks": [asdict(i) for i in infos],
-            "results": [{**asdict(c), "relative": c.relative} for c in cells],
-        }
-        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+        payload = {"pairs": [asdict(i) for i in infos], "verdicts": [asdict(v) for v in verdicts],
+                   "results": [{**asdict(c), "relative": c.relative} for c in cells]}
+        Path(args.json).write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
     return 0
 
 

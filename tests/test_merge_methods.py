@@ -251,7 +251,7 @@ def test_reap_ranks_by_gate_times_norm():
 def test_method_options_are_checked_against_the_methods_options_dataclass_when_the_recipe_is_made():
     for method, kwargs, message in [
         ("uncurl", {"routr": "anchor"}, r"no setting\(s\) \['routr'\].*router='weighted'"),
-        ("uncurl", {"router": "sum"}, "router must be one of 'weighted', 'anchor', got 'sum'"),
+        ("uncurl", {"router": "sum"}, "router must be one of 'weighted', 'anchor', 'fitted', got 'sum'"),
         ("uncurl", {"uniform": "yes"}, "must be a bool"),
         ("uncurl", {"profile": "spearman"}, "profile must be one of 'pearson', 'centered', 'raw'"),
         ("reap", {"gate": "none"}, "gate must be one of 'applied', 'softmax', 'renormalized'"),
@@ -273,11 +273,31 @@ def test_quality_benchmark_runs_end_to_end(switch_dir, tmp_path, capsys, monkeyp
         "uncurl:router=anchor,uniform=true", "frequency"
     ]
     out = tmp_path / "quality.json"
-    code = module.main(["--model", str(switch_dir), "--tasks", "sentiment", "--methods", "uncurl:router=anchor",
-                        "--factors", "2", "--limit", "8", "--num-calibration", "8", "--json", str(out), "-q"])
+    code = module.main(["--pairs", f"{switch_dir}:sentiment", "--methods", "frequency,uncurl:router=fitted",
+                        "--reference", "uncurl:router=fitted", "--factors", "2", "--seeds", "0,1", "--limit", "8",
+                        "--num-calibration", "8", "--bootstrap", "50", "--json", str(out), "-q"])
     assert code == 0
     table = capsys.readouterr().out
-    assert "uncurl:router=anchor" in table and "sentiment %" in table
-    results = json.loads(out.read_text())["results"]
-    assert len(results) == 1 and results[0]["factor"] == 2.0
-    assert sum(results[0]["counts"].values()) == 16
+    assert "uncurl:router=fitted - best [95% CI]" in table and "cells ok for uncurl:router=fitted" in table
+    payload = json.loads(out.read_text())
+    results = payload["results"]
+    assert [(r["method"], r["seed"]) for r in results] == [
+        ("frequency", 0), ("uncurl:router=fitted", 0), ("frequency", 1), ("uncurl:router=fitted", 1)
+    ]
+    assert all(sum(r["counts"].values()) == 16 and len(r["correct"]) == 8 for r in results)
+    assert all(0.0 <= r["replaced"] <= 1.0 for r in results)
+    assert results[0]["router_agreement"] != results[0]["router_agreement"]  # NaN: pruning has no merged router
+    assert 0.0 <= results[1]["router_agreement"] <= 1.0
+    assert len(payload["verdicts"]) == 1 and payload["verdicts"][0]["factor"] == 2.0
+
+
+def test_paired_interval_is_exact_on_a_constant_difference(tmp_path, monkeypatch):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
+    spec = importlib.util.spec_from_file_location("quality_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    a = np.array([1, 1, 0, 1, 0, 1, 1, 0], dtype=float)
+    assert module.paired_interval(a, a, 100) == (0.0, 0.0, 0.0)
+    mean, low, high = module.paired_interval(a, np.zeros(8), 2000)
+    assert mean == 5 / 8 and 0.0 <= low < mean < high <= 1.0

@@ -7,7 +7,9 @@ and from how it is executed (:mod:`uncurl_hf.surgery.apply`). Every output exper
 * merging averages the members' weights with ``weights[g]`` (summing to 1); the first member is the *anchor*.
 
 ``router`` says how a merged group's router row is built: ``"weighted"`` (weighted sum of the member rows with
-the group's weights) or ``"anchor"`` (the anchor's row). ``extras`` carries method-specific, JSON-able data; the
+the group's weights), ``"anchor"`` (the anchor's row) or ``"fitted"`` (sum of the member rows with the coefficients
+``extras["router_coefficients"]``, per group per member, fitted on calibration logits by
+:mod:`uncurl_hf.methods._router_fit`; singleton groups are scaled by theirs too). ``extras`` carries method-specific, JSON-able data; the
 one :mod:`uncurl_hf.surgery.apply` understands is ``extras["permutations"]``: per group, per member, either ``None`` or a
 permutation ``p`` of the expert's hidden neurons, applied as ``W[p]`` along the family's neuron axis before
 averaging (neuron alignment à la weight matching / M-SMoE).
@@ -27,7 +29,7 @@ from uncurl_hf.errors import InvalidPlanError
 
 PLAN_FORMAT_VERSION = 1
 PLAN_FILENAME = "uncurl_plan.json"
-ROUTER_RULES = ("weighted", "anchor")
+ROUTER_RULES = ("weighted", "anchor", "fitted")
 _WEIGHT_TOLERANCE = 1e-6
 
 
@@ -127,6 +129,18 @@ class LayerPlan:
                 raise InvalidPlanError(f"{where}: group {g} weights sum to {sum(weights):.6g}, they must sum to 1.")
         if self.router not in ROUTER_RULES:
             raise InvalidPlanError(f"{where}: router rule {self.router!r} unknown; use one of {ROUTER_RULES}.")
+        coefficients = self.extras.get("router_coefficients")
+        if self.router == "fitted" and not (
+            isinstance(coefficients, list)
+            and len(coefficients) == len(self.groups)
+            and all(
+                isinstance(row, list) and len(row) == len(group) and all(_is_number(c) and math.isfinite(c) for c in row)
+                for row, group in zip(coefficients, self.groups)
+            )
+        ):
+            raise InvalidPlanError(
+                f"{where}: router rule 'fitted' needs extras['router_coefficients']: one finite number per group member."
+            )
         permutations = self.extras.get("permutations")
         if permutations is not None:
             if len(permutations) != len(self.groups) or any(

@@ -28,7 +28,8 @@ from uncurl_hf.calibration.stats import ExpertStats
 from uncurl_hf.errors import UncurlError
 from uncurl_hf.families.base import MoEFamily, MoELayer
 from uncurl_hf.io.checks import check_finite
-from uncurl_hf.methods.base import PruningMethod
+from uncurl_hf.methods.base import PruningMethod, rank_by_score
+from uncurl_hf.methods._router_fit import fit_router_coefficients
 from uncurl_hf.methods.frequency import rank_by_frequency
 from uncurl_hf.plan import LayerPlan
 from uncurl_hf.settings import setting
@@ -184,15 +185,29 @@ def merged_layer_plan(
     family: MoEFamily | None = None,
     layer: MoELayer | None = None,
     extras: Mapping[str, object] | None = None,
+    scores: Sequence[float] | None = None,
 ) -> LayerPlan:
     """A :class:`LayerPlan` from groups: anchor (most routed) first, usage weights, optional neuron alignment.
 
     Neurons are aligned when ``family`` and ``layer`` are given. Groups are ordered by their anchor's index, so the
-    plan does not depend on the label order a clustering algorithm happened to produce.
+    plan does not depend on the label order a clustering algorithm happened to produce. With ``scores`` (one
+    saliency per expert) the anchor is the member with the highest score and the weights are the members' scores
+    normalized over the group (uniform when all are 0) instead of their routing counts.
     """
-    ordered = sorted((order_by_usage(stats, g) for g in groups if g), key=lambda g: g[0])
-    weights = [merge_weights(stats, g) for g in ordered]
+    if scores is None:
+        ordered = sorted((order_by_usage(stats, g) for g in groups if g), key=lambda g: g[0])
+        weights = [merge_weights(stats, g) for g in ordered]
+    else:
+        rank = {e: r for r, e in enumerate(rank_by_score(stats, scores))}
+        ordered = sorted((sorted(g, key=rank.__getitem__) for g in groups if g), key=lambda g: g[0])
+        weights = [_normalized([float(scores[e]) for e in g]) for g in ordered]
     plan_extras = dict(extras or {})
+    logits = stats.logit_sample.double().numpy()
+    if router == "fitted":
+        plan_extras["router_coefficients"] = fit_router_coefficients(logits, ordered, weights, stats.top_k)
+    rows = {"weighted": weights, "anchor": [[1.0] + [0.0] * (len(g) - 1) for g in ordered]}
+    coefficients = rows.get(router) or plan_extras["router_coefficients"]
+    plan_extras["diagnostics"] = merge_diagnostics(stats, ordered, logits, coefficients)
     if family is not None and layer is not None and any(len(g) > 1 for g in ordered):
         plan_extras["permutations"] = [
             align_group(family, layer, g, w) if len(g) > 1 else None for g, w in zip(ordered, weights)
@@ -205,6 +220,38 @@ def merged_layer_plan(
         router=router,
         extras=plan_extras,
     )
+
+
+def merge_diagnostics(
+    stats: ExpertStats, groups: Sequence[Sequence[int]], logits: np.ndarray, coefficients: Sequence[Sequence[float]]
+) -> dict[str, Any]:
+    """What a merge costs the routing, recorded in the plan (``extras["diagnostics"]``) and printed by the benchmark.
+
+    * ``merged_away``: share of the layer's routing decisions that went to a member other than its group's most-used
+      one (the tokens whose expert is replaced by an average), from the integer counts;
+    * ``group_sizes``: members per output expert, largest first;
+    * ``dead_groups``: groups whose members together got under 0.1% of the routing decisions (slots spent on
+      experts the task does not use);
+    * ``router_agreement``: share of sampled tokens whose top group under the merged router rows is the group of
+      their top original expert (NaN without sampled tokens).
+    """
+    from uncurl_hf.methods._router_fit import group_agreement
+
+    counts = stats.counts.double()
+    total = float(counts.sum())
+    away = sum(float(counts[list(g)].sum() - counts[list(g)].max()) for g in groups)
+    shares = [float(counts[list(g)].sum()) / total if total > 0 else 0.0 for g in groups]
+    return {
+        "merged_away": round(away / total, 6) if total > 0 else 0.0,
+        "group_sizes": sorted((len(g) for g in groups), reverse=True),
+        "dead_groups": sum(1 for share in shares if share < 1e-3),
+        "router_agreement": round(group_agreement(logits, groups, coefficients), 6),
+    }
+
+
+def _normalized(values: Sequence[float]) -> list[float]:
+    total = sum(values)
+    return [v / total for v in values] if total > 0 else [1.0 / len(values)] * len(values)
 
 
 def allocate_by_pooled_usage(stats: "CalibrationStats", total: int, names: Sequence[str]) -> dict[str, int]:
@@ -281,16 +328,24 @@ def adaptive_budget(
     return counts
 
 
+RouterRule = Literal["weighted", "anchor", "fitted"]  # plan.ROUTER_RULES, the rules surgery knows
+
+
+def router_setting(default: str = "weighted") -> Any:
+    """The ``router`` option of a merging method (one declaration, shared by every method's Options)."""
+    return setting(
+        default, help="router row of a merged group: usage-weighted member rows, the anchor's row, or member rows "
+        "combined with coefficients fitted so calibration tokens keep their routing mass per group",
+    )
+
+
 @dataclass(frozen=True)
 class MergeOptions:
     """Options every merging method has."""
 
-    router: Literal["weighted", "anchor"] = setting(
-        "weighted", help="router row of a merged group: usage-weighted member rows, or the anchor's row",
-    )
+    router: RouterRule = router_setting()
     uniform: bool = setting(False, help="keep floor(E / factor) experts in every layer (no adaptive counts)")
 
-# the ``router`` Literal lists plan.ROUTER_RULES, the rules surgery knows
 
 
 class MergingMethod(PruningMethod):
@@ -349,4 +404,9 @@ class MergingMethod(PruningMethod):
         groups = self.group_experts(layer, stats, k, family, options, config.seed)
         logger.debug("%s (%s): groups %s", name, self.name, groups)
         aligned = (family, layer) if getattr(options, "align", True) else (None, None)
-        return merged_layer_plan(name, num_experts, groups, stats, options.router, *aligned)
+        return merged_layer_plan(name, num_experts, groups, stats, options.router, *aligned,
+                                 scores=self.merge_scores(stats, options))
+
+    def merge_scores(self, stats: ExpertStats, options: Any) -> Sequence[float] | None:
+        """Per-expert saliency that orders and weights a group's members (``None``: routing counts, the default)."""
+        return None

@@ -46,6 +46,8 @@ from uncurl_hf.calibration.stats import ExpertStats
 from uncurl_hf.families.base import MoEFamily, MoELayer
 from uncurl_hf.methods import register_method
 from uncurl_hf.methods._merging import MergeOptions, MergingMethod, cosine_affinity, logit_profiles
+from uncurl_hf.methods.frequency import rank_by_frequency
+from uncurl_hf.methods.reap import rank_by_reap, reap_scores
 from uncurl_hf.seeding import stable_seed
 from uncurl_hf.settings import setting
 
@@ -63,6 +65,13 @@ class UncurlOptions(MergeOptions):
         "pearson", help="router-logit profile of an expert: double-centred (Pearson), token-centred, or raw",
     )
     align: bool = setting(True, help="align members' hidden neurons to the anchor before merging (weight matching)")
+    weights: Literal["usage", "reap"] = setting(
+        "usage", help="merge weights and anchor of a group: members' routing counts (the paper), or their REAP scores",
+    )
+    centres: Literal["spectral", "usage", "reap"] = setting(
+        "spectral", help="groups: spectral clustering (the paper), or k centres (the most-used experts, or the "
+        "highest REAP scores) with the others placed by the same spectral embedding",
+    )
 
 
 def spectral_groups(affinity: np.ndarray, k: int, seed: int) -> list[list[int]]:
@@ -79,9 +88,7 @@ def spectral_groups(affinity: np.ndarray, k: int, seed: int) -> list[list[int]]:
         return [[i] for i in range(e)]
     if k <= 1:
         return [list(range(e))]
-    clean = np.clip(np.nan_to_num(np.asarray(affinity, dtype=np.float64)), 0.0, 1.0)
-    clean = (clean + clean.T) / 2.0
-    np.fill_diagonal(clean, 1.0)
+    clean = _clean_affinity(affinity)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "graph not fully connected", k-means convergence on ties
@@ -93,6 +100,45 @@ def spectral_groups(affinity: np.ndarray, k: int, seed: int) -> list[list[int]]:
         labels = np.zeros(e, dtype=int)
     groups = [sorted(int(i) for i in np.flatnonzero(labels == label)) for label in np.unique(labels)]
     return _split_to_k(groups, k, clean)
+
+
+def spectral_placement(affinity: np.ndarray, centres: list[int], seed: int) -> list[list[int]]:
+    """One group per centre; every other expert joins the centre nearest to it in the spectral embedding.
+
+    The embedding is the one spectral clustering clusters in (the ``k`` leading eigenvectors of the normalized
+    graph Laplacian of ``affinity``, rows normalized as in Ng, Jordan and Weiss), so the paper's notion of which
+    experts belong together places the experts; only the choice of the ``k`` experts that survive as anchors is taken
+    from usage. Ties go to the first centre (the more used one).
+    """
+    from sklearn.manifold import spectral_embedding  # lazy, as above
+
+    k = len(centres)
+    e = affinity.shape[0]
+    if k >= e:
+        return [[i] for i in range(e)]
+    if k <= 1:
+        return [list(range(e))]
+    clean = _clean_affinity(affinity)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "graph is not fully connected"
+        embedding = spectral_embedding(clean, n_components=k, random_state=seed % (2**32), drop_first=False)
+    norms = np.linalg.norm(embedding, axis=1, keepdims=True)
+    embedding = embedding / np.where(norms > 0, norms, 1.0)
+    groups = {c: [c] for c in centres}
+    for expert in range(e):
+        if expert in groups:
+            continue
+        distances = [float(np.sum((embedding[expert] - embedding[c]) ** 2)) for c in centres]
+        groups[centres[int(np.argmin(distances))]].append(expert)
+    return [sorted(groups[c]) for c in centres]
+
+
+def _clean_affinity(affinity: np.ndarray) -> np.ndarray:
+    """NaN -> 0, clipped to ``[0, 1]``, symmetrized, unit diagonal."""
+    clean = np.clip(np.nan_to_num(np.asarray(affinity, dtype=np.float64)), 0.0, 1.0)
+    clean = (clean + clean.T) / 2.0
+    np.fill_diagonal(clean, 1.0)
+    return clean
 
 
 def _split_to_k(groups: list[list[int]], k: int, affinity: np.ndarray) -> list[list[int]]:
@@ -117,11 +163,18 @@ class UncurlMerging(MergingMethod):
         "UNCURL: spectral clustering of router-logit profiles, neuron alignment, usage-weighted merge; "
         "adaptive per-layer counts (--uniform to disable)."
     )
-    Options = UncurlOptions
     citation = "@article{sarkar2024revisiting, title={Revisiting {SMoE} Language Models by Evaluating Inefficiencies with Task Specific Expert Pruning}, author={Sarkar, Soumajyoti and Lausen, Leonard and Cevher, Volkan and Brox, Thomas and Zha, Sheng and Karypis, George}, journal={arXiv preprint arXiv:2409.01483}, year={2024}}"
+    Options = UncurlOptions
+
+    def merge_scores(self, stats: ExpertStats, options: UncurlOptions) -> list[float] | None:
+        return reap_scores(stats).tolist() if options.weights == "reap" else None
 
     def group_experts(
         self, layer: MoELayer, stats: ExpertStats, k: int, family: MoEFamily, options: UncurlOptions, seed: int
     ) -> list[list[int]]:
         affinity = cosine_affinity(logit_profiles(stats, layer.router.weight, options.profile))
-        return spectral_groups(affinity, k, stable_seed(seed, self.name, layer.name))
+        layer_seed = stable_seed(seed, self.name, layer.name)
+        if options.centres != "spectral":
+            ranked = rank_by_frequency(stats) if options.centres == "usage" else rank_by_reap(stats)
+            return spectral_placement(affinity, ranked[:k], layer_seed)
+        return spectral_groups(affinity, k, layer_seed)

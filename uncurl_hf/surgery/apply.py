@@ -4,7 +4,8 @@ Per layer and per output group ``g`` with members ``m_1..m_n`` and weights ``w_1
 
 * expert tensors: ``sum_i w_i * P_i(W_{m_i})`` where ``P_i`` optionally permutes the member's hidden neurons
   (``plan extras["permutations"]``) along the family's neuron axis; a singleton group is an exact copy;
-* router rows: ``"weighted"`` -> ``sum_i w_i * row_{m_i}`` (bias likewise), ``"anchor"`` -> ``row_{m_1}``.
+* router rows: ``"weighted"`` -> ``sum_i w_i * row_{m_i}`` (bias likewise), ``"anchor"`` -> ``row_{m_1}``,
+  ``"fitted"`` -> ``sum_i c_i * row_{m_i}`` with the plan's ``extras["router_coefficients"]``.
 
 Every computation on weights (weighted sums, permutations, router rows) runs in float32 and is stored in the source
 dtype, so a bfloat16/float16 checkpoint comes out in its own dtype and the in-memory and streamed paths give the same
@@ -114,9 +115,10 @@ def reduce_tensors(
         experts.append(merged)
     check_finite(router, f"layer {plan.name}, router")
     dtype = _expert_dtype(experts)
+    coefficients = plan.extras["router_coefficients"] if plan.router == "fitted" else plan.weights
     router_rows = {
         name: torch.stack(
-            [_router_row(tensor, g, w, plan.router, dtype or tensor.dtype) for g, w in zip(plan.groups, plan.weights)]
+            [_router_row(tensor, g, c, plan.router, dtype or tensor.dtype) for g, c in zip(plan.groups, coefficients)]
         )
         for name, tensor in router.items()
     }
@@ -181,8 +183,9 @@ def _expert_dtype(experts: Sequence[Mapping[str, torch.Tensor]]) -> torch.dtype 
 def _router_row(
     tensor: torch.Tensor, group: Sequence[int], weights: Sequence[float], rule: str, dtype: torch.dtype
 ) -> torch.Tensor:
-    """One output router row (or bias entry) in ``dtype``: the anchor's, or the float32 weighted sum of the members'."""
-    if len(group) == 1 or rule == "anchor":
+    """One output router row (or bias entry) in ``dtype``: the anchor's, or the float32 weighted sum of the members'
+    (``"fitted"``: with the fitted coefficients, which also scale a singleton group's row)."""
+    if rule == "anchor" or (len(group) == 1 and rule != "fitted"):
         return tensor[group[0]].to(dtype, copy=True)
     rows = tensor[list(group)].float()
     scale = torch.tensor(weights, dtype=torch.float32, device=rows.device).reshape(-1, *[1] * (rows.dim() - 1))
