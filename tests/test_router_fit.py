@@ -17,8 +17,7 @@ from test_half_precision import save_source
 from uncurl_hf import LayerPlan, load_model
 from uncurl_hf.errors import InvalidPlanError
 from uncurl_hf.families import get_family
-from uncurl_hf.methods._merging import merge_diagnostics
-from uncurl_hf.methods._router_fit import fit_router_coefficients, group_agreement
+from uncurl_hf.methods._router_fit import fit_router_coefficients, group_agreement, merge_diagnostics
 from uncurl_hf.methods.frequency import rank_by_frequency
 from uncurl_hf.methods.uncurl import spectral_placement
 from uncurl_hf.calibration.stats import ExpertStats

@@ -29,7 +29,7 @@ from uncurl_hf.errors import UncurlError
 from uncurl_hf.families.base import MoEFamily, MoELayer
 from uncurl_hf.io.checks import check_finite
 from uncurl_hf.methods.base import PruningMethod, rank_by_score
-from uncurl_hf.methods._router_fit import fit_router_coefficients
+from uncurl_hf.methods._router_fit import fit_router_coefficients, merge_diagnostics
 from uncurl_hf.methods.frequency import rank_by_frequency
 from uncurl_hf.plan import LayerPlan
 from uncurl_hf.settings import setting
@@ -220,33 +220,6 @@ def merged_layer_plan(
         router=router,
         extras=plan_extras,
     )
-
-
-def merge_diagnostics(
-    stats: ExpertStats, groups: Sequence[Sequence[int]], logits: np.ndarray, coefficients: Sequence[Sequence[float]]
-) -> dict[str, Any]:
-    """What a merge costs the routing, recorded in the plan (``extras["diagnostics"]``) and printed by the benchmark.
-
-    * ``merged_away``: share of the layer's routing decisions that went to a member other than its group's most-used
-      one (the tokens whose expert is replaced by an average), from the integer counts;
-    * ``group_sizes``: members per output expert, largest first;
-    * ``dead_groups``: groups whose members together got under 0.1% of the routing decisions (slots spent on
-      experts the task does not use);
-    * ``router_agreement``: share of sampled tokens whose top group under the merged router rows is the group of
-      their top original expert (NaN without sampled tokens).
-    """
-    from uncurl_hf.methods._router_fit import group_agreement
-
-    counts = stats.counts.double()
-    total = float(counts.sum())
-    away = sum(float(counts[list(g)].sum() - counts[list(g)].max()) for g in groups)
-    shares = [float(counts[list(g)].sum()) / total if total > 0 else 0.0 for g in groups]
-    return {
-        "merged_away": round(away / total, 6) if total > 0 else 0.0,
-        "group_sizes": sorted((len(g) for g in groups), reverse=True),
-        "dead_groups": sum(1 for share in shares if share < 1e-3),
-        "router_agreement": round(group_agreement(logits, groups, coefficients), 6),
-    }
 
 
 def _normalized(values: Sequence[float]) -> list[float]:

@@ -1,4 +1,5 @@
-"""A merged layer's router rows fitted so that every calibration token keeps its routing over groups.
+"""A merged layer's router rows fitted so that every calibration token keeps its routing over groups, and what a
+merge costs the routing (:func:`merge_diagnostics`, recorded in every merged layer's plan).
 
 Merging replaces a group's experts by one expert, and the router by one row per group. The default row is the
 usage-weighted average of the members' rows (``router="weighted"``). A single averaged row cannot reproduce the
@@ -34,8 +35,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from uncurl_hf.calibration.stats import ExpertStats
 
 logger = logging.getLogger(__name__)
 
@@ -137,3 +142,28 @@ def group_agreement(
     original = logits.argmax(axis=1)
     kept = np.array([group_of.get(int(e), -1) for e in original])
     return float((z.argmax(axis=1) == kept).mean())
+
+
+def merge_diagnostics(
+    stats: "ExpertStats", groups: Sequence[Sequence[int]], logits: np.ndarray, coefficients: Sequence[Sequence[float]]
+) -> dict[str, Any]:
+    """What a merge costs the routing, recorded in the plan (``extras["diagnostics"]``) and printed by the benchmark.
+
+    * ``merged_away``: share of the layer's routing decisions that went to a member other than its group's most-used
+      one (the tokens whose expert is replaced by an average), from the integer counts;
+    * ``group_sizes``: members per output expert, largest first;
+    * ``dead_groups``: groups whose members together got under 0.1% of the routing decisions (slots spent on
+      experts the task does not use);
+    * ``router_agreement``: share of sampled tokens whose top group under the merged router rows is the group of
+      their top original expert (NaN without sampled tokens).
+    """
+    counts = stats.counts.double()
+    total = float(counts.sum())
+    away = sum(float(counts[list(g)].sum() - counts[list(g)].max()) for g in groups)
+    shares = [float(counts[list(g)].sum()) / total if total > 0 else 0.0 for g in groups]
+    return {
+        "merged_away": round(away / total, 6) if total > 0 else 0.0,
+        "group_sizes": sorted((len(g) for g in groups), reverse=True),
+        "dead_groups": sum(1 for share in shares if share < 1e-3),
+        "router_agreement": round(group_agreement(logits, groups, coefficients), 6),
+    }
