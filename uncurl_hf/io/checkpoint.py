@@ -45,6 +45,7 @@ from uncurl_hf.io.checks import (
     compute_dtype,
     storage_state,
 )
+from uncurl_hf.io.memory import release_memory
 from uncurl_hf.io.placement import placement
 from uncurl_hf.io.safetensors import SAFE_WEIGHTS_INDEX_NAME, stored_tensors, weight_files
 from uncurl_hf.plan import PLAN_FILENAME, PruningPlan
@@ -337,15 +338,42 @@ def write_checkpoint(
     Raises :class:`OutputExistsError` when the output is the source (or contains it, or is inside it) or exists
     without ``overwrite``; :class:`CheckpointError` when writing or validation fails.
     """
+    return write_model_checkpoint(
+        [model], output_dir, plan, source_dir=source_dir, overwrite=overwrite, max_shard_size=max_shard_size,
+        validate=validate, finalize=finalize, sync=sync,
+    )
+
+
+def write_model_checkpoint(
+    held: list[nn.Module],
+    output_dir: str | Path,
+    plan: PruningPlan,
+    source_dir: str | Path | None = None,
+    overwrite: bool = False,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    validate: bool = True,
+    finalize: Callable[[Path], None] | None = None,
+    sync: bool = True,
+) -> Path:
+    """:func:`write_checkpoint` of ``held[0]``, emptying ``held`` once the model's logits for the reload check are
+    computed, so a caller that holds no other reference frees the model before the written folder is reloaded (the
+    pipeline: the in-memory model and its reload are never both alive). Same files, same checks."""
 
     def fill(temp: Path) -> None:
+        model = held[0]
         state = storage_state(model)
         model.save_pretrained(str(temp), max_shard_size=max_shard_size, state_dict=dict(state))  # it pops entries
         plan.save(temp / PLAN_FILENAME)
         if source_dir is not None:
             copy_side_files(Path(source_dir).expanduser().resolve(), temp)
+        release_memory()  # the writer's buffers
         if validate:
-            _validate_written(model, temp, state)
+            check = _WrittenCheck(model, temp, state)
+            del model, state
+            held.clear()
+            check.run()
+        else:
+            held.clear()
 
     output = write_atomically(
         output_dir, fill, source_dir=source_dir, overwrite=overwrite, finalize=finalize, sync=sync
@@ -372,33 +400,52 @@ def _validate_written(model: nn.Module, folder: Path, state: dict[str, torch.Ten
     derived from the dtype (:func:`uncurl_hf.io.checks.forward_tolerance`): tight in float32, a few ulps in
     bfloat16/float16, where kernels may round a differently aligned copy of the same bytes differently.
     """
-    family = get_family(model)
-    compare_written_tensors(model, folder, storage_state(model) if state is None else state)
-    try:
-        reloaded, info = family.auto_model_class().from_pretrained(
-            str(folder), use_safetensors=True, local_files_only=True, output_loading_info=True
-        )
-    except Exception as exc:
-        raise CheckpointError(
-            f"The written checkpoint does not load back: {type(exc).__name__}: {exc}. Nothing was written; this is a "
-            "bug in uncurl-hf's writer for this model family: please report it with the plan (--dry-run writes it)."
-        ) from exc
-    problems = {k: sorted(v) for k, v in info.items() if k != "error_msgs" and v}
-    if problems or info.get("error_msgs"):
-        raise CheckpointError(
-            f"The written checkpoint loads with problems: {problems or info['error_msgs']}. Nothing was written; "
-            "this is a bug in uncurl-hf's writer: please report it with the plan (--dry-run writes it)."
-        )
-    reloaded.eval()
-    inputs = {k: v.to(next(model.parameters()).device) for k, v in family.dummy_inputs(model).items()}
-    was_training = model.training
-    model.eval()
-    try:
-        expected = model(**inputs).logits
-    finally:
-        model.train(was_training)
-    actual = reloaded(**{k: v.to(next(reloaded.parameters()).device) for k, v in inputs.items()}).logits
-    compare_outputs(expected, actual, compute_dtype(model), folder)
+    _WrittenCheck(model, folder, state).run()
+
+
+class _WrittenCheck:
+    """:func:`_validate_written` in two steps: everything that needs the in-memory model runs in the constructor
+    (bits, the expected logits), so the model can be freed before :meth:`run` reloads the written folder."""
+
+    @torch.no_grad()
+    def __init__(self, model: nn.Module, folder: Path, state: dict[str, torch.Tensor] | None = None) -> None:
+        self.folder = folder
+        self.family = get_family(model)
+        compare_written_tensors(model, folder, storage_state(model) if state is None else state)
+        self.inputs = {k: v.to(next(model.parameters()).device) for k, v in self.family.dummy_inputs(model).items()}
+        was_training = model.training
+        model.eval()
+        try:
+            self.expected = model(**self.inputs).logits
+        finally:
+            model.train(was_training)
+        self.dtype = compute_dtype(model)
+
+    @torch.no_grad()
+    def run(self) -> None:
+        folder = self.folder
+        release_memory()  # whatever the caller freed (the in-memory model) leaves before the reload
+        try:
+            reloaded, info = self.family.auto_model_class().from_pretrained(
+                str(folder), use_safetensors=True, local_files_only=True, output_loading_info=True
+            )
+        except Exception as exc:
+            raise CheckpointError(
+                f"The written checkpoint does not load back: {type(exc).__name__}: {exc}. Nothing was written; this is "
+                "a bug in uncurl-hf's writer for this model family: please report it with the plan (--dry-run writes "
+                "it)."
+            ) from exc
+        problems = {k: sorted(v) for k, v in info.items() if k != "error_msgs" and v}
+        if problems or info.get("error_msgs"):
+            raise CheckpointError(
+                f"The written checkpoint loads with problems: {problems or info['error_msgs']}. Nothing was written; "
+                "this is a bug in uncurl-hf's writer: please report it with the plan (--dry-run writes it)."
+            )
+        reloaded.eval()
+        actual = reloaded(**{k: v.to(next(reloaded.parameters()).device) for k, v in self.inputs.items()}).logits
+        del reloaded
+        compare_outputs(self.expected, actual, self.dtype, folder)
+        release_memory()
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> Any:

@@ -4,7 +4,6 @@ the dry run's plan-only output, and the Hub push.
 
 from __future__ import annotations
 
-import gc
 import logging
 import shlex
 from dataclasses import replace
@@ -14,7 +13,8 @@ from typing import Any
 from uncurl_hf.cards.model_card import CardFacts, finalize_output, is_hub_id
 from uncurl_hf.errors import HubError
 from uncurl_hf.io.atomic import write_atomically
-from uncurl_hf.io.checkpoint import count_parameters, stored_parameters, weights_size, write_checkpoint
+from uncurl_hf.io.checkpoint import count_parameters, stored_parameters, weights_size, write_model_checkpoint
+from uncurl_hf.io.memory import release_memory
 from uncurl_hf.options import RunOptions
 from uncurl_hf.pipeline.source import Source
 from uncurl_hf.plan import PLAN_FILENAME, PruningPlan
@@ -112,7 +112,7 @@ def write_output(loaded: Source, plan: PruningPlan, recipe: PruneRecipe, facts: 
         if loaded.model is not None:  # free the calibrated model: the streaming writer holds one layer at a time
             params_before = count_parameters(loaded.model)
             loaded.model = None
-            gc.collect()
+            release_memory()
         else:
             params_before = stored_parameters(loaded.path)
         facts = replace(facts, params_before=params_before)
@@ -125,13 +125,23 @@ def write_output(loaded: Source, plan: PruningPlan, recipe: PruneRecipe, facts: 
         facts = replace(facts, params_after=stored_parameters(output))
     else:
         logger.info("applying the plan")
-        pruned = apply_plan(loaded.model, loaded.family, plan, scale_expert_capacity=recipe.scale_expert_capacity)
+        # The source is consumed: each layer's experts are freed as soon as its output experts exist, the rest of
+        # the source when the reduced model is built, and the reduced model (only referenced by ``held``) before
+        # the written folder is reloaded for validation; never two models in full (issue 17).
+        params_before = count_parameters(loaded.model)
+        source_model, loaded.model = loaded.model, None
+        pruned = apply_plan(source_model, loaded.family, plan, scale_expert_capacity=recipe.scale_expert_capacity,
+                            release_source=True)
+        del source_model
+        release_memory()
         if recipe.export == "stock":
             uniform_count(plan.counts, loaded.family)
             pruned = to_stock(pruned)
-        facts = replace(facts, params_before=count_parameters(loaded.model), params_after=count_parameters(pruned))
-        output = write_checkpoint(
-            pruned, output_dir, plan, source_dir=loaded.path, overwrite=options.overwrite,
+        facts = replace(facts, params_before=params_before, params_after=count_parameters(pruned))
+        held = [pruned]
+        del pruned
+        output = write_model_checkpoint(
+            held, output_dir, plan, source_dir=loaded.path, overwrite=options.overwrite,
             max_shard_size=options.max_shard_size, finalize=finalize, sync=options.fsync,
         )
     return output, facts, measured[0] if measured else None

@@ -46,12 +46,18 @@ def apply_plan(
     *,
     scale_expert_capacity: bool = True,
     base_model: str | None = None,
+    release_source: bool = False,
 ) -> nn.Module:
     """Return a new model in which every sparse layer holds the output experts described by ``plan``.
 
     ``plan`` is validated against ``model`` first (:class:`~uncurl_hf.errors.InvalidPlanError`). With
     ``scale_expert_capacity`` each layer's per-sequence expert capacity grows by ``E_old / E_new`` (rounded up),
     because the surviving experts now receive the tokens of the removed ones.
+
+    ``release_source``: the one exception to "the input is not modified", for a caller that drops ``model`` next
+    (the pipeline): as soon as a layer's output experts are computed (copies), the source layer's expert tensors are
+    replaced by meta tensors of the same shapes, so the surgery holds the source minus the layers done plus the
+    output, never both models in full. The output is the same.
     """
     plan.validate(family.layer_sizes(model))
     reduced: dict[str, ReducedLayer] = {}
@@ -60,8 +66,27 @@ def apply_plan(
             layer_plan = plan.layer(layer.name)
             reduced[layer.name] = reduce_layer(family, layer, layer_plan, scale_expert_capacity)
             logger.debug("%s: %d -> %d experts", layer.name, layer.num_experts, layer_plan.num_output_experts)
+            if release_source:
+                release_experts(layer)
         new_model = family.build_reduced_model(model, reduced, base_model=base_model or plan.base_model)
     return new_model
+
+
+def release_experts(layer: MoELayer) -> None:
+    """Put meta tensors (same shapes and dtypes) in place of the expert parameters and buffers of ``layer``'s
+    ``experts`` submodule, the tensors the reduced model replaces (``{prefix}.experts.*``), freeing their memory."""
+    experts = getattr(layer.module, "experts", None)
+    if not isinstance(experts, nn.Module):
+        return
+    for module in experts.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None and not param.is_meta:
+                module._parameters[name] = nn.Parameter(
+                    torch.empty_like(param, device="meta"), requires_grad=param.requires_grad
+                )
+        for name, buffer in list(module._buffers.items()):
+            if buffer is not None and not buffer.is_meta:
+                module._buffers[name] = torch.empty_like(buffer, device="meta")
 
 
 def reduce_layer(
