@@ -7,9 +7,13 @@ Pruning", arXiv 2409.01483), as read in DESIGN.md. Per sparse layer, on the task
    (``profile="pearson"``: minus each token's mean over experts, which softmax routing ignores, then minus each
    expert's mean over tokens, its overall popularity); affinity ``A[a, b] = (cos(L[:, a], L[:, b]) + 1) / 2``
    in ``[0, 1]``, i.e. ``(Pearson correlation + 1) / 2`` of two experts' routing preferences across the tokens;
-2. spectral clustering of the ``E`` experts into ``k`` groups on ``A``
-   (``SpectralClustering(affinity="precomputed", random_state=seed)``; ``k == E`` keeps every expert, ``k == 1`` is
-   one group; a degenerate affinity never fails: missing groups are split off the least coherent clusters);
+2. groups on ``A``: ``centres="reap"`` (default) takes the ``k`` experts with the highest REAP saliency (mean applied
+   gate x ||expert output|| over routed tokens) as the groups' centres and places every other expert at the centre
+   nearest to it in the spectral embedding of ``A`` (the ``k`` leading eigenvectors of the normalized Laplacian, rows
+   normalized: the space spectral clustering clusters in); ``centres="spectral"`` is the paper's spectral clustering
+   of the ``E`` experts into ``k`` groups (``SpectralClustering(affinity="precomputed", random_state=seed)``; a
+   degenerate affinity never fails: missing groups are split off the least coherent clusters); ``"usage"`` takes the
+   most-used experts as centres. ``k == E`` keeps every expert, ``k == 1`` is one group;
 3. anchor = most-routed member; every other member's hidden neurons are aligned to the anchor by weight matching,
    ``p = argmax_perm sum_i <Wi_a[i], Wi_m[p_i]> + <Wo_a[:, i], Wo_m[:, p_i]>`` (``linear_sum_assignment``);
 4. merged expert ``sum_m f_m P_m(W_m) / sum_m f_m`` with ``f_m`` the member's routing count on the task (uniform if the
@@ -20,8 +24,19 @@ Pruning", arXiv 2409.01483), as read in DESIGN.md. Per sparse layer, on the task
    layer keeping at least one; M-SMoE's rule); ``adaptive="entropy"`` splits it in proportion to each layer's
    effective number of experts ``exp(H(usage))``. ``uniform=True`` (CLI ``--uniform``) keeps ``floor(E_l / factor)``.
 
-Options (``--method-arg KEY=VALUE``): ``router`` (weighted|anchor), ``uniform`` (bool), ``adaptive``
-(usage|entropy), ``profile`` (pearson|centered|raw), ``align`` (bool).
+Options (``--method-arg KEY=VALUE``): ``router`` (weighted|anchor|fitted), ``uniform`` (bool), ``adaptive``
+(usage|entropy), ``profile`` (pearson|centered|raw), ``align`` (bool), ``centres`` (reap|spectral|usage), ``weights``
+(usage|reap: routing counts or REAP scores weight and order a group's members).
+
+Why ``centres="reap"``. On the dense ``(cos+1)/2`` affinity of models with many little-used experts the paper's
+clustering puts 23-30 experts in one cluster and spends slots on groups of experts the task hardly routes to, so a
+merge averages away a large share of the routing (``benchmarks/quality.py``, study-switch-64-topic, 3 calibration
+seeds, 300 test examples, % of the unpruned accuracy, x2 / x4 / x8): ``centres=spectral`` 75.2 / 86.2 / 82.6,
+``centres=reap`` 95.6 / 96.8 / 84.4 (REAP pruning 100.1 / 99.3 / 99.0); on tiny-qwen3moe-64 topic (150 examples):
+spectral 94.0 / 87.8 / 91.4, reap 99.3 / 89.7 / 88.7 (frequency pruning 99.0 / 98.6 / 93.0); on study-switch-16-topic
+spectral 93.8 / 91.5 / 90.5, reap 95.4 / 93.1 / 90.4 (the best method at x4, within the interval elsewhere). ``router="fitted"``
+keeps more tokens in their group (router agreement 57 -> 71% at x2) but not more accuracy (74.4 / 85.9 / 80.5), and
+``weights="reap"`` did not help either; both stay options. The figures are in docs/benchmarks.md.
 
 Why these defaults. Measured with ``benchmarks/quality.py``-style runs on a proxy (a 64-d Switch with 8 experts
 trained from scratch on the sentiment task; the zoo model was not built yet), as KL(unpruned || pruned) of the
@@ -68,9 +83,9 @@ class UncurlOptions(MergeOptions):
     weights: Literal["usage", "reap"] = setting(
         "usage", help="merge weights and anchor of a group: members' routing counts (the paper), or their REAP scores",
     )
-    centres: Literal["spectral", "usage", "reap"] = setting(
-        "spectral", help="groups: spectral clustering (the paper), or k centres (the most-used experts, or the "
-        "highest REAP scores) with the others placed by the same spectral embedding",
+    centres: Literal["reap", "spectral", "usage"] = setting(
+        "reap", help="groups: k centres (the highest REAP scores, or the most-used experts) with the others placed "
+        "by the spectral embedding of the affinity, or the paper's spectral clustering",
     )
 
 
@@ -160,8 +175,9 @@ class UncurlMerging(MergingMethod):
 
     name = "uncurl"
     description = (
-        "UNCURL: spectral clustering of router-logit profiles, neuron alignment, usage-weighted merge; "
-        "adaptive per-layer counts (--uniform to disable)."
+        "UNCURL: REAP-salient centres, the other experts placed by spectral embedding of router-logit profiles "
+        "(centres=spectral: the paper's spectral clustering), neuron alignment, usage-weighted merge; adaptive "
+        "per-layer counts (--uniform to disable)."
     )
     citation = "@article{sarkar2024revisiting, title={Revisiting {SMoE} Language Models by Evaluating Inefficiencies with Task Specific Expert Pruning}, author={Sarkar, Soumajyoti and Lausen, Leonard and Cevher, Volkan and Brox, Thomas and Zha, Sheng and Karypis, George}, journal={arXiv preprint arXiv:2409.01483}, year={2024}}"
     Options = UncurlOptions
