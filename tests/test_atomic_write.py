@@ -1,7 +1,7 @@
 """Atomic outputs: SIGKILL the pruning CLI while it writes; the output is then absent or complete, never partial.
 
 The CLI runs in forked children (real processes, see ``tests/forked.py``). A child reports when
-``write_checkpoint`` starts and ends; a first, unkilled run measures that window, then each run is killed after a
+``write_model_checkpoint`` starts and ends; a first, unkilled run measures that window, then each run is killed after a
 seeded random delay inside it — some while the shards are written, some during validation, the card or the
 manifest. No sleep hooks in the product code are needed: the window of the tiny model is short but measured.
 Last, the atomic protocol's temporary files must not leak into the output's permissions (modes under two umasks).
@@ -35,10 +35,10 @@ def _argv(model: Path, calibration: Path, out: Path, *extra: str) -> list[str]:
 
 
 def _traced_prune(argv: list[str]) -> int:
-    """Child: the CLI, with ``write_checkpoint`` announcing its start and end to the parent."""
+    """Child: the CLI, with ``write_model_checkpoint`` announcing its start and end to the parent."""
     import uncurl_hf.pipeline.output as pruning  # the pipeline step that writes the output
 
-    original = pruning.write_checkpoint
+    original = pruning.write_model_checkpoint
 
     def traced(*args, **kwargs):
         forked.send({"event": "write-start", "t": time.monotonic()})
@@ -47,7 +47,7 @@ def _traced_prune(argv: list[str]) -> int:
         finally:
             forked.send({"event": "write-end", "t": time.monotonic()})
 
-    pruning.write_checkpoint = traced
+    pruning.write_model_checkpoint = traced
     return main(argv)
 
 
