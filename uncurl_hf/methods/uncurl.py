@@ -123,7 +123,7 @@ def spectral_placement(affinity: np.ndarray, centres: list[int], seed: int) -> l
     The embedding is the one spectral clustering clusters in (the ``k`` leading eigenvectors of the normalized
     graph Laplacian of ``affinity``, rows normalized as in Ng, Jordan and Weiss), so the paper's notion of which
     experts belong together places the experts; only the choice of the ``k`` experts that survive as anchors is taken
-    from usage. Ties go to the first centre (the more used one).
+    from their saliency (REAP score or usage, ranked by the caller). Ties go to the first centre (the higher ranked).
     """
     from sklearn.manifold import spectral_embedding  # lazy, as above
 
