@@ -45,7 +45,7 @@ from uncurl_hf.io.checks import (
     compute_dtype,
     storage_state,
 )
-from uncurl_hf.io.memory import release_memory
+from uncurl_hf.io.memory import release_memory, tensor_bytes
 from uncurl_hf.io.placement import placement
 from uncurl_hf.io.safetensors import SAFE_WEIGHTS_INDEX_NAME, stored_tensors, weight_files
 from uncurl_hf.plan import PLAN_FILENAME, PruningPlan
@@ -359,6 +359,8 @@ def write_model_checkpoint(
     computed, so a caller that holds no other reference frees the model before the written folder is reloaded (the
     pipeline: the in-memory model and its reload are never both alive). Same files, same checks."""
 
+    size = tensor_bytes(held[0])
+
     def fill(temp: Path) -> None:
         model = held[0]
         state = storage_state(model)
@@ -366,7 +368,7 @@ def write_model_checkpoint(
         plan.save(temp / PLAN_FILENAME)
         if source_dir is not None:
             copy_side_files(Path(source_dir).expanduser().resolve(), temp)
-        release_memory()  # the writer's buffers
+        release_memory(size)  # the writer's buffers
         if validate:
             check = _WrittenCheck(model, temp, state)
             del model, state
@@ -410,6 +412,7 @@ class _WrittenCheck:
     @torch.no_grad()
     def __init__(self, model: nn.Module, folder: Path, state: dict[str, torch.Tensor] | None = None) -> None:
         self.folder = folder
+        self.size = tensor_bytes(model)
         self.family = get_family(model)
         compare_written_tensors(model, folder, storage_state(model) if state is None else state)
         self.inputs = {k: v.to(next(model.parameters()).device) for k, v in self.family.dummy_inputs(model).items()}
@@ -424,7 +427,7 @@ class _WrittenCheck:
     @torch.no_grad()
     def run(self) -> None:
         folder = self.folder
-        release_memory()  # whatever the caller freed (the in-memory model) leaves before the reload
+        release_memory(self.size)  # whatever the caller freed (the in-memory model) leaves before the reload
         try:
             reloaded, info = self.family.auto_model_class().from_pretrained(
                 str(folder), use_safetensors=True, local_files_only=True, output_loading_info=True
@@ -445,7 +448,7 @@ class _WrittenCheck:
         actual = reloaded(**{k: v.to(next(reloaded.parameters()).device) for k, v in self.inputs.items()}).logits
         del reloaded
         compare_outputs(self.expected, actual, self.dtype, folder)
-        release_memory()
+        release_memory(self.size)
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> Any:

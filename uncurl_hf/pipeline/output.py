@@ -14,7 +14,7 @@ from uncurl_hf.cards.model_card import CardFacts, finalize_output, is_hub_id
 from uncurl_hf.errors import HubError
 from uncurl_hf.io.atomic import write_atomically
 from uncurl_hf.io.checkpoint import count_parameters, stored_parameters, weights_size, write_model_checkpoint
-from uncurl_hf.io.memory import release_memory
+from uncurl_hf.io.memory import release_memory, tensor_bytes
 from uncurl_hf.options import RunOptions
 from uncurl_hf.pipeline.source import Source
 from uncurl_hf.plan import PLAN_FILENAME, PruningPlan
@@ -110,9 +110,9 @@ def write_output(loaded: Source, plan: PruningPlan, recipe: PruneRecipe, facts: 
 
     if options.streaming:
         if loaded.model is not None:  # free the calibrated model: the streaming writer holds one layer at a time
-            params_before = count_parameters(loaded.model)
+            params_before, freed = count_parameters(loaded.model), tensor_bytes(loaded.model)
             loaded.model = None
-            release_memory()
+            release_memory(freed)
         else:
             params_before = stored_parameters(loaded.path)
         facts = replace(facts, params_before=params_before)
@@ -128,12 +128,12 @@ def write_output(loaded: Source, plan: PruningPlan, recipe: PruneRecipe, facts: 
         # The source is consumed: each layer's experts are freed as soon as its output experts exist, the rest of
         # the source when the reduced model is built, and the reduced model (only referenced by ``held``) before
         # the written folder is reloaded for validation; never two models in full (issue 17).
-        params_before = count_parameters(loaded.model)
+        params_before, freed = count_parameters(loaded.model), tensor_bytes(loaded.model)
         source_model, loaded.model = loaded.model, None
         pruned = apply_plan(source_model, loaded.family, plan, scale_expert_capacity=recipe.scale_expert_capacity,
                             release_source=True)
         del source_model
-        release_memory()
+        release_memory(freed)
         if recipe.export == "stock":
             uniform_count(plan.counts, loaded.family)
             pruned = to_stock(pruned)
