@@ -19,7 +19,7 @@ import torch
 from helpers import tiny_switch_model
 from test_families_decoder import ZOO_TOKENIZER, plan_of, tiny_model
 from uncurl_hf.families import get_family
-from uncurl_hf.io import checkpoint
+from uncurl_hf.io import written
 from uncurl_hf.io.checkpoint import load_model, write_model_checkpoint
 from uncurl_hf.surgery.apply import apply_plan
 
@@ -58,14 +58,14 @@ def test_written_model_is_let_go_before_the_reload(tmp_path: Path, monkeypatch) 
     plan = plan_of(model, _groups(model))
     alive = weakref.ref(pruned)
     seen: list[bool] = []
-    original = checkpoint._WrittenCheck.run
+    original = written.WrittenCheck.run
 
     def run(self) -> None:
         gc.collect()
         seen.append(alive() is not None)
         original(self)
 
-    monkeypatch.setattr(checkpoint._WrittenCheck, "run", run)
+    monkeypatch.setattr(written.WrittenCheck, "run", run)
     held = [pruned]
     del pruned
     write_model_checkpoint(held, tmp_path / "out", plan, source_dir=ZOO_TOKENIZER, sync=False)

@@ -37,17 +37,11 @@ from uncurl_hf.families import get_family
 from uncurl_hf.families.base import MoEFamily
 from uncurl_hf.io.access import check_readable_file, check_readable_folder
 from uncurl_hf.io.atomic import write_atomically
-from uncurl_hf.io.checks import (
-    check_model_finite,
-    check_shapes_match_config,
-    compare_outputs,
-    compare_written_tensors,
-    compute_dtype,
-    storage_state,
-)
+from uncurl_hf.io.checks import check_model_finite, check_shapes_match_config, storage_state
 from uncurl_hf.io.memory import release_memory, tensor_bytes
 from uncurl_hf.io.placement import placement
 from uncurl_hf.io.safetensors import SAFE_WEIGHTS_INDEX_NAME, stored_tensors, weight_files
+from uncurl_hf.io.written import WrittenCheck
 from uncurl_hf.plan import PLAN_FILENAME, PruningPlan
 
 logger = logging.getLogger(__name__)
@@ -370,7 +364,7 @@ def write_model_checkpoint(
             copy_side_files(Path(source_dir).expanduser().resolve(), temp)
         release_memory(size)  # the writer's buffers
         if validate:
-            check = _WrittenCheck(model, temp, state)
+            check = WrittenCheck(model, temp, state)
             del model, state
             held.clear()
             check.run()
@@ -391,64 +385,6 @@ def copy_side_files(source: Path, target: Path) -> None:
             shutil.copyfile(source / name, target / name)
     if (source / "generation_config.json").is_file() and not (target / "generation_config.json").exists():
         shutil.copyfile(source / "generation_config.json", target / "generation_config.json")
-
-
-@torch.no_grad()
-def _validate_written(model: nn.Module, folder: Path, state: dict[str, torch.Tensor] | None = None) -> None:
-    """The written folder is the in-memory model: its tensors bit for bit, then a reload's forward pass.
-
-    Bits first, because they are exact in every dtype and name the tensor that differs; the forward pass then checks
-    what bits cannot (config.json and the classes it loads compute like the in-memory model), within a tolerance
-    derived from the dtype (:func:`uncurl_hf.io.checks.forward_tolerance`): tight in float32, a few ulps in
-    bfloat16/float16, where kernels may round a differently aligned copy of the same bytes differently.
-    """
-    _WrittenCheck(model, folder, state).run()
-
-
-class _WrittenCheck:
-    """:func:`_validate_written` in two steps: everything that needs the in-memory model runs in the constructor
-    (bits, the expected logits), so the model can be freed before :meth:`run` reloads the written folder."""
-
-    @torch.no_grad()
-    def __init__(self, model: nn.Module, folder: Path, state: dict[str, torch.Tensor] | None = None) -> None:
-        self.folder = folder
-        self.size = tensor_bytes(model)
-        self.family = get_family(model)
-        compare_written_tensors(model, folder, storage_state(model) if state is None else state)
-        self.inputs = {k: v.to(next(model.parameters()).device) for k, v in self.family.dummy_inputs(model).items()}
-        was_training = model.training
-        model.eval()
-        try:
-            self.expected = model(**self.inputs).logits
-        finally:
-            model.train(was_training)
-        self.dtype = compute_dtype(model)
-
-    @torch.no_grad()
-    def run(self) -> None:
-        folder = self.folder
-        release_memory(self.size)  # whatever the caller freed (the in-memory model) leaves before the reload
-        try:
-            reloaded, info = self.family.auto_model_class().from_pretrained(
-                str(folder), use_safetensors=True, local_files_only=True, output_loading_info=True
-            )
-        except Exception as exc:
-            raise CheckpointError(
-                f"The written checkpoint does not load back: {type(exc).__name__}: {exc}. Nothing was written; this is "
-                "a bug in uncurl-hf's writer for this model family: please report it with the plan (--dry-run writes "
-                "it)."
-            ) from exc
-        problems = {k: sorted(v) for k, v in info.items() if k != "error_msgs" and v}
-        if problems or info.get("error_msgs"):
-            raise CheckpointError(
-                f"The written checkpoint loads with problems: {problems or info['error_msgs']}. Nothing was written; "
-                "this is a bug in uncurl-hf's writer: please report it with the plan (--dry-run writes it)."
-            )
-        reloaded.eval()
-        actual = reloaded(**{k: v.to(next(reloaded.parameters()).device) for k, v in self.inputs.items()}).logits
-        del reloaded
-        compare_outputs(self.expected, actual, self.dtype, folder)
-        release_memory(self.size)
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> Any:
