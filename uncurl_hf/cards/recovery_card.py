@@ -11,7 +11,6 @@ the recovered weights.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import replace
 from typing import Any
@@ -131,7 +130,7 @@ def adapter_card(source_card: str | None, record: dict[str, Any], fmt: Checkpoin
 def adapter_usage(fmt: CheckpointFormat, base: str, task_name: str) -> str:
     """Python that loads the pruned model with its Auto class, puts the adapter on it and generates (runs as is once
     the two paths are filled in; a test executes it for a decoder)."""
-    from uncurl_hf.cards.usage import example_input
+    from uncurl_hf.cards.usage import example_input, generation_lines
     from uncurl_hf.evaluation.tasks import get_task
 
     try:
@@ -149,13 +148,8 @@ def adapter_usage(fmt: CheckpointFormat, base: str, task_name: str) -> str:
         'model = PeftModel.from_pretrained(base, "path/to/this/folder")',
         "model = model.merge_and_unload()  # optional: fold the adapter into the weights",
         'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")',
-        f'inputs = tokenizer({json.dumps(example_input(fmt, task))}, return_tensors="pt")',
-        "outputs = model.generate(**inputs, max_new_tokens=8, do_sample=False)",
+        *generation_lines(fmt, example_input(fmt, task)),
     ]
-    if fmt.causal:  # a causal LM's output starts with the prompt
-        lines.append('print(tokenizer.decode(outputs[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))')
-    else:
-        lines.append("print(tokenizer.decode(outputs[0], skip_special_tokens=True))")
     return "\n".join(lines)
 
 

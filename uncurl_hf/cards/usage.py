@@ -140,15 +140,21 @@ def usage_code(fmt: CheckpointFormat, model_id: str, example: str, remote: bool 
         f'model = {fmt.auto_class}.from_pretrained("{model_id}"{remote_kwarg})',
         # the tokenizer too: without a tokenizer_class, AutoTokenizer reads the (custom) config to pick one
         f'tokenizer = AutoTokenizer.from_pretrained("{model_id}"{remote_kwarg})',
-        f'inputs = tokenizer({json.dumps(example)}, return_tensors="pt")',
-        "outputs = model.generate(**inputs, max_new_tokens=8, do_sample=False)",
+        *generation_lines(fmt, example),
     ]
-    if fmt.causal:  # a causal LM's output starts with the prompt
-        lines.append('print(tokenizer.decode(outputs[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))')
-    else:
-        lines.append("print(tokenizer.decode(outputs[0], skip_special_tokens=True))")
     return "\n".join(lines)
 
 
-__all__ = ["CheckpointFormat", "checkpoint_format", "example_input", "prompt_display", "usage_code",
-           "written_format"]
+def generation_lines(fmt: CheckpointFormat, example: str) -> list[str]:
+    """The lines that tokenize ``example``, generate 8 tokens with ``model`` and print them (a causal LM's output
+    starts with the prompt, so only the new tokens are decoded); every card's usage code ends with them."""
+    decoded = 'outputs[0, inputs["input_ids"].shape[1]:]' if fmt.causal else "outputs[0]"
+    return [
+        f'inputs = tokenizer({json.dumps(example)}, return_tensors="pt")',
+        "outputs = model.generate(**inputs, max_new_tokens=8, do_sample=False)",
+        f"print(tokenizer.decode({decoded}, skip_special_tokens=True))",
+    ]
+
+
+__all__ = ["CheckpointFormat", "checkpoint_format", "example_input", "generation_lines", "prompt_display",
+           "usage_code", "written_format"]
