@@ -62,6 +62,7 @@ from uncurl_hf.families.base import MoEFamily, MoELayer
 from uncurl_hf.methods import register_method
 from uncurl_hf.methods._merging import MergeOptions, MergingMethod, cosine_affinity, logit_profiles
 from uncurl_hf.methods.frequency import rank_by_frequency
+from uncurl_hf.methods.msmoe import groups_around_centres
 from uncurl_hf.methods.reap import rank_by_reap, reap_scores
 from uncurl_hf.seeding import stable_seed
 from uncurl_hf.settings import setting
@@ -127,25 +128,18 @@ def spectral_placement(affinity: np.ndarray, centres: list[int], seed: int) -> l
     """
     from sklearn.manifold import spectral_embedding  # lazy, as above
 
-    k = len(centres)
-    e = affinity.shape[0]
-    if k >= e:
-        return [[i] for i in range(e)]
-    if k <= 1:
-        return [list(range(e))]
-    clean = _clean_affinity(affinity)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "graph is not fully connected"
-        embedding = spectral_embedding(clean, n_components=k, random_state=seed % (2**32), drop_first=False)
-    norms = np.linalg.norm(embedding, axis=1, keepdims=True)
-    embedding = embedding / np.where(norms > 0, norms, 1.0)
-    groups = {c: [c] for c in centres}
-    for expert in range(e):
-        if expert in groups:
-            continue
-        distances = [float(np.sum((embedding[expert] - embedding[c]) ** 2)) for c in centres]
-        groups[centres[int(np.argmin(distances))]].append(expert)
-    return [sorted(groups[c]) for c in centres]
+    k, e = len(centres), affinity.shape[0]
+    if 1 < k < e:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "graph is not fully connected"
+            embedding = spectral_embedding(_clean_affinity(affinity), n_components=k, random_state=seed % (2**32),
+                                           drop_first=False)
+        norms = np.linalg.norm(embedding, axis=1, keepdims=True)
+        embedding = embedding / np.where(norms > 0, norms, 1.0)
+        closeness = -((embedding[:, None, :] - embedding[None, :, :]) ** 2).sum(axis=2)
+    else:  # one group, or every expert its own: nothing to place
+        closeness = np.zeros((e, e))
+    return [sorted(group) for group in groups_around_centres(closeness, centres)]
 
 
 def _clean_affinity(affinity: np.ndarray) -> np.ndarray:
