@@ -213,9 +213,11 @@ def summarize(infos: Sequence[PairInfo], cells: Sequence[Cell], reference: str, 
     return verdicts
 
 
-def _table(rows: list[list[str]]) -> str:
+def text_table(rows: list[list[str]], left: int = 3) -> str:
+    """Header + rule + rows; the first ``left`` columns left-aligned (names), the rest right-aligned (numbers)."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    text = ["  ".join(v.ljust(w) if i < 3 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths))) for row in rows]
+    text = ["  ".join(v.ljust(w) if i < left else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths)))
+            for row in rows]
     text.insert(1, "-" * len(text[0]))
     return "\n".join(text)
 
@@ -227,7 +229,7 @@ def format_summary(verdicts: Sequence[Verdict], reference: str) -> str:
         low, high = v.difference[1], v.difference[2]
         rows.append([v.model, v.task, f"x{v.factor:g}", *[f"{v.relative.get(m, float('nan')):.1f}" for m in methods],
                      v.best, f"{v.difference[0]:+.1f} [{low:+.1f}, {high:+.1f}]", "ok" if v.ok else "worse"])
-    return _table(rows)
+    return text_table(rows)
 
 
 def format_diagnostics(cells: Sequence[Cell]) -> str:
@@ -246,7 +248,7 @@ def format_diagnostics(cells: Sequence[Cell]) -> str:
             agreement = np.mean([c.router_agreement for c in at])
             values.append(text if np.isnan(agreement) else f"{text}/{100 * agreement:.0f}")
         rows.append([model, task, f"x{factor:g}", *values])
-    return _table(rows)
+    return text_table(rows)
 
 
 def _floats(text: str) -> list[float]:

@@ -75,6 +75,8 @@ def run(
 
 
 def format_table(rows: Sequence[dict]) -> str:
+    from quality import text_table  # benchmarks/quality.py, beside this script
+
     from uncurl_hf.zoo import domains
 
     header = ["target", "method", "factor", "target ppl x", "others ppl x", *domains.DOMAINS]
@@ -82,11 +84,7 @@ def format_table(rows: Sequence[dict]) -> str:
     for r in rows:
         lines.append([r["target"], r["method"], f"x{r['factor']:g}", f"{r['ratios'][r['target']]:.3f}",
                       f"{r['others']:.3f}", *[f"{r['ratios'][d]:.3f}" for d in domains.DOMAINS]])
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    text = ["  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(line, widths)))
-            for line in lines]
-    text.insert(1, "-" * len(text[0]))
-    return "\n".join(text)
+    return text_table(lines, left=2)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
