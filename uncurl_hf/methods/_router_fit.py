@@ -54,10 +54,11 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def applied_group_gates(logits: np.ndarray, groups: Sequence[Sequence[int]], top_k: int) -> np.ndarray:
-    """``[S, G]``: the renormalized top-k gate of every token, summed over each group's members (rows sum to 1;
-    a token whose selected experts are all outside the groups is spread uniformly)."""
-    probs = _softmax(logits)
+def applied_group_gates(
+    logits: np.ndarray, probs: np.ndarray, groups: Sequence[Sequence[int]], top_k: int
+) -> np.ndarray:
+    """``[S, G]``: the renormalized top-k gate of every token (``probs = softmax(logits)``), summed over each group's
+    members (rows sum to 1; a token whose selected experts are all outside the groups is spread uniformly)."""
     selected = np.argsort(-logits, axis=1, kind="stable")[:, : max(1, top_k)]
     applied = np.zeros_like(probs)
     np.put_along_axis(applied, selected, np.take_along_axis(probs, selected, axis=1), axis=1)
@@ -82,7 +83,8 @@ def fit_router_coefficients(
     members = [m for group in groups for m in group]
     owner = np.array([g for g, group in enumerate(groups) for _ in group])
     member_logits = logits[:, members]  # [S, M]: the members' logits in the groups' order
-    target = applied_group_gates(logits, groups, top_k)
+    probs = _softmax(logits)  # the original router's distribution: the targets of both fits below
+    target = applied_group_gates(logits, probs, groups, top_k)
     start = np.array([float(c) for row in initial for c in row])
     onehot = np.zeros((len(members), len(groups)))
     onehot[np.arange(len(members)), owner] = 1.0
@@ -101,7 +103,7 @@ def fit_router_coefficients(
     if not np.all(np.isfinite(result.x)):
         logger.warning("router fit diverged; keeping the usage-weighted rows")
         return [[float(c) for c in row] for row in initial]
-    fitted = result.x * _temperature(member_logits * result.x @ onehot, logits, owner, members)
+    fitted = result.x * _temperature(member_logits * result.x @ onehot, probs, owner, members)
     out, position = [], 0
     for group in groups:
         out.append([float(v) for v in fitted[position : position + len(group)]])
@@ -109,12 +111,12 @@ def fit_router_coefficients(
     return out
 
 
-def _temperature(z: np.ndarray, logits: np.ndarray, owner: np.ndarray, members: list[int]) -> float:
+def _temperature(z: np.ndarray, probs: np.ndarray, owner: np.ndarray, members: list[int]) -> float:
     """The scale ``t`` in ``[1/20, 20]`` whose ``softmax(t z)`` is closest (KL) to the groups' full softmax mass."""
     from scipy.optimize import minimize_scalar
 
-    mass = np.zeros((logits.shape[0], int(owner.max()) + 1))
-    np.add.at(mass.T, owner, _softmax(logits)[:, members].T)
+    mass = np.zeros((probs.shape[0], int(owner.max()) + 1))
+    np.add.at(mass.T, owner, probs[:, members].T)
     mass /= np.clip(mass.sum(axis=1, keepdims=True), 1e-300, None)
 
     def kl(log_t: float) -> float:
