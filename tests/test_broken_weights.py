@@ -214,7 +214,7 @@ def test_the_surgery_and_the_alignment_name_a_non_finite_expert_of_a_model_given
     from helpers import tiny_switch_model
     from uncurl_hf.errors import CheckpointError
     from uncurl_hf.families import get_family
-    from uncurl_hf.methods._merging import align_group
+    from uncurl_hf.methods._alignment import align_group
     from uncurl_hf.plan import LayerPlan
     from uncurl_hf.surgery.apply import apply_plan
 

@@ -23,7 +23,8 @@ from uncurl_hf.cli.main import main as cli_main
 from uncurl_hf.errors import UncurlError
 from uncurl_hf.families import get_family
 from uncurl_hf.methods import available_methods, get_method
-from uncurl_hf.methods._merging import allocate_by_effective_experts, allocate_by_pooled_usage, match_neurons
+from uncurl_hf.methods._alignment import match_neurons
+from uncurl_hf.methods._merging import allocate_by_effective_experts, allocate_by_pooled_usage
 from uncurl_hf.methods.reap import rank_by_reap
 from uncurl_hf.methods.uncurl import spectral_groups
 from uncurl_hf.evaluation.tasks import Example

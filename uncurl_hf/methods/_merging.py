@@ -2,7 +2,7 @@
 
 * usage and merge weights from routing counts;
 * router-logit profiles of experts and their cosine affinity;
-* neuron alignment of a group's members to its anchor (weight matching with ``linear_sum_assignment``);
+* neuron alignment of a group's members to its anchor (:mod:`uncurl_hf.methods._alignment`);
 * turning groups of expert indices into a :class:`LayerPlan` (anchor first, weights, permutations);
 * adaptive budgets: one global usage threshold across layers (M-SMoE's rule), or a split proportional to each
   layer's effective number of experts;
@@ -27,7 +27,7 @@ from torch import nn
 from uncurl_hf.calibration.stats import ExpertStats
 from uncurl_hf.errors import UncurlError
 from uncurl_hf.families.base import MoEFamily, MoELayer
-from uncurl_hf.io.checks import check_finite
+from uncurl_hf.methods._alignment import align_groups
 from uncurl_hf.methods.base import PruningMethod, rank_by_score
 from uncurl_hf.methods._router_fit import fit_router_coefficients, merge_diagnostics
 from uncurl_hf.methods.frequency import rank_by_frequency
@@ -39,8 +39,6 @@ if TYPE_CHECKING:
     from uncurl_hf.recipe import PruneRecipe
 
 logger = logging.getLogger(__name__)
-
-Permutation = list[int] | None
 
 
 def find_layer(model: nn.Module, family: MoEFamily, name: str) -> MoELayer:
@@ -123,59 +121,6 @@ def cosine_affinity(profiles: np.ndarray) -> np.ndarray:
     return (cosine_similarity(profiles) + 1.0) / 2.0
 
 
-def neuron_features(tensors: Mapping[str, torch.Tensor], neuron_axes: Mapping[str, int]) -> torch.Tensor:
-    """``[n, F]``: every tensor of one expert with its hidden-neuron axis first, flattened and concatenated.
-
-    For Switch (``wi [n, D]``, ``wo [D, n]``) a neuron's feature is its ``wi`` row and its ``wo`` column, so
-    ``F_a @ F_m.T = Wi_a Wi_m^T + Wo_a^T Wo_m`` (the weight-matching similarity of M-SMoE / Git Re-Basin).
-    """
-    parts = []
-    for name in sorted(set(tensors) & set(neuron_axes)):  # tensors without a neuron axis (output biases) say nothing
-        tensor = tensors[name].detach().float().cpu().movedim(neuron_axes[name], 0)
-        parts.append(tensor.reshape(tensor.shape[0], -1))
-    return torch.cat(parts, dim=1)
-
-
-def match_neurons(anchor: torch.Tensor, member: torch.Tensor) -> Permutation:
-    """Permutation ``p`` maximizing ``sum_i <anchor_i, member_p[i]>``; ``None`` when it is the identity.
-
-    ``apply`` takes ``W[p]`` along the neuron axis, so member neuron ``p[i]`` lands on anchor neuron ``i``.
-    """
-    from scipy.optimize import linear_sum_assignment  # lazy: keeps `import uncurl_hf` light
-
-    similarity = (anchor.double() @ member.double().T).numpy()
-    rows, cols = linear_sum_assignment(similarity, maximize=True)
-    perm = cols[np.argsort(rows)]
-    if np.array_equal(perm, np.arange(len(perm))):
-        return None
-    return [int(i) for i in perm]
-
-
-def align_group(
-    family: MoEFamily, layer: MoELayer, group: Sequence[int], weights: Sequence[float]
-) -> list[Permutation]:
-    """Per member, the permutation aligning its hidden neurons to the anchor ``group[0]`` (anchor: ``None``).
-
-    Members with merge weight 0 contribute nothing, so they are not aligned (``linear_sum_assignment`` on
-    ``d_ff x d_ff`` is the expensive step of a merge). Every aligned expert is checked finite first: the assignment
-    solver would otherwise fail with "matrix contains invalid numeric entries", naming nothing.
-    """
-
-    def features(index: int) -> torch.Tensor:
-        tensors = family.expert_tensors(layer, index)
-        check_finite(tensors, f"layer {layer.name}, expert {index}")
-        return neuron_features(tensors, family.neuron_axes)
-
-    anchor = features(group[0])
-    perms: list[Permutation] = [None]
-    for member, weight in zip(group[1:], weights[1:]):
-        if weight <= 0:
-            perms.append(None)
-            continue
-        perms.append(match_neurons(anchor, features(member)))
-    return perms
-
-
 def merged_layer_plan(
     name: str,
     num_experts: int,
@@ -209,9 +154,7 @@ def merged_layer_plan(
     coefficients = rows.get(router) or plan_extras["router_coefficients"]
     plan_extras["diagnostics"] = merge_diagnostics(stats, ordered, logits, coefficients)
     if family is not None and layer is not None and any(len(g) > 1 for g in ordered):
-        plan_extras["permutations"] = [
-            align_group(family, layer, g, w) if len(g) > 1 else None for g, w in zip(ordered, weights)
-        ]
+        plan_extras["permutations"] = align_groups(family, layer, ordered, weights)
     return LayerPlan(
         name=name,
         num_experts=num_experts,
