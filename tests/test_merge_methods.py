@@ -23,7 +23,7 @@ from uncurl_hf.cli.main import main as cli_main
 from uncurl_hf.errors import UncurlError
 from uncurl_hf.families import get_family
 from uncurl_hf.methods import available_methods, get_method
-from uncurl_hf.methods._alignment import match_neurons
+from uncurl_hf.methods._alignment import align_groups, match_neurons
 from uncurl_hf.methods._merging import allocate_by_effective_experts, allocate_by_pooled_usage
 from uncurl_hf.methods.reap import rank_by_reap
 from uncurl_hf.methods.uncurl import spectral_groups
@@ -165,6 +165,33 @@ def test_match_neurons_recovers_a_permutation():
     found = match_neurons(anchor, shuffled)
     assert torch.equal(shuffled[found], anchor)
     assert match_neurons(anchor, anchor) is None
+
+
+def test_align_groups_solves_every_member_as_match_neurons_does_for_any_number_of_threads():
+    """The pool changes when the assignments run, never what they are; weight-0 members and singletons are skipped."""
+    from uncurl_hf.methods._alignment import neuron_features
+
+    model = tiny_switch_model()
+    family = get_family(model)
+    layer = family.sparse_layers(model)[0]
+    groups, weights = [[0, 3, 5], [1], [2, 4, 6, 7]], [[0.5, 0.3, 0.2], [1.0], [0.4, 0.0, 0.3, 0.3]]
+
+    def features(index):
+        return neuron_features(family.expert_tensors(layer, index), family.neuron_axes)
+
+    expected = [
+        [None, match_neurons(features(0), features(3)), match_neurons(features(0), features(5))],
+        None,
+        [None, None, match_neurons(features(2), features(6)), match_neurons(features(2), features(7))],
+    ]
+    assert all(p is not None for p in (expected[0][1], expected[2][3]))  # random experts: real permutations
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            assert align_groups(family, layer, groups, weights) == expected
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("method, kwargs", ALL_METHODS, ids=lambda v: v if isinstance(v, str) else str(v or ""))

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from uncurl_hf.calibration.sampling import PlannedSample, SampleBuffer, TokenIds, TokenSample, real_tokens
+from uncurl_hf.calibration.slots import SlotCapture, capturable
 from uncurl_hf.calibration.stats import LayerPartial
 from uncurl_hf.errors import CalibrationDataError
 from uncurl_hf.families.base import MoEFamily, MoELayer
@@ -141,10 +142,14 @@ class LayerCollector:
         self.samples: SampleBuffer | PlannedSample = SampleBuffer(max_samples, self.key_slot)
         self.pending: list[_Pending] = []  # routed batches whose counts and sums wait for _flush
         self.pending_bytes = 0
+        fused = family.fused_experts(layer)
+        self.slots = SlotCapture(fused) if fused is not None and capturable(fused) else None
 
     def register(self) -> list[Any]:
         """Install the hooks; returns their handles."""
         handles = [self.layer.module.register_forward_hook(self)]
+        if self.slots is not None:
+            handles += self.slots.register()
         if isinstance(self.layer.router, nn.Module):
             handles.append(self.layer.router.register_forward_hook(self._capture_router))
         experts = self.layer.experts
@@ -165,6 +170,7 @@ class LayerCollector:
     def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         captured, router_outputs = self.captured, self.router_outputs
         self.captured, self.router_outputs = {}, []
+        slot_calls = self.slots.take() if self.slots is not None else []
         try:
             hidden = args[0]
             flat = hidden.reshape(-1, hidden.shape[-1])
@@ -172,9 +178,11 @@ class LayerCollector:
             if ids.rows.shape[0] == 0:
                 return
             logits = self._router_logits(flat, router_outputs).cpu()  # routed and kept on the CPU (float32)
-            self._accumulate(flat, ids, logits, captured)
+            self._accumulate(flat, ids, logits, captured, slot_calls)
         finally:  # also drops what a recomputation (router_logits, run_expert) fed to the hooks
             self.captured, self.router_outputs = {}, []
+            if self.slots is not None:
+                self.slots.take()
 
     def _router_logits(self, flat: torch.Tensor, outputs: list[torch.Tensor]) -> torch.Tensor:
         """``[N, E]`` float32 router logits of every row: the router's own output when it is usable."""
@@ -196,6 +204,7 @@ class LayerCollector:
         ids: TokenIds,
         logits: torch.Tensor,
         captured: dict[int, list[tuple[torch.Tensor, torch.Tensor]]],
+        slot_calls: list[tuple[torch.Tensor, torch.Tensor]],
     ) -> None:
         """Route this batch, take its expert output norms, offer its tokens to the sample; the bookkeeping (sums,
         counts) waits for :meth:`_flush`, which does it for many batches at once.
@@ -208,7 +217,9 @@ class LayerCollector:
         row_norms = None
         if grouped is None:
             _, rows = ids.on(flat.device)
-            row_norms = self._recomputed_norms(flat.index_select(0, rows), selected.index_select(0, ids.rows))
+            row_norms = _slot_norms(slot_calls, selected, rows)
+            if row_norms is None:
+                row_norms = self._recomputed_norms(flat.index_select(0, rows), selected.index_select(0, ids.rows))
         self.pending.append(_Pending(self.context.batch_index, ids, probs, selected, grouped, row_norms))
         self.pending_bytes += probs.numel() * 4 + selected.numel() * 12
         self.samples.offer(flat, logits, ids, self.context.batch_index)
@@ -340,3 +351,16 @@ class LayerCollector:
             self.partial.sample = sample
         return self.partial
 
+
+def _slot_norms(
+    calls: list[tuple[torch.Tensor, torch.Tensor]], selected: torch.Tensor, rows: torch.Tensor
+) -> torch.Tensor | None:
+    """``[R, k]`` on the CPU: the output norms of the real ``rows`` per slot, from the fused experts' one call of
+    this forward (:class:`SlotCapture`), or ``None`` when there is no such call or its experts are not ``selected``
+    (the choices the statistics use), slot for slot."""
+    if len(calls) != 1:
+        return None
+    index, outputs = calls[0]
+    if index.shape != selected.shape or not torch.equal(index.to("cpu", selected.dtype), selected):
+        return None
+    return torch.linalg.vector_norm(outputs.index_select(0, rows).float(), dim=-1).cpu()

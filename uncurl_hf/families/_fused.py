@@ -143,6 +143,9 @@ class FusedMoEFamily(FusedDiskView, MoEFamily):
     def run_expert(self, layer: MoELayer, index: int, hidden: torch.Tensor) -> torch.Tensor:
         return self.expert_forward(layer.module.experts, index, hidden)
 
+    def fused_experts(self, layer: MoELayer) -> nn.Module | None:
+        return layer.module.experts
+
     def expert_forward(self, experts: nn.Module, index: int, hidden: torch.Tensor) -> torch.Tensor:
         """One expert's output, computed like the upstream eager experts loop (``act(gate x) * up x``, then down)."""
         gate_up = experts.gate_up_proj[index]

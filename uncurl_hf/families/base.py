@@ -123,6 +123,11 @@ class MoEFamily(ABC):
         """Output of expert ``index`` alone (no gate scaling) on ``hidden [N, D]``."""
         return layer.experts[index](hidden)
 
+    def fused_experts(self, layer: MoELayer) -> nn.Module | None:
+        """The one module computing all of the layer's experts (``experts(hidden, top_k_index, top_k_weights)``),
+        or ``None`` when each expert is its own module (Switch): calibration reads expert outputs off it."""
+        return None
+
     @abstractmethod
     def expert_tensors(self, layer: MoELayer, index: int) -> dict[str, torch.Tensor]:
         """The weights of one expert, keyed like :attr:`neuron_axes` (detached views, not copies)."""
