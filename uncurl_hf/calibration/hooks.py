@@ -6,8 +6,9 @@ on decoder layers) the collector reads the router logits and records, per expert
 choice, before any capacity drop), summed router probability (gate mass), summed L2 norm of the expert's own output
 on its routed tokens (raw and multiplied by the gate, the REAP saliency), and offers the tokens to the layer's sample
 (:mod:`uncurl_hf.calibration.sampling`). Expert output norms are read off the model's own forward instead of
-re-running every expert, so calibration costs little more than a plain forward (``benchmarks/perf.py`` measures
-it); the counts and float64 sums of many batches are computed together (:meth:`LayerCollector._flush`), bit for bit
+re-running every expert (hooks on the expert modules of Switch; for the fused experts of decoder families,
+:mod:`uncurl_hf.calibration.slots`), so calibration costs little more than a plain forward (``benchmarks/perf.py``
+and ``benchmarks/timing.py`` measure it); the counts and float64 sums of many batches are computed together (:meth:`LayerCollector._flush`), bit for bit
 what batch-by-batch accumulation gives.
 
 Whatever the model's device and dtype, what the hooks keep lives on the CPU: router logits are moved there as
@@ -111,7 +112,8 @@ class _Pending:
 
 
 class LayerCollector:
-    """Hooks accumulating one layer's statistics: on the sparse block, on its router and on every expert module.
+    """Hooks accumulating one layer's statistics: on the sparse block, on its router and on every expert module
+    (or on the one fused experts module, through a :class:`SlotCapture`).
 
     The router logits and the expert outputs are read off the model's own forward instead of being computed again
     (re-running every expert used to double the experts' cost). Each source is checked once per calibration, on the
