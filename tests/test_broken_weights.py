@@ -232,3 +232,17 @@ def test_the_surgery_and_the_alignment_name_a_non_finite_expert_of_a_model_given
         apply_plan(model, family, plan)
     with pytest.raises(CheckpointError, match=r"layer encoder\.block\.1, expert 3, tensor wi has 1 NaN"):
         align_group(family, layers[0], [0, 3], [0.5, 0.5])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_nonfinite_counts_are_exact_whatever_the_sum_screen_says(dtype):
+    """The fast screen (a non-finite sum) never hides a NaN/Inf, and an overflowing sum of finite values is not one."""
+    from uncurl_hf.io.checks import nonfinite_counts
+
+    big = torch.finfo(dtype).max
+    assert nonfinite_counts(torch.full((64,), big, dtype=dtype)) == (0, 0)  # the sum overflows; every value is finite
+    values = torch.zeros(1000, dtype=dtype)
+    values[[3, 500]] = torch.tensor([float("inf"), -float("inf")], dtype=dtype)  # +inf + -inf: a NaN sum
+    values[999] = float("nan")
+    assert nonfinite_counts(values) == (1, 2)
+    assert nonfinite_counts(torch.randn(10_000).to(dtype)) == (0, 0)
