@@ -8,8 +8,8 @@ on its routed tokens (raw and multiplied by the gate, the REAP saliency), and of
 (:mod:`uncurl_hf.calibration.sampling`). Expert output norms are read off the model's own forward instead of
 re-running every expert (hooks on the expert modules of Switch; for the fused experts of decoder families,
 :mod:`uncurl_hf.calibration.slots`), so calibration costs little more than a plain forward (``benchmarks/perf.py``
-and ``benchmarks/timing.py`` measure it); the counts and float64 sums of many batches are computed together (:meth:`LayerCollector._flush`), bit for bit
-what batch-by-batch accumulation gives.
+and ``benchmarks/timing.py`` measure it); the counts and float64 sums of many batches are computed together
+(:meth:`LayerCollector._flush`), bit for bit what batch-by-batch accumulation gives.
 
 Whatever the model's device and dtype, what the hooks keep lives on the CPU: router logits are moved there as
 float32 (routing is decided from them there), expert output norms are moved there, sampled inputs are copied there

@@ -14,8 +14,8 @@ collected by pair: the permutations are identical for any number of workers.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from collections import deque
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
