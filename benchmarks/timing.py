@@ -19,7 +19,7 @@ Models (random weights, real shapes; built once and cached in ``--workdir``):
    same batches, alternated passes, one torch thread, CPU time), in its own process per model. Target <= 1.05
    (paired ratio).
 
-    nice python benchmarks/timing.py                                 # everything (~20 min on 2 cores)
+    nice python benchmarks/timing.py                                 # everything (~35 min on 2 cores)
     python benchmarks/timing.py --models switch-base-8 --methods frequency,uncurl --skip-overhead
 
 Numbers depend on the machine and its load: compare the ratios of one run.
@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # the sibling benchmarks: scale (Switch generator), memory (Qwen3 model), perf, quality
 ZOO = HERE.parent / "uncurl_hf" / "zoo" / "checkpoints"
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 MODELS = ("switch-base-8", "qwen3-30b-a3b", "tiny-qwen3moe-64")
@@ -62,7 +63,6 @@ def build_switch_base_8(folder: Path) -> Path:
     """google/switch-base-8 shapes in float32 with tiny-switch-8's tokenizer (ids < 4096 fit the 32128 vocabulary)."""
     if (folder / "config.json").is_file():
         return folder
-    sys.path.insert(0, str(HERE))
     from scale import SWITCH_BASE, generate_checkpoint, stored_parameters
 
     generate_checkpoint(folder, stored_parameters(SWITCH_BASE, 8) * 4 / 1e9, dtype="float32", max_shard_size="5GB")
@@ -75,7 +75,6 @@ def model_folder(name: str, workdir: Path) -> Path:
     if name == "switch-base-8":
         return build_switch_base_8(workdir / "switch-base-8-shapes-fp32")
     if name == "qwen3-30b-a3b":
-        sys.path.insert(0, str(HERE))
         from memory import build_model
 
         return build_model(workdir / "qwen3-30b-a3b-shapes-2l-bf16", layers=2)
@@ -124,7 +123,6 @@ def child_prune(source: str, method: str, num_calibration: int, output: str) -> 
 
 
 def child_overhead(source: str, num_calibration: int, repeats: int) -> dict[str, Any]:
-    sys.path.insert(0, str(HERE))
     from perf import measure_overhead
 
     o = measure_overhead(Path(source), "sentiment", num_calibration, repeats, seed=0, threads=1)
@@ -146,6 +144,8 @@ def in_child(*arguments: str) -> dict[str, Any]:
 
 def stage_table(rows: Sequence[dict[str, Any]]) -> str:
     """Seconds per stage, per (model, method), and outside calibration as a multiple of frequency's."""
+    from quality import text_table
+
     header = ["model", "examples", "method", *STAGE_NAMES, "total", "outside cal.", "x frequency"]
     lines = [header]
     for row in rows:
@@ -153,26 +153,19 @@ def stage_table(rows: Sequence[dict[str, Any]]) -> str:
         ratio = f"{row['outside_calibration'] / base['outside_calibration']:.2f}" if base else "-"
         lines.append([row["model"], str(row["examples"]), row["method"], *(f"{row[s]:.1f}" for s in STAGE_NAMES),
                       f"{row['total']:.1f}", f"{row['outside_calibration']:.1f}", ratio])
-    return _aligned(lines, left=3)
+    return text_table(lines, left=3)
 
 
 def overhead_table(rows: Sequence[dict[str, Any]]) -> str:
+    from quality import text_table
+
     header = ["model", "examples", "passes", "plain s", "calibrate s", "fastest ratio", "paired ratio", "target"]
     lines = [header] + [
         [r["model"], str(r["examples"]), str(r["repeats"]), f"{r['plain_s']:.2f}", f"{r['calibrate_s']:.2f}",
          f"{r['fastest']:.3f}", f"{r['paired']:.3f}", f"{OVERHEAD_TARGET:.2f}"]
         for r in rows
     ]
-    return _aligned(lines, left=1)
-
-
-def _aligned(lines: Sequence[Sequence[str]], left: int) -> str:
-    """Columns padded to their widest cell; the first ``left`` columns left-aligned, the rest right-aligned."""
-    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
-    return "\n".join(
-        "  ".join(cell.ljust(w) if i < left else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
-        for line in lines
-    )
+    return text_table(lines, left=1)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -206,12 +199,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in [m for m in args.models.split(",") if m]:
         source = model_folder(name, args.workdir)
         if not args.skip_stages:
+            examples = args.num_calibration or EXAMPLES[name][0]
             for method in [m for m in args.methods.split(",") if m]:
                 output = args.workdir / f"out-{name}-{method}"
-                row = in_child("--child-prune", str(source), method, str(output),
-                               "--num-calibration", str(args.num_calibration or EXAMPLES[name][0]))
+                row = in_child("--child-prune", str(source), method, str(output), "--num-calibration", str(examples))
                 shutil.rmtree(output, ignore_errors=True)
-                stages.append({"model": name, "examples": args.num_calibration or EXAMPLES[name][0], **row})
+                stages.append({"model": name, "examples": examples, **row})
                 print(f"{name} {method}: {row['total']:.1f} s", file=sys.stderr, flush=True)
         if not args.skip_overhead:
             examples = args.overhead_examples or EXAMPLES[name][1]
