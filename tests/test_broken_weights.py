@@ -214,7 +214,7 @@ def test_the_surgery_and_the_alignment_name_a_non_finite_expert_of_a_model_given
     from helpers import tiny_switch_model
     from uncurl_hf.errors import CheckpointError
     from uncurl_hf.families import get_family
-    from uncurl_hf.methods._alignment import align_group
+    from uncurl_hf.methods._alignment import align_groups
     from uncurl_hf.plan import LayerPlan
     from uncurl_hf.surgery.apply import apply_plan
 
@@ -231,7 +231,7 @@ def test_the_surgery_and_the_alignment_name_a_non_finite_expert_of_a_model_given
     with pytest.raises(CheckpointError, match=r"layer encoder\.block\.1, expert 3, tensor wi has 1 NaN and 0 inf"):
         apply_plan(model, family, plan)
     with pytest.raises(CheckpointError, match=r"layer encoder\.block\.1, expert 3, tensor wi has 1 NaN"):
-        align_group(family, layers[0], [0, 3], [0.5, 0.5])
+        align_groups(family, layers[0], [[0, 3]], [[0.5, 0.5]])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])

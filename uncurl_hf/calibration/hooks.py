@@ -145,7 +145,7 @@ class LayerCollector:
         self.pending: list[_Pending] = []  # routed batches whose counts and sums wait for _flush
         self.pending_bytes = 0
         fused = family.fused_experts(layer)
-        self.slots = SlotCapture(fused) if fused is not None and capturable(fused) else None
+        self.slots = SlotCapture(fused) if capturable(fused) else None
 
     def register(self) -> list[Any]:
         """Install the hooks; returns their handles."""

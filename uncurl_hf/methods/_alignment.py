@@ -79,10 +79,10 @@ def align_groups(
     invalid numeric entries", naming nothing.
     """
 
-    def features(index: int) -> torch.Tensor:
+    def features(index: int) -> torch.Tensor:  # float64 once: an anchor is compared with every member of its group
         tensors = family.expert_tensors(layer, index)
         check_finite(tensors, f"layer {layer.name}, expert {index}")
-        return neuron_features(tensors, family.neuron_axes)
+        return neuron_features(tensors, family.neuron_axes).double()
 
     members = [[m for m in range(1, len(group)) if w[m] > 0] for group, w in zip(groups, weights)]
     solved: dict[tuple[int, int], Permutation] = {}
@@ -104,11 +104,3 @@ def align_groups(
         [None] + [solved.get((g, m)) for m in range(1, len(group))] if len(group) > 1 else None
         for g, group in enumerate(groups)
     ]
-
-
-def align_group(
-    family: MoEFamily, layer: MoELayer, group: Sequence[int], weights: Sequence[float]
-) -> list[Permutation]:
-    """:func:`align_groups` for one group: per member its permutation (the anchor's is ``None``)."""
-    perms = align_groups(family, layer, [group], [weights])[0]
-    return perms if perms is not None else [None]
