@@ -124,7 +124,7 @@ def test_uncurl_methods_lists_each_methods_options(capsys):
     out = capsys.readouterr().out
     for name in available_methods():
         assert name in out
-    assert "router (one of 'weighted', 'anchor', 'fitted', default 'weighted')" in out
+    assert "router (one of 'weighted', 'anchor', 'fitted', 'map', default 'weighted')" in out
     assert "gate (one of 'applied', 'softmax', 'renormalized', default 'applied')" in out
 
 

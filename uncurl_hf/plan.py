@@ -9,7 +9,10 @@ and from how it is executed (:mod:`uncurl_hf.surgery.apply`). Every output exper
 ``router`` says how a merged group's router row is built: ``"weighted"`` (weighted sum of the member rows with
 the group's weights), ``"anchor"`` (the anchor's row) or ``"fitted"`` (sum of the member rows with the coefficients
 ``extras["router_coefficients"]``, per group per member, fitted on calibration logits by
-:mod:`uncurl_hf.methods._router_fit`; singleton groups are scaled by theirs too). ``extras`` carries method-specific, JSON-able data; the
+:mod:`uncurl_hf.methods._router_fit`; singleton groups are scaled by theirs too) or ``"map"`` (the references'
+*logical merge*: every original router row is kept and the checkpoint records, per layer, which output expert each
+original expert's tokens go to; routing is then exactly the original model's, so the groups must cover every
+original expert). ``extras`` carries method-specific, JSON-able data; the
 one :mod:`uncurl_hf.surgery.apply` understands is ``extras["permutations"]``: per group, per member, either ``None`` or a
 permutation ``p`` of the expert's hidden neurons, applied as ``W[p]`` along the family's neuron axis before
 averaging (neuron alignment à la weight matching / M-SMoE).
@@ -29,7 +32,7 @@ from uncurl_hf.errors import InvalidPlanError
 
 PLAN_FORMAT_VERSION = 1
 PLAN_FILENAME = "uncurl_plan.json"
-ROUTER_RULES = ("weighted", "anchor", "fitted")
+ROUTER_RULES = ("weighted", "anchor", "fitted", "map")
 _WEIGHT_TOLERANCE = 1e-6
 
 
@@ -85,6 +88,14 @@ class LayerPlan:
         return all(len(group) == 1 for group in self.groups)
 
     @property
+    def expert_map(self) -> list[int] | None:
+        """For the ``"map"`` router: output expert of each original expert (``None`` for the other rules)."""
+        if self.router != "map":
+            return None
+        owner = {i: g for g, group in enumerate(self.groups) for i in group}
+        return [owner[i] for i in range(self.num_experts)]
+
+    @property
     def used(self) -> list[int]:
         """Original experts that contribute to some output expert, sorted."""
         return sorted(i for group in self.groups for i in group)
@@ -129,6 +140,11 @@ class LayerPlan:
                 raise InvalidPlanError(f"{where}: group {g} weights sum to {sum(weights):.6g}, they must sum to 1.")
         if self.router not in ROUTER_RULES:
             raise InvalidPlanError(f"{where}: router rule {self.router!r} unknown; use one of {ROUTER_RULES}.")
+        if self.router == "map" and len(seen) != expected:
+            raise InvalidPlanError(
+                f"{where}: router rule 'map' keeps every original router row, so every expert needs a group; "
+                f"{expected - len(seen)} of {expected} are in none (add them to a group, or use router 'weighted')."
+            )
         coefficients = self.extras.get("router_coefficients")
         if self.router == "fitted" and not (
             isinstance(coefficients, list)

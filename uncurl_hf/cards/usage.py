@@ -88,7 +88,8 @@ def checkpoint_format(facts: Any) -> CheckpointFormat:
     model_type = facts.model_type
     if not model_type:
         uniform = len(set(facts.experts_after.values())) <= 1
-        stock = facts.export == "stock" or (causal and uniform)  # decoders with equal counts are written stock
+        mapped = any(layer.router == "map" for layer in plan.layers)  # an expert map has no stock form
+        stock = not mapped and (facts.export == "stock" or (causal and uniform))  # equal decoder counts: stock
         model_type = base if stock else PRUNED_PREFIX + base
     remote = facts.remote_code_files
     if remote is None:

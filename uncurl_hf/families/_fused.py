@@ -194,7 +194,8 @@ class FusedMoEFamily(FusedDiskView, MoEFamily):
         if unknown:
             raise UnsupportedModelError(f"The model has no sparse layers named {sorted(unknown)}.")
         counts = [layers[layer.name].num_experts if layer.name in layers else layer.num_experts for layer in current]
-        config = self.reduced_config(model.config, counts, base_model)
+        maps = [layers[layer.name].expert_map if layer.name in layers else None for layer in current]
+        config = self.reduced_config(model.config, counts, base_model, maps)
         model_class = self.pruned_model_class() if config.model_type == self.pruned_model_type else stock_class
 
         replaced = tuple(
@@ -222,28 +223,40 @@ class FusedMoEFamily(FusedDiskView, MoEFamily):
         new_model.train(model.training)
         return new_model
 
-    def reduced_config(self, config: Any, counts: list[int], base_model: str | None = None) -> Any:
+    def reduced_config(
+        self,
+        config: Any,
+        counts: list[int],
+        base_model: str | None = None,
+        maps: list[list[int] | None] | None = None,
+    ) -> Any:
         """The config of a model equal to ``config``'s except that its sparse layers hold ``counts`` experts.
 
         Equal counts give a stock config (top-k clamped to the count); unequal counts give the pruned config with
-        ``num_experts_per_layer`` (``num_experts`` = the largest count, top-k clamped per layer by the model).
+        ``num_experts_per_layer`` (``num_experts`` = the largest count, top-k clamped per layer by the model). Expert
+        maps (a logical merge, one per layer or ``None``) always give the pruned config, with
+        ``expert_map_per_layer`` and ``num_experts`` = the largest router (a stock config has no map).
         """
         values = {k: v for k, v in config.to_dict().items() if k not in DERIVED_CONFIG_KEYS}
         if getattr(config, "quantization_config", None) is not None:
             logger.warning("the reduced checkpoint is written dequantized (quantization_config dropped)")
         count_key = "num_local_experts" if "num_local_experts" in values else "num_experts"
         top_k = int(config.num_experts_per_tok)
-        if len(set(counts)) <= 1:
+        mapped = maps is not None and any(m is not None for m in maps)
+        if len(set(counts)) <= 1 and not mapped:
             k = counts[0] if counts else int(values[count_key])
             values.update({count_key: k, "num_experts_per_tok": min(top_k, k)})
             return self.stock_config_class()(**values)
+        widths = [len(m) if m is not None else c for m, c in zip(maps or [None] * len(counts), counts)]
         values.update(
             {
-                count_key: max(counts),
+                count_key: max(widths),
                 "num_experts_per_layer": list(counts),
                 "uncurl_base_model": getattr(config, "uncurl_base_model", None) or base_model,
             }
         )
+        if mapped:
+            values["expert_map_per_layer"] = list(maps)
         return self.pruned_config_class()(**values)
 
     # ---- calibration inputs ------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ DERIVED_CONFIG_KEYS = (
     "auto_map",
     "_name_or_path",
     "num_experts_per_layer",
+    "expert_map_per_layer",
     "uncurl_base_model",
     "quantization_config",
 )
@@ -103,16 +104,17 @@ class FusedDiskView:
         source = self._config_from_dict(config)
         indices = sparse_layer_indices(source)
         before = source.experts_per_layer() if hasattr(source, "experts_per_layer") else None
-        counts = []
+        counts, maps = [], []
         for position, index in enumerate(indices):
             entry = layers.get(f"model.layers.{index}")
+            maps.append(entry.expert_map if isinstance(entry, ReducedLayer) else None)
             if isinstance(entry, ReducedLayer):
                 counts.append(entry.num_experts)
             elif entry is not None:
                 counts.append(int(entry))
             else:
                 counts.append(before[position] if before else int(source.num_experts))
-        reduced = self.reduced_config(source, counts, base_model)
+        reduced = self.reduced_config(source, counts, base_model, maps)
         pruned = reduced.model_type == self.pruned_model_type
         model_class = self.pruned_model_class() if pruned else self.stock_model_class()
         reduced.architectures = [model_class.__name__]

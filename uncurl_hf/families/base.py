@@ -45,11 +45,17 @@ class MoELayer:
 
 @dataclass
 class ReducedLayer:
-    """The new content of one layer after a plan is applied: one tensor dict per output expert + router rows."""
+    """The new content of one layer after a plan is applied: one tensor dict per output expert + router rows.
+
+    ``expert_map`` (the ``"map"`` router rule, a *logical merge*): ``router`` keeps one row per original expert and
+    ``expert_map[e]`` is the output expert that original expert ``e``'s tokens go to; ``None`` means one router row
+    per output expert.
+    """
 
     experts: list[dict[str, torch.Tensor]]
     router: dict[str, torch.Tensor]
     expert_capacity: int | None = None
+    expert_map: list[int] | None = None
 
     @property
     def num_experts(self) -> int:

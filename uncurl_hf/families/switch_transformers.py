@@ -31,6 +31,8 @@ DERIVED_CONFIG_KEYS = (
     "_name_or_path",
     "encoder_sparse_step",
     "decoder_sparse_step",
+    "expert_map_per_encoder_layer",
+    "expert_map_per_decoder_layer",
 )
 
 
@@ -192,6 +194,7 @@ class SwitchTransformersFamily(MoEFamily):
 
         counts: dict[str, list[int]] = {"encoder": [], "decoder": []}
         capacities: dict[str, list[int]] = {"encoder": [], "decoder": []}
+        maps: dict[str, list[list[int] | None]] = {"encoder": [], "decoder": []}
         for name, num_experts, old_capacity in current:
             side = name.split(".", 1)[0]
             reduced = layers.get(name)
@@ -199,6 +202,7 @@ class SwitchTransformersFamily(MoEFamily):
             counts[side].append(count)
             capacity = reduced.expert_capacity if isinstance(reduced, ReducedLayer) else None
             capacities[side].append(capacity or int(old_capacity or config.expert_capacity))
+            maps[side].append(reduced.expert_map if isinstance(reduced, ReducedLayer) else None)
 
         values = {k: v for k, v in config.to_dict().items() if k not in DERIVED_CONFIG_KEYS}
         all_counts = counts["encoder"] + counts["decoder"]
@@ -209,6 +213,8 @@ class SwitchTransformersFamily(MoEFamily):
             expert_capacity_per_encoder_layer=capacities["encoder"],
             expert_capacity_per_decoder_layer=capacities["decoder"],
         )
+        if any(m is not None for side in maps.values() for m in side):  # a logical merge (router rule "map")
+            values.update(expert_map_per_encoder_layer=maps["encoder"], expert_map_per_decoder_layer=maps["decoder"])
         previous_base = values.get("uncurl_base_model")
         values["uncurl_base_model"] = previous_base or base_model
         return PrunedSwitchTransformersConfig(**values)

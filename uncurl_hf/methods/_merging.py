@@ -150,8 +150,8 @@ def merged_layer_plan(
     logits = stats.logit_sample.double().numpy()
     if router == "fitted":
         plan_extras["router_coefficients"] = fit_router_coefficients(logits, ordered, weights, stats.top_k)
-    rows = {"weighted": weights, "anchor": [[1.0] + [0.0] * (len(g) - 1) for g in ordered]}
-    coefficients = rows.get(router) or plan_extras["router_coefficients"]
+    rows = {"weighted": weights, "anchor": [[1.0] + [0.0] * (len(g) - 1) for g in ordered], "map": None}
+    coefficients = rows[router] if router in rows else plan_extras["router_coefficients"]
     plan_extras["diagnostics"] = merge_diagnostics(stats, ordered, logits, coefficients)
     if family is not None and layer is not None and any(len(g) > 1 for g in ordered):
         plan_extras["permutations"] = align_groups(family, layer, ordered, weights)
@@ -244,14 +244,15 @@ def adaptive_budget(
     return counts
 
 
-RouterRule = Literal["weighted", "anchor", "fitted"]  # plan.ROUTER_RULES, the rules surgery knows
+RouterRule = Literal["weighted", "anchor", "fitted", "map"]  # plan.ROUTER_RULES, the rules surgery knows
 
 
 def router_setting(default: str = "weighted") -> Any:
     """The ``router`` option of a merging method (one declaration, shared by every method's Options)."""
     return setting(
-        default, help="router row of a merged group: usage-weighted member rows, the anchor's row, or member rows "
-        "combined with coefficients fitted so calibration tokens keep their routing mass per group",
+        default, help="router row of a merged group: usage-weighted member rows, the anchor's row, member rows "
+        "combined with coefficients fitted so calibration tokens keep their routing mass per group, or map (keep "
+        "every original row plus an expert map: routing exactly as before, the references' logical merge)",
     )
 
 

@@ -130,15 +130,18 @@ def _temperature(z: np.ndarray, probs: np.ndarray, owner: np.ndarray, members: l
 
 
 def group_agreement(
-    logits: np.ndarray, groups: Sequence[Sequence[int]], coefficients: Sequence[Sequence[float]]
+    logits: np.ndarray, groups: Sequence[Sequence[int]], coefficients: Sequence[Sequence[float]] | None
 ) -> float:
     """Share of sampled tokens whose top group under the merged router is the group of their top original expert.
 
     The diagnostic behind ``router="fitted"``: 1.0 means no calibration token changes group at top-1.
+    ``coefficients=None`` is the ``"map"`` router (original rows plus an expert map), which agrees by construction.
     """
     logits = np.asarray(logits, dtype=np.float64)
     if logits.size == 0:
         return float("nan")
+    if coefficients is None:
+        return 1.0
     group_of = {m: g for g, group in enumerate(groups) for m in group}
     z = np.stack([logits[:, list(group)] @ np.asarray(c, dtype=np.float64) for group, c in zip(groups, coefficients)], 1)
     original = logits.argmax(axis=1)
@@ -147,7 +150,10 @@ def group_agreement(
 
 
 def merge_diagnostics(
-    stats: "ExpertStats", groups: Sequence[Sequence[int]], logits: np.ndarray, coefficients: Sequence[Sequence[float]]
+    stats: "ExpertStats",
+    groups: Sequence[Sequence[int]],
+    logits: np.ndarray,
+    coefficients: Sequence[Sequence[float]] | None,
 ) -> dict[str, Any]:
     """What a merge costs the routing, recorded in the plan (``extras["diagnostics"]``) and printed by the benchmark.
 

@@ -20,7 +20,7 @@ from uncurl_hf.pipeline.source import Source
 from uncurl_hf.plan import PLAN_FILENAME, PruningPlan
 from uncurl_hf.recipe import RECIPE_FILENAME, PruneRecipe
 from uncurl_hf.surgery.apply import apply_plan
-from uncurl_hf.surgery.export import to_stock, uniform_count
+from uncurl_hf.surgery.export import refuse_expert_maps, to_stock, uniform_count
 from uncurl_hf.surgery.streaming import stream_apply_plan
 
 logger = logging.getLogger(__name__)
@@ -128,6 +128,9 @@ def write_output(loaded: Source, plan: PruningPlan, recipe: PruneRecipe, facts: 
         # The source is consumed: each layer's experts are freed as soon as its output experts exist, the rest of
         # the source when the reduced model is built, and the reduced model (only referenced by ``held``) before
         # the written folder is reloaded for validation; never two models in full (issue 17).
+        if recipe.export == "stock":  # before the surgery: both are facts of the plan
+            refuse_expert_maps(layer.router for layer in plan.layers)
+            uniform_count(plan.counts, loaded.family)
         params_before, freed = count_parameters(loaded.model), tensor_bytes(loaded.model)
         source_model, loaded.model = loaded.model, None
         pruned = apply_plan(source_model, loaded.family, plan, scale_expert_capacity=recipe.scale_expert_capacity,
@@ -135,7 +138,6 @@ def write_output(loaded: Source, plan: PruningPlan, recipe: PruneRecipe, facts: 
         del source_model
         release_memory(freed)
         if recipe.export == "stock":
-            uniform_count(plan.counts, loaded.family)
             pruned = to_stock(pruned)
         facts = replace(facts, params_before=params_before, params_after=count_parameters(pruned))
         held = [pruned]

@@ -12,16 +12,16 @@ from pathlib import Path
 from typing import Any
 
 from uncurl_hf.calibration import distributed
-from uncurl_hf.errors import InvalidPlanError, UncurlError
+from uncurl_hf.errors import InvalidPlanError, UncurlError, UnsupportedModelError
 from uncurl_hf.evaluation.tasks import get_task
 from uncurl_hf.families import get_family
 from uncurl_hf.io.access import check_writable_parent
 from uncurl_hf.io.atomic import check_output_dir, sweep_stale_temp_dirs
-from uncurl_hf.io.checkpoint import disk_layer_sizes, inspect_checkpoint, load_model
+from uncurl_hf.io.checkpoint import disk_layer_sizes, inspect_checkpoint, load_model, read_config
 from uncurl_hf.options import RunOptions
 from uncurl_hf.plan import PruningPlan
 from uncurl_hf.recipe import PruneRecipe
-from uncurl_hf.surgery.export import check_export_format
+from uncurl_hf.surgery.export import check_export_format, refuse_expert_maps
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,10 @@ def preflight(source: Path, saved_plan: PruningPlan | None, recipe: PruneRecipe,
         check_search_split(recipe.calibration.task)
     if options.dry_run and saved_plan is not None:
         raise UncurlError("--dry-run computes a plan, but --plan already gives one; drop one of them.")
+    if recipe.export == "stock" and recipe.method is not None:
+        refuse_expert_maps([getattr(recipe.options(), "router", "")])
     family = inspect_checkpoint(source, allow_pickle=options.allow_pickle, trust_remote_code=options.trust_remote_code)
+    refuse_logical_merge(source)
     if saved_plan is not None and saved_plan.family != family.name:
         raise InvalidPlanError(
             f"The plan was made for a {saved_plan.family!r} model ({saved_plan.model_type!r}), but {source} is a "
@@ -105,6 +108,23 @@ def preflight(source: Path, saved_plan: PruningPlan | None, recipe: PruneRecipe,
         check_evaluable(recipe.calibration.task)
         check_evaluable_family(family)
     return family
+
+
+# config.json fields of a logical merge (router=map), declared by the pruned config classes.
+_EXPERT_MAP_KEYS = ("expert_map_per_layer", "expert_map_per_encoder_layer", "expert_map_per_decoder_layer")
+
+
+def refuse_logical_merge(source: Path) -> None:
+    """A logical merge's routers choose among the original experts, so its layers have no expert-per-row statistics
+    to prune again: say so, and point at the base model, before anything is loaded."""
+    config = read_config(source)
+    if any(config.get(key) for key in _EXPERT_MAP_KEYS):
+        base = config.get("uncurl_base_model")
+        raise UnsupportedModelError(
+            f"{source} is a logical merge (router=map): its routers still choose among the original experts, "
+            "so it cannot be pruned again. Prune its base model"
+            f"{f' ({base})' if base else ''} with the larger factor instead."
+        )
 
 
 def load_source(source: Path, family: Any, saved_plan: PruningPlan | None, options: RunOptions,

@@ -5,7 +5,9 @@ Per layer and per output group ``g`` with members ``m_1..m_n`` and weights ``w_1
 * expert tensors: ``sum_i w_i * P_i(W_{m_i})`` where ``P_i`` optionally permutes the member's hidden neurons
   (``plan extras["permutations"]``) along the family's neuron axis; a singleton group is an exact copy;
 * router rows: ``"weighted"`` -> ``sum_i w_i * row_{m_i}`` (bias likewise), ``"anchor"`` -> ``row_{m_1}``,
-  ``"fitted"`` -> ``sum_i c_i * row_{m_i}`` with the plan's ``extras["router_coefficients"]``.
+  ``"fitted"`` -> ``sum_i c_i * row_{m_i}`` with the plan's ``extras["router_coefficients"]``; ``"map"`` keeps every
+  original row and records the plan's expert map (:attr:`ReducedLayer.expert_map`); the expert capacity is then
+  unchanged, because the router still counts it per original expert.
 
 Every computation on weights (weighted sums, permutations, router rows) runs in float32 and is stored in the source
 dtype, so a bfloat16/float16 checkpoint comes out in its own dtype and the in-memory and streamed paths give the same
@@ -140,6 +142,9 @@ def reduce_tensors(
         experts.append(merged)
     check_finite(router, f"layer {plan.name}, router")
     dtype = _expert_dtype(experts)
+    if plan.router == "map":
+        rows = {name: tensor.to(dtype or tensor.dtype, copy=True) for name, tensor in router.items()}
+        return ReducedLayer(experts=experts, router=rows, expert_capacity=capacity, expert_map=plan.expert_map)
     coefficients = plan.extras["router_coefficients"] if plan.router == "fitted" else plan.weights
     router_rows = {
         name: torch.stack(

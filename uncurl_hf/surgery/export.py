@@ -15,7 +15,7 @@ a token the pruned model kept, and equals it exactly whenever no layer overflows
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -70,6 +70,17 @@ def uniform_count(counts: Mapping[str, int], family: Any | None = None) -> int:
         "--uniform (adaptive methods then keep floor(E / factor) experts everywhere) or equal per-layer counts, or "
         "keep the default --export pruned (loads with `import uncurl_hf` or trust_remote_code=True)."
     )
+
+
+def refuse_expert_maps(router_rules: Iterable[str]) -> None:
+    """:class:`ExportError` when a layer uses the ``"map"`` router (a logical merge): a stock config has one router
+    row per expert and no expert map, so that checkpoint has no stock form."""
+    if "map" in set(router_rules):
+        raise ExportError(
+            "--export stock cannot hold a logical merge: router=map keeps every original router row plus an expert "
+            "map, which a stock config has no field for. Keep the default --export pruned, or merge with another "
+            "router rule (--method-arg router=weighted)."
+        )
 
 
 def stock_config(config: Any) -> Any:
@@ -140,5 +151,5 @@ def to_stock(model: nn.Module) -> nn.Module:
     return stock
 
 
-__all__ = ["EXPORT_FORMATS", "check_export_format", "stock_config", "stock_config_name", "to_stock",
-           "uniform_count"]
+__all__ = ["EXPORT_FORMATS", "check_export_format", "refuse_expert_maps", "stock_config", "stock_config_name",
+           "to_stock", "uniform_count"]

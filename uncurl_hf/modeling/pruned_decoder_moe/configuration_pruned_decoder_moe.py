@@ -36,13 +36,29 @@ def sparse_layer_indices(config: Any) -> list[int]:
 class PerLayerExpertsMixin:
     """``num_experts_per_layer`` (one count per sparse layer, in layer order) on top of an upstream MoE config.
 
-    ``num_experts`` is kept equal to the largest per-layer count (code that reads it as an upper bound, e.g. the
-    load-balancing loss, stays correct) and ``num_experts_per_tok`` keeps the original top-k: a layer with fewer
-    experts than that routes each token to all of them (top-k clamped to the layer's count).
+    ``num_experts`` is kept equal to the largest per-layer count, or router width under an expert map (code that reads
+    it as an upper bound, e.g. the load-balancing loss over the padded router logits, stays correct) and
+    ``num_experts_per_tok`` keeps the original top-k: a layer with fewer experts than that routes each token to all
+    of them (top-k clamped to the layer's count).
+
+    ``expert_map_per_layer`` (a *logical merge*, the ``"map"`` router rule): per sparse layer ``None`` or one entry
+    per *original* expert naming the layer's expert that takes its tokens. Such a layer keeps the original router
+    (one row per original expert, the original top-k), so tokens are routed exactly as before pruning.
     """
 
     num_experts_per_layer: list[int] | None
+    expert_map_per_layer: list[list[int] | None] | None
     uncurl_base_model: str | None
+
+    def expert_maps(self) -> list[list[int] | None]:
+        """Expert map of each sparse layer, in layer order (``None``: the router has one row per expert)."""
+        if self.expert_map_per_layer is None:
+            return [None] * len(sparse_layer_indices(self))
+        return [None if m is None else list(m) for m in self.expert_map_per_layer]
+
+    def router_widths(self) -> list[int]:
+        """Router rows of each sparse layer: its original count under a map, else its expert count."""
+        return [len(m) if m is not None else c for m, c in zip(self.expert_maps(), self.experts_per_layer())]
 
     def experts_per_layer(self) -> list[int]:
         """Expert count of each sparse layer, in layer order."""
@@ -51,8 +67,8 @@ class PerLayerExpertsMixin:
         return [int(self.num_experts)] * len(sparse_layer_indices(self))
 
     def top_k_per_layer(self) -> list[int]:
-        """Experts each token is routed to in each sparse layer: ``min(num_experts_per_tok, count)``."""
-        return [min(int(self.num_experts_per_tok), count) for count in self.experts_per_layer()]
+        """Experts each token is routed to in each sparse layer: ``min(num_experts_per_tok, router rows)``."""
+        return [min(int(self.num_experts_per_tok), width) for width in self.router_widths()]
 
     def validate_num_experts_per_layer(self) -> None:
         """One positive count per sparse layer, the largest equal to ``num_experts``."""
@@ -66,10 +82,28 @@ class PerLayerExpertsMixin:
             )
         if any(count < 1 for count in counts):
             raise ValueError(f"num_experts_per_layer entries must be >= 1, got {counts}")
-        if counts and max(counts) != int(self.num_experts):
+        if counts and max(self.router_widths()) != int(self.num_experts):
             raise ValueError(
-                f"num_experts_per_layer {counts}: the largest count must equal num_experts={self.num_experts}"
+                f"num_experts_per_layer {counts}: the largest count must equal num_experts={self.num_experts} "
+                "(with expert_map_per_layer: the largest router)"
             )
+
+    def validate_expert_map_per_layer(self) -> None:
+        """One map (or ``None``) per sparse layer, each sending tokens to every one of the layer's experts."""
+        maps = self.expert_map_per_layer
+        if maps is None:
+            return
+        if self.num_experts_per_layer is None:
+            raise ValueError("expert_map_per_layer needs num_experts_per_layer (the experts each layer holds)")
+        layers = sparse_layer_indices(self)
+        if len(maps) != len(layers):
+            raise ValueError(f"expert_map_per_layer has {len(maps)} entries but the model has {len(layers)} sparse layers")
+        for index, mapping, count in zip(layers, maps, self.experts_per_layer()):
+            if mapping is not None and sorted(set(mapping)) != list(range(count)):
+                raise ValueError(
+                    f"expert_map_per_layer of layer {index} must send tokens to each of its {count} experts and to "
+                    f"no other, got {mapping}"
+                )
 
 
 @strict
@@ -78,6 +112,8 @@ class PrunedMixtralConfig(PerLayerExpertsMixin, MixtralConfig):
 
     num_experts_per_layer (`list[int]`, *optional*):
         Experts of each sparse layer, in layer order. ``None`` means ``num_local_experts`` everywhere.
+    expert_map_per_layer (`list[list[int] | None]`, *optional*):
+        Per sparse layer, ``None`` or the output expert of each original expert (a logical merge).
     uncurl_base_model (`str`, *optional*):
         Name or path of the original (unpruned) model; kept when a pruned model is pruned again.
     """
@@ -85,6 +121,7 @@ class PrunedMixtralConfig(PerLayerExpertsMixin, MixtralConfig):
     model_type = "pruned_mixtral"
 
     num_experts_per_layer: list[int] | None = None
+    expert_map_per_layer: list[list[int] | None] | None = None
     uncurl_base_model: str | None = None
 
 
@@ -94,6 +131,8 @@ class PrunedQwen2MoeConfig(PerLayerExpertsMixin, Qwen2MoeConfig):
 
     num_experts_per_layer (`list[int]`, *optional*):
         Experts of each sparse layer, in layer order. ``None`` means ``num_experts`` everywhere.
+    expert_map_per_layer (`list[list[int] | None]`, *optional*):
+        Per sparse layer, ``None`` or the output expert of each original expert (a logical merge).
     uncurl_base_model (`str`, *optional*):
         Name or path of the original (unpruned) model; kept when a pruned model is pruned again.
     """
@@ -101,6 +140,7 @@ class PrunedQwen2MoeConfig(PerLayerExpertsMixin, Qwen2MoeConfig):
     model_type = "pruned_qwen2_moe"
 
     num_experts_per_layer: list[int] | None = None
+    expert_map_per_layer: list[list[int] | None] | None = None
     uncurl_base_model: str | None = None
 
 
@@ -110,6 +150,8 @@ class PrunedQwen3MoeConfig(PerLayerExpertsMixin, Qwen3MoeConfig):
 
     num_experts_per_layer (`list[int]`, *optional*):
         Experts of each sparse layer, in layer order. ``None`` means ``num_experts`` everywhere.
+    expert_map_per_layer (`list[list[int] | None]`, *optional*):
+        Per sparse layer, ``None`` or the output expert of each original expert (a logical merge).
     uncurl_base_model (`str`, *optional*):
         Name or path of the original (unpruned) model; kept when a pruned model is pruned again.
     """
@@ -117,6 +159,7 @@ class PrunedQwen3MoeConfig(PerLayerExpertsMixin, Qwen3MoeConfig):
     model_type = "pruned_qwen3_moe"
 
     num_experts_per_layer: list[int] | None = None
+    expert_map_per_layer: list[list[int] | None] | None = None
     uncurl_base_model: str | None = None
 
 
@@ -126,6 +169,8 @@ class PrunedOlmoeConfig(PerLayerExpertsMixin, OlmoeConfig):
 
     num_experts_per_layer (`list[int]`, *optional*):
         Experts of each sparse layer, in layer order. ``None`` means ``num_experts`` everywhere.
+    expert_map_per_layer (`list[list[int] | None]`, *optional*):
+        Per sparse layer, ``None`` or the output expert of each original expert (a logical merge).
     uncurl_base_model (`str`, *optional*):
         Name or path of the original (unpruned) model; kept when a pruned model is pruned again.
     """
@@ -133,6 +178,7 @@ class PrunedOlmoeConfig(PerLayerExpertsMixin, OlmoeConfig):
     model_type = "pruned_olmoe"
 
     num_experts_per_layer: list[int] | None = None
+    expert_map_per_layer: list[list[int] | None] | None = None
     uncurl_base_model: str | None = None
 
 
@@ -142,6 +188,8 @@ class PrunedGptOssConfig(PerLayerExpertsMixin, GptOssConfig):
 
     num_experts_per_layer (`list[int]`, *optional*):
         Experts of each sparse layer, in layer order. ``None`` means ``num_local_experts`` everywhere.
+    expert_map_per_layer (`list[list[int] | None]`, *optional*):
+        Per sparse layer, ``None`` or the output expert of each original expert (a logical merge).
     uncurl_base_model (`str`, *optional*):
         Name or path of the original (unpruned) model; kept when a pruned model is pruned again.
     """
@@ -149,6 +197,7 @@ class PrunedGptOssConfig(PerLayerExpertsMixin, GptOssConfig):
     model_type = "pruned_gpt_oss"
 
     num_experts_per_layer: list[int] | None = None
+    expert_map_per_layer: list[list[int] | None] | None = None
     uncurl_base_model: str | None = None
 
 

@@ -6,6 +6,9 @@ and fused experts module by right-sized upstream ones built from a per-layer cop
 the layer's count). Module classes and names are the upstream ones, so state-dict keys are a stock checkpoint's,
 ``forward``/``generate`` are upstream code, and ``_init_weights`` (which initialises by module type) needs no change.
 
+A layer with an expert map (a *logical merge*, see the config) keeps a router over the original experts whose
+chosen indices are sent through the map (:class:`_PaddedLogitsRouter`), so routing is exactly the original's.
+
 One file serves the five families: they differ only in the upstream classes and the router's attribute name
 (``mlp.gate`` vs gpt-oss's ``mlp.router``), which :data:`_LAYOUTS` records. Two upstream pieces assume one expert
 count and are handled here:
@@ -61,15 +64,21 @@ from .configuration_pruned_decoder_moe import (
 
 
 class _PaddedLogitsRouter:
-    """Router mixin: logits padded with ``-inf`` to ``padded_num_experts`` columns; scores and indices unchanged."""
+    """Router mixin: logits padded with ``-inf`` to ``padded_num_experts`` columns; scores unchanged; indices
+    unchanged, or sent through ``expert_map`` (a logical merge: the router chooses among the original experts, each
+    choice goes to the expert that original was merged into; two choices may then name the same expert, whose
+    output the experts module adds with both gates, exactly as for the two originals)."""
 
     padded_num_experts: int = 0
+    expert_map: list[int] | None = None
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         router_logits, router_scores, router_indices = super().forward(hidden_states)
         missing = self.padded_num_experts - router_logits.shape[-1]
         if missing > 0:
             router_logits = nn.functional.pad(router_logits, (0, missing), value=float("-inf"))
+        if self.expert_map is not None:
+            router_indices = torch.as_tensor(self.expert_map, device=router_indices.device)[router_indices]
         return router_logits, router_scores, router_indices
 
 
@@ -127,16 +136,22 @@ def resize_sparse_layers(layers: nn.ModuleList, config: PerLayerExpertsMixin) ->
     counts = config.experts_per_layer()
     if len(counts) != len(indices):
         raise ValueError(f"config lists {len(counts)} expert counts for {len(indices)} sparse layers")
-    width = max(counts, default=0)
-    for index, count, top_k in zip(indices, counts, config.top_k_per_layer()):
+    widths = config.router_widths()
+    width = max(widths, default=0)
+    for index, count, top_k, rows, expert_map in zip(
+        indices, counts, config.top_k_per_layer(), widths, config.expert_maps()
+    ):
         mlp = layers[index].mlp
         layer_config = copy.copy(config)
         layer_config.num_experts_per_layer = None
-        layer_config.num_experts = count
+        layer_config.expert_map_per_layer = None
+        layer_config.num_experts = rows
         layer_config.num_experts_per_tok = top_k
         router = layout.router_class(layer_config)
         router.padded_num_experts = width
+        router.expert_map = expert_map
         setattr(mlp, layout.router_attr, router)
+        layer_config.num_experts = count
         experts = layout.experts_class(layer_config)
         experts.config = config  # forward dispatch reads config._experts_implementation: follow the model's setting
         mlp.experts = experts

@@ -30,6 +30,10 @@ class PrunedSwitchTransformersConfig(SwitchTransformersConfig):
     expert_capacity_per_encoder_layer / expert_capacity_per_decoder_layer (`list[int]`, *optional*):
         Per-sequence token capacity of each expert of each sparse layer. ``None`` means ``expert_capacity``.
         Pruning may raise it, because fewer experts share the same tokens.
+    expert_map_per_encoder_layer / expert_map_per_decoder_layer (`list[list[int] | None]`, *optional*):
+        A *logical merge* (the ``"map"`` router rule): for each sparse layer, ``None`` or one entry per *original*
+        expert naming the layer's expert that takes its tokens. Such a layer keeps the original router (one row per
+        original expert, capacity counted per original expert), so tokens are routed exactly as before pruning.
     uncurl_base_model (`str`, *optional*):
         Name or path of the original (unpruned) model; kept when a pruned model is pruned again.
 
@@ -47,6 +51,8 @@ class PrunedSwitchTransformersConfig(SwitchTransformersConfig):
     num_experts_per_decoder_layer: list[int] | None = None
     expert_capacity_per_encoder_layer: list[int] | None = None
     expert_capacity_per_decoder_layer: list[int] | None = None
+    expert_map_per_encoder_layer: list[list[int] | None] | None = None
+    expert_map_per_decoder_layer: list[list[int] | None] | None = None
     uncurl_base_model: str | None = None
 
     @property
@@ -69,6 +75,17 @@ class PrunedSwitchTransformersConfig(SwitchTransformersConfig):
         blocks = self.decoder_sparse_blocks if is_decoder else self.encoder_sparse_blocks
         return list(caps) if caps is not None else [self.expert_capacity] * len(blocks)
 
+    def expert_maps(self, is_decoder: bool) -> list[list[int] | None]:
+        """Expert map of each sparse layer of the encoder (or decoder), in block order (``None``: no map)."""
+        maps = self.expert_map_per_decoder_layer if is_decoder else self.expert_map_per_encoder_layer
+        blocks = self.decoder_sparse_blocks if is_decoder else self.encoder_sparse_blocks
+        return [None if m is None else list(m) for m in maps] if maps is not None else [None] * len(blocks)
+
+    @property
+    def has_expert_maps(self) -> bool:
+        """Whether some layer is a logical merge (router rows of the original experts plus a map)."""
+        return any(m is not None for side in (False, True) for m in self.expert_maps(side))
+
     def validate_per_layer_counts(self) -> None:
         """Each per-layer list must have one positive entry per sparse layer and fit ``num_experts``."""
         for side, blocks in (("encoder", self.encoder_sparse_blocks), ("decoder", self.decoder_sparse_blocks)):
@@ -81,6 +98,18 @@ class PrunedSwitchTransformersConfig(SwitchTransformersConfig):
                     raise ValueError(f"{key} has {len(values)} entries but the {side} has {len(blocks)} sparse layers")
                 if any(v < 1 for v in values):
                     raise ValueError(f"{key} entries must be >= 1, got {values}")
+            maps = getattr(self, f"expert_map_per_{side}_layer")
+            if maps is not None:
+                if len(maps) != len(blocks):
+                    raise ValueError(
+                        f"expert_map_per_{side}_layer has {len(maps)} entries but the {side} has {len(blocks)} sparse layers"
+                    )
+                for block, mapping, count in zip(blocks, maps, self.experts_per_layer(side == "decoder")):
+                    if mapping is not None and sorted(set(mapping)) != list(range(count)):
+                        raise ValueError(
+                            f"expert_map_per_{side}_layer of block {block} must send tokens to each of its {count} "
+                            f"experts and to no other, got {mapping}"
+                        )
             counts = getattr(self, f"num_experts_per_{side}_layer")
             if counts is not None and max(counts, default=0) > self.num_experts:
                 raise ValueError(

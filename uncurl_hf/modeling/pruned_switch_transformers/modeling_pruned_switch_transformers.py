@@ -7,6 +7,10 @@ layer's router and expert dict for right-sized upstream ``SwitchTransformersTop1
 are the upstream ones, state-dict keys are identical to a Switch checkpoint's (``...mlp.experts.expert_3.wi``),
 ``OutputRecorder`` still captures router logits, and ``forward``/``generate`` are upstream code.
 
+A layer with an expert map (a *logical merge*, see the config) gets a :class:`MappedSwitchTransformersTop1Router`:
+the upstream router over the original experts (same rows, same capacity per original expert) whose one-hot choice
+is folded onto the layer's experts, so every token reaches the expert its original expert was merged into.
+
 Three upstream pieces assume one expert count and are overridden here:
 ``_init_weights`` (loops over ``config.num_experts``), the router-loss computation in ``forward`` (it
 ``torch.cat``\\ s the router logits of all layers) and ``__init__`` (builds upstream stacks). The overriding
@@ -55,6 +59,45 @@ def _layer_config(
     return layer_config
 
 
+class MappedSwitchTransformersTop1Router(SwitchTransformersTop1Router):
+    """Upstream top-1 router over the original experts, whose dispatch mask is folded onto fewer experts.
+
+    ``num_experts`` stays the original count (the upstream forward one-hots over it, and capacity is counted per
+    original expert, as before pruning); ``expert_map[e]`` is the output expert of original expert ``e``. The
+    returned logits are the original experts' (router losses and ``output_router_logits`` see the original routing).
+    """
+
+    def __init__(self, config: PrunedSwitchTransformersConfig, expert_map: list[int]):
+        super().__init__(config)
+        self.expert_map = list(expert_map)
+        self.num_output_experts = max(self.expert_map) + 1
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        expert_index, router_probs, router_logits = super().forward(hidden_states)
+        index = torch.as_tensor(self.expert_map, device=expert_index.device)
+        folded = expert_index.new_zeros(*expert_index.shape[:-1], self.num_output_experts)
+        return folded.index_add_(-1, index, expert_index), router_probs, router_logits
+
+
+class PrunedSwitchTransformersSparseMLP(SwitchTransformersSparseMLP):
+    """Upstream sparse MLP, reshaping the dispatch mask by the experts it holds (not the router's width).
+
+    Built from its two (right-sized) modules rather than from a config, which would build full-size ones first.
+    """
+
+    def __init__(self, router: SwitchTransformersTop1Router, experts: SwitchTransformersExperts):
+        nn.Module.__init__(self)
+        self.router = router
+        self.experts = experts
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        batch_size, sequence_length, hidden_dim = hidden_states.shape
+        selected_experts, routing_weights, _ = self.router(hidden_states)
+        selected_experts = selected_experts.view(-1, 1, len(self.experts))
+        hidden_states = self.experts(hidden_states.view(-1, hidden_dim), selected_experts, routing_weights.view(-1, 1))
+        return hidden_states.reshape(batch_size, sequence_length, hidden_dim)
+
+
 def router_losses(router_logits: tuple[torch.Tensor, ...] | list[torch.Tensor] | None) -> tuple:
     """Router z-loss and Switch load-balancing loss computed per sparse layer, then averaged over layers.
 
@@ -100,13 +143,20 @@ class PrunedSwitchTransformersStack(PrunedSwitchTransformersPreTrainedModel, Swi
             SwitchTransformersStack.__init__(self, config)
         counts = config.experts_per_layer(config.is_decoder)
         capacities = config.capacity_per_layer(config.is_decoder)
-        sparse = [block.layer[-1].mlp for block in self.block if block.layer[-1].is_sparse]
+        maps = config.expert_maps(config.is_decoder)
+        sparse = [block.layer[-1] for block in self.block if block.layer[-1].is_sparse]
         if len(sparse) != len(counts):
             raise ValueError(f"config lists {len(counts)} expert counts for {len(sparse)} sparse layers")
-        for mlp, num_experts, capacity in zip(sparse, counts, capacities):
+        for ff, num_experts, capacity, expert_map in zip(sparse, counts, capacities, maps):
             layer_config = _layer_config(config, num_experts, capacity)
-            mlp.router = SwitchTransformersTop1Router(layer_config)
-            mlp.experts = SwitchTransformersExperts(layer_config)
+            experts = SwitchTransformersExperts(layer_config)
+            if expert_map is None:
+                ff.mlp.router = SwitchTransformersTop1Router(layer_config)
+                ff.mlp.experts = experts
+            else:
+                router_config = _layer_config(config, len(expert_map), capacity)
+                router = MappedSwitchTransformersTop1Router(router_config, expert_map)
+                ff.mlp = PrunedSwitchTransformersSparseMLP(router, experts)
         self.post_init()
 
 
@@ -213,9 +263,11 @@ def _build_stacks(config: PrunedSwitchTransformersConfig) -> tuple[PrunedSwitchT
 
 
 __all__ = [
+    "MappedSwitchTransformersTop1Router",
     "PrunedSwitchTransformersForConditionalGeneration",
     "PrunedSwitchTransformersModel",
     "PrunedSwitchTransformersPreTrainedModel",
+    "PrunedSwitchTransformersSparseMLP",
     "PrunedSwitchTransformersStack",
     "router_losses",
 ]
