@@ -279,7 +279,7 @@ def test_reap_ranks_by_gate_times_norm():
 def test_method_options_are_checked_against_the_methods_options_dataclass_when_the_recipe_is_made():
     for method, kwargs, message in [
         ("uncurl", {"routr": "anchor"}, r"no setting\(s\) \['routr'\].*router='weighted'"),
-        ("uncurl", {"router": "sum"}, "router must be one of 'weighted', 'anchor', 'fitted', got 'sum'"),
+        ("uncurl", {"router": "sum"}, "router must be one of 'weighted', 'anchor', 'fitted', 'map', got 'sum'"),
         ("uncurl", {"uniform": "yes"}, "must be a bool"),
         ("uncurl", {"profile": "spearman"}, "profile must be one of 'pearson', 'centered', 'raw'"),
         ("reap", {"gate": "none"}, "gate must be one of 'applied', 'softmax', 'renormalized'"),

@@ -152,6 +152,11 @@ class FusedMoEFamily(FusedDiskView, MoEFamily):
         gate, up = F.linear(hidden.to(gate_up.dtype), gate_up).chunk(2, dim=-1)
         return F.linear(experts.act_fn(gate) * up, experts.down_proj[index])
 
+    def run_expert_tensors(self, layer: MoELayer, tensors: Mapping[str, torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
+        """:meth:`expert_forward` on a one-expert view of the layer's experts module holding ``tensors`` (its
+        activation, biases and gate function stay the module's)."""
+        return self.expert_forward(_ExpertsView(layer.module.experts, self.fuse([dict(tensors)])), 0, hidden)
+
     def expert_tensors(self, layer: MoELayer, index: int) -> dict[str, torch.Tensor]:
         experts = layer.module.experts
         return self.unfuse({name: getattr(experts, name)[index].detach() for name in self.fused_params})
@@ -293,6 +298,17 @@ class FusedMoEFamily(FusedDiskView, MoEFamily):
             ids[i, : row.numel()] = row
             packed_mask[i, : row.numel()] = 1
         return {"input_ids": ids.to(device), "attention_mask": packed_mask.to(device), "use_cache": False}
+
+
+class _ExpertsView:
+    """An experts module's attributes, with its fused parameters replaced by ``params`` (read-only, never attached)."""
+
+    def __init__(self, experts: nn.Module, params: Mapping[str, torch.Tensor]) -> None:
+        self._experts, self._params = experts, dict(params)
+
+    def __getattr__(self, name: str) -> Any:
+        params = self.__dict__["_params"]
+        return params[name] if name in params else getattr(self.__dict__["_experts"], name)
 
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:

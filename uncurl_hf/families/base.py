@@ -129,6 +129,11 @@ class MoEFamily(ABC):
         """Output of expert ``index`` alone (no gate scaling) on ``hidden [N, D]``."""
         return layer.experts[index](hidden)
 
+    def run_expert_tensors(self, layer: MoELayer, tensors: Mapping[str, torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
+        """Output (no gate scaling) of an expert of ``layer``'s architecture holding ``tensors`` (keyed like
+        :attr:`neuron_axes`, e.g. a merge result) on ``hidden [N, D]``: what a reduced layer's expert computes."""
+        raise NotImplementedError(f"{self.name} cannot run an expert from tensors")
+
     def fused_experts(self, layer: MoELayer) -> nn.Module | None:
         """The one module computing all of the layer's experts (``experts(hidden, top_k_index, top_k_weights)``),
         or ``None`` when each expert is its own module (Switch): calibration reads expert outputs off it."""

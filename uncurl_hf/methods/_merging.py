@@ -32,6 +32,7 @@ from uncurl_hf.methods.base import PruningMethod, rank_by_score
 from uncurl_hf.methods._router_fit import fit_router_coefficients, merge_diagnostics
 from uncurl_hf.methods.frequency import rank_by_frequency
 from uncurl_hf.plan import LayerPlan
+from uncurl_hf.seeding import stable_seed
 from uncurl_hf.settings import setting
 
 if TYPE_CHECKING:
@@ -256,11 +257,20 @@ def router_setting(default: str = "weighted") -> Any:
     )
 
 
+def guard_setting() -> Any:
+    """The ``guard`` option of a merging method (one declaration, shared by every method's Options)."""
+    return setting(
+        False, help="per layer, keep the merge or the same groups pruned (each group's highest-REAP member alone), "
+        "whichever reconstructs the layer's output better on sampled calibration tokens",
+    )
+
+
 @dataclass(frozen=True)
 class MergeOptions:
     """Options every merging method has."""
 
     router: RouterRule = router_setting()
+    guard: bool = guard_setting()
     uniform: bool = setting(False, help="keep floor(E / factor) experts in every layer (no adaptive counts)")
 
 
@@ -321,8 +331,13 @@ class MergingMethod(PruningMethod):
         groups = self.group_experts(layer, stats, k, family, options, config.seed)
         logger.debug("%s (%s): groups %s", name, self.name, groups)
         aligned = (family, layer) if getattr(options, "align", True) else (None, None)
-        return merged_layer_plan(name, num_experts, groups, stats, options.router, *aligned,
+        plan = merged_layer_plan(name, num_experts, groups, stats, options.router, *aligned,
                                  scores=self.merge_scores(stats, options))
+        if getattr(options, "guard", False):
+            from uncurl_hf.methods._guard import guarded_plan  # here: _guard needs hcsmoe, which needs this module
+
+            plan = guarded_plan(family, layer, plan, stats, stable_seed(config.seed, "guard", name))
+        return plan
 
     def merge_scores(self, stats: ExpertStats, options: Any) -> Sequence[float] | None:
         """Per-expert saliency that orders and weights a group's members (``None``: routing counts, the default)."""

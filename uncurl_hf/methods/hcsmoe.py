@@ -29,7 +29,7 @@ from uncurl_hf.calibration.stats import ExpertStats
 from uncurl_hf.errors import UncurlError
 from uncurl_hf.families.base import MoEFamily, MoELayer
 from uncurl_hf.methods import register_method
-from uncurl_hf.methods._merging import MergingMethod, RouterRule, router_setting
+from uncurl_hf.methods._merging import MergingMethod, RouterRule, guard_setting, router_setting
 from uncurl_hf.seeding import stable_seed
 from uncurl_hf.settings import setting
 
@@ -41,6 +41,7 @@ class HCSMoEOptions:
     """HC-SMoE's options (``uniform`` is accepted, and always true: the paper's counts are uniform)."""
 
     router: RouterRule = router_setting()
+    guard: bool = guard_setting()
     max_tokens: int = setting(1024, help="sampled calibration tokens every expert is run on (cost: E x max_tokens)")
     align: bool = setting(False, help="align members' hidden neurons before merging (off in the paper)")
     uniform: bool = setting(True, help="accepted for --uniform; HC-SMoE always keeps floor(E / factor) per layer")
