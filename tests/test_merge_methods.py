@@ -329,3 +329,28 @@ def test_paired_interval_is_exact_on_a_constant_difference(tmp_path, monkeypatch
     assert module.paired_interval(a, a, 100) == (0.0, 0.0, 0.0)
     mean, low, high = module.paired_interval(a, np.zeros(8), 2000)
     assert mean == 5 / 8 and 0.0 <= low < mean < high <= 1.0
+
+
+def test_the_knn_affinity_is_a_symmetric_locally_scaled_neighbour_graph():
+    from uncurl_hf.methods._merging import cosine_similarity, knn_affinity
+
+    profiles = np.random.default_rng(0).normal(size=(20, 50))
+    affinity = knn_affinity(profiles, neighbours=3)
+    assert np.array_equal(affinity, affinity.T) and np.all(np.diag(affinity) == 1.0)
+    distance = 1.0 - cosine_similarity(profiles)
+    for i in range(20):
+        nearest = [j for j in np.argsort(distance[i], kind="stable") if j != i][:3]
+        assert all(affinity[i, j] > 0 for j in nearest)  # its 3 nearest are kept
+        sigma_i = distance[i, nearest[-1]]
+        for j in nearest:
+            sigma_j = distance[j, [m for m in np.argsort(distance[j], kind="stable") if m != j][2]]
+            assert affinity[i, j] == pytest.approx(np.exp(-distance[i, j] ** 2 / (sigma_i * sigma_j)))
+    assert (affinity > 0).sum() < 20 * 20 / 2  # sparse: far pairs are 0
+    assert np.array_equal(knn_affinity(profiles, neighbours=3), affinity)
+
+
+def test_uncurl_with_the_knn_affinity_plans_every_layer(switch_dir, calibration_jsonl, tmp_path):
+    result = prune_flat(switch_dir, tmp_path / "knn", method="uncurl", method_options={"affinity": "knn"}, factor=2,
+                        file=str(calibration_jsonl), num_examples=16, dry_run=True)
+    for layer in result.plan.layers:
+        assert sorted(e for g in layer.groups for e in g) == list(range(layer.num_experts))

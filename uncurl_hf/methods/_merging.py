@@ -122,6 +122,32 @@ def cosine_affinity(profiles: np.ndarray) -> np.ndarray:
     return (cosine_similarity(profiles) + 1.0) / 2.0
 
 
+def knn_affinity(profiles: np.ndarray, neighbours: int = 7) -> np.ndarray:
+    """A sparse, locally scaled affinity (Zelnik-Manor and Perona, "Self-Tuning Spectral Clustering", NIPS 2004).
+
+    With ``d = 1 - cos`` between profiles, ``sigma_i`` = ``d`` from expert ``i`` to its ``neighbours``-th nearest other
+    expert, ``A[i, j] = exp(-d_ij^2 / (sigma_i sigma_j))`` where ``j`` is among ``i``'s ``neighbours`` nearest or
+    ``i`` among ``j``'s, 0 elsewhere, unit diagonal. Why: the dense ``(cos + 1) / 2`` of many little-used experts
+    is nearly flat (off-diagonal sd 0.05-0.08), so the embedding separates little; the kNN graph keeps only the
+    near pairs and the local scale adapts to dense and sparse regions. Ties in the neighbour order go to the lower
+    index (a stable sort), so the result is deterministic.
+    """
+    distance = 1.0 - cosine_similarity(profiles)
+    e = distance.shape[0]
+    if e <= 2:
+        return np.ones((e, e))
+    k = max(1, min(neighbours, e - 1))
+    others = distance + np.diag(np.full(e, np.inf))
+    order = np.argsort(others, axis=1, kind="stable")[:, :k]
+    sigma = np.maximum(others[np.arange(e), order[:, -1]], 1e-12)
+    kernel = np.exp(-(distance**2) / (sigma[:, None] * sigma[None, :]))
+    near = np.zeros((e, e), dtype=bool)
+    near[np.arange(e)[:, None], order] = True
+    affinity = np.where(near | near.T, kernel, 0.0)
+    np.fill_diagonal(affinity, 1.0)
+    return affinity
+
+
 def merged_layer_plan(
     name: str,
     num_experts: int,

@@ -60,7 +60,7 @@ import numpy as np
 from uncurl_hf.calibration.stats import ExpertStats
 from uncurl_hf.families.base import MoEFamily, MoELayer
 from uncurl_hf.methods import register_method
-from uncurl_hf.methods._merging import MergeOptions, MergingMethod, cosine_affinity, logit_profiles
+from uncurl_hf.methods._merging import MergeOptions, MergingMethod, cosine_affinity, knn_affinity, logit_profiles
 from uncurl_hf.methods.frequency import rank_by_frequency
 from uncurl_hf.methods.msmoe import groups_around_centres
 from uncurl_hf.methods.reap import rank_by_reap, reap_scores
@@ -83,6 +83,10 @@ class UncurlOptions(MergeOptions):
     align: bool = setting(True, help="align members' hidden neurons to the anchor before merging (weight matching)")
     weights: Literal["usage", "reap"] = setting(
         "usage", help="merge weights and anchor of a group: members' routing counts (the paper), or their REAP scores",
+    )
+    affinity: Literal["dense", "knn"] = setting(
+        "dense", help="expert affinity: (cos + 1) / 2 of the profiles (the paper), or a locally scaled k-nearest-"
+        "neighbour graph (self-tuning spectral clustering)",
     )
     centres: Literal["reap", "spectral", "usage"] = setting(
         "reap", help="groups: k centres (the highest REAP scores, or the most-used experts) with the others placed "
@@ -182,7 +186,8 @@ class UncurlMerging(MergingMethod):
     def group_experts(
         self, layer: MoELayer, stats: ExpertStats, k: int, family: MoEFamily, options: UncurlOptions, seed: int
     ) -> list[list[int]]:
-        affinity = cosine_affinity(logit_profiles(stats, layer.router.weight, options.profile))
+        profiles = logit_profiles(stats, layer.router.weight, options.profile)
+        affinity = knn_affinity(profiles) if options.affinity == "knn" else cosine_affinity(profiles)
         layer_seed = stable_seed(seed, self.name, layer.name)
         if options.centres != "spectral":
             ranked = rank_by_frequency(stats) if options.centres == "usage" else rank_by_reap(stats)
