@@ -67,6 +67,8 @@ class Cell:
     router_agreement: float
     counts: dict[str, int] = field(default_factory=dict)
     correct: list[int] = field(default_factory=list, repr=False)
+    # mean over layers of the MoE block's relative output error on held-out (dev split) calibration tokens
+    reconstruction: float = float("nan")
 
     @property
     def relative(self) -> float:
@@ -97,6 +99,21 @@ def replaced_share(plan: Any, stats: Any) -> float:
         kept = sum(float(counts[max(g, key=lambda e: (float(counts[e]), -e))]) for g in layer.groups)
         shares.append(1.0 - kept / total)
     return float(np.mean(shares)) if shares else 0.0
+
+
+def reconstruction_error(model: Any, family: Any, plan: Any, held_out: Any) -> float:
+    """Mean over layers of ``||F - F_P|| / ||F||`` (:mod:`uncurl_hf.methods._guard`) on ``held_out`` statistics'
+    sampled tokens: the plan's layers as the checkpoint computes them, against the original layers."""
+    from uncurl_hf.methods._guard import GUARD_TOKENS, relative_errors
+    from uncurl_hf.methods.hcsmoe import token_subset
+
+    layers = {layer.name: layer for layer in family.sparse_layers(model)}
+    errors = [
+        relative_errors(family, layers[lp.name], [("plan", lp)],
+                        token_subset(held_out[lp.name].hidden_sample, GUARD_TOKENS, 0))["plan"]
+        for lp in plan.layers
+    ]
+    return float(np.nanmean(errors)) if errors else float("nan")
 
 
 def router_agreement(plan: Any) -> float:
@@ -135,6 +152,11 @@ def run_pair(
     reference = label_distribution(model, tokenizer, task, test).argmax(-1).numpy()
     baseline = float((reference == targets).mean())
     cells: list[Cell] = []
+    held_out_spec = CalibrationSpec(task=task_name, split="dev", num_examples=num_calibration, seed=0)
+    held_out_examples = calibration_examples(held_out_spec, tokenizer, causal=family.is_causal_lm())
+    held_out = calibrate(model, family, build_batches(held_out_examples, tokenizer, batch_size=held_out_spec.batch_size,
+                                                      max_length=held_out_spec.max_length),
+                         held_out_spec.max_logit_samples, 0, progress=False)
     calibration_s = 0.0
     modes = ("one-shot", "seq") if sequential else ("one-shot",)
     for seed in seeds:
@@ -163,9 +185,11 @@ def run_pair(
                 cells.append(Cell(
                     model_name, task_name, method_spec, factor, seed, float(correct.mean()), baseline, plan_s,
                     replaced_share(plan, stats), router_agreement(plan), plan.counts, correct.tolist(),
+                    reconstruction_error(model, family, plan, held_out),
                 ))
-                logger.info("%s seed %d  %-32s x%g  %.1f%%  replaced %.1f%%  %.1f s", pair, seed, method_spec, factor,
-                            cells[-1].relative, 100 * cells[-1].replaced, plan_s)
+                logger.info("%s seed %d  %-32s x%g  %.1f%%  replaced %.1f%%  error %.3f  %.1f s", pair, seed,
+                            method_spec, factor, cells[-1].relative, 100 * cells[-1].replaced,
+                            cells[-1].reconstruction, plan_s)
     info = PairInfo(model_name, task_name, baseline, len(test), max(sizes.values()), calibration_s / len(seeds))
     return info, cells
 
@@ -233,7 +257,8 @@ def format_summary(verdicts: Sequence[Verdict], reference: str) -> str:
 
 
 def format_diagnostics(cells: Sequence[Cell]) -> str:
-    """Replaced routing share (and router agreement for merges) per method and factor, mean over seeds."""
+    """Replaced routing share (and router agreement for merges) and held-out layer-output error per method and
+    factor, mean over seeds."""
     keys = list(dict.fromkeys((c.model, c.task, c.factor) for c in cells))
     methods = list(dict.fromkeys(c.method for c in cells))
     rows = [["model", "task", "factor", *methods]]
@@ -246,24 +271,14 @@ def format_diagnostics(cells: Sequence[Cell]) -> str:
                 continue
             text = f"{100 * np.mean([c.replaced for c in at]):.1f}"
             agreement = np.mean([c.router_agreement for c in at])
-            values.append(text if np.isnan(agreement) else f"{text}/{100 * agreement:.0f}")
+            text = text if np.isnan(agreement) else f"{text}/{100 * agreement:.0f}"
+            values.append(f"{text} e{np.mean([c.reconstruction for c in at]):.2f}")
         rows.append([model, task, f"x{factor:g}", *values])
     return text_table(rows)
 
 
 def _floats(text: str) -> list[float]:
     return [float(v) for v in text.split(",") if v]
-
-
-def split_methods(text: str) -> list[str]:
-    """Comma-separated method specs, where a spec's own options also use commas (``uncurl:a=1,b=2,frequency``)."""
-    specs: list[str] = []
-    for item in filter(None, text.split(",")):
-        if "=" in item and ":" not in item and specs:
-            specs[-1] += "," + item
-        else:
-            specs.append(item)
-    return specs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -293,6 +308,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
+    from uncurl_hf.experiments.sweep import split_methods
+
     methods = split_methods(args.methods)
     seeds = [int(s) for s in args.seeds.split(",") if s]
     start = time.perf_counter()
@@ -311,7 +328,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("Test accuracy, % of the unpruned model (mean over seeds "
           f"{','.join(map(str, seeds))}); {args.reference} - best in accuracy points, paired bootstrap")
     print(format_summary(verdicts, args.reference))
-    print("\nReplaced routing share % (merges: / router agreement %), mean over layers and seeds")
+    print("\nReplaced routing share % (merges: / router agreement %) and e = layer-output error on held-out dev tokens,"
+          " mean over layers and seeds")
     print(format_diagnostics(cells))
     print()
     for info in infos:

@@ -297,9 +297,9 @@ def test_quality_benchmark_runs_end_to_end(switch_dir, tmp_path, capsys, monkeyp
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses resolve annotations through sys.modules
     spec.loader.exec_module(module)
-    assert module.split_methods("uncurl:router=anchor,uniform=true,frequency") == [
-        "uncurl:router=anchor,uniform=true", "frequency"
-    ]
+    from uncurl_hf.experiments.sweep import split_methods  # the benchmark reads --methods with the sweep's parser
+
+    assert split_methods("uncurl:router=anchor,uniform=true,frequency") == ["uncurl:router=anchor,uniform=true", "frequency"]
     out = tmp_path / "quality.json"
     code = module.main(["--pairs", f"{switch_dir}:sentiment", "--methods", "frequency,uncurl:router=fitted",
                         "--reference", "uncurl:router=fitted", "--factors", "2", "--seeds", "0,1", "--limit", "8",
@@ -316,6 +316,7 @@ def test_quality_benchmark_runs_end_to_end(switch_dir, tmp_path, capsys, monkeyp
     assert all(0.0 <= r["replaced"] <= 1.0 for r in results)
     assert results[0]["router_agreement"] != results[0]["router_agreement"]  # NaN: pruning has no merged router
     assert 0.0 <= results[1]["router_agreement"] <= 1.0
+    assert all(r["reconstruction"] > 0.0 for r in results)  # held-out layer-output error of a real reduction
     assert len(payload["verdicts"]) == 1 and payload["verdicts"][0]["factor"] == 2.0
 
 
