@@ -93,8 +93,9 @@ def make_twins(model, a: int, b: int, seed: int = 0) -> list[int]:
 def test_twin_experts_merge_losslessly_thanks_to_alignment(method, switch_dir):
     """Two copies of one expert, one with its neurons permuted, merge into exactly that expert.
 
-    Reference: the same model with the twin simply deleted. (The original model itself cannot be matched: with
-    identical router rows the twins split the softmax mass, so any 7-expert top-1 router changes the gates.)
+    Reference: with one router row per output expert (M-SMoE's default), the same model with the twin simply deleted
+    (the original cannot be matched: with identical router rows the twins split the softmax mass, so any 7-row top-1
+    router changes the gates); with UNCURL's default ``router="map"`` (every original row kept), the original model.
     The twins are given equal usage so both weigh 1/2: without the permutation the average would be a different
     function, so equality proves both the neuron alignment and that the weights sum to one.
     """
@@ -122,7 +123,9 @@ def test_twin_experts_merge_losslessly_thanks_to_alignment(method, switch_dir):
     keep = [LayerPlan.keep(l.name, 8, [e for e in range(8) if not (l.name == LAYER and e == b)])
             for l in family.sparse_layers(model)]
     deduplicated = apply_plan(model, family, PruningPlan(model.config.model_type, family.name, "manual", keep))
-    for got, want in zip(logits_on(merged, batches), logits_on(deduplicated, batches)):
+    assert layer_plan.router == {"uncurl": "map", "msmoe": "weighted"}[method]
+    reference = model if layer_plan.router == "map" else deduplicated
+    for got, want in zip(logits_on(merged, batches), logits_on(reference, batches)):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
     unaligned = PruningPlan.from_json(plan.to_json())
@@ -278,7 +281,7 @@ def test_reap_ranks_by_gate_times_norm():
 
 def test_method_options_are_checked_against_the_methods_options_dataclass_when_the_recipe_is_made():
     for method, kwargs, message in [
-        ("uncurl", {"routr": "anchor"}, r"no setting\(s\) \['routr'\].*router='weighted'"),
+        ("uncurl", {"routr": "anchor"}, r"no setting\(s\) \['routr'\].*router='map'"),
         ("uncurl", {"router": "sum"}, "router must be one of 'weighted', 'anchor', 'fitted', 'map', got 'sum'"),
         ("uncurl", {"uniform": "yes"}, "must be a bool"),
         ("uncurl", {"profile": "spearman"}, "profile must be one of 'pearson', 'centered', 'raw'"),

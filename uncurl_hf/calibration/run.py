@@ -14,7 +14,7 @@ module an accelerate-dispatched model runs), and the statistics are accumulated 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -158,8 +158,13 @@ def calibrate(
     seed: int = 0,
     progress: bool = True,
     distributed: bool | None = None,
+    only: Collection[str] | None = None,
 ) -> CalibrationStats:
     """Forward ``batches`` through ``model`` (eval mode, no grad) and return per-layer :class:`ExpertStats`.
+
+    ``only``: the names of the layers to collect statistics of (default: every sparse layer). Each layer's statistics
+    do not depend on which others are collected; sequential planning leaves out the layers it has already pruned
+    (a logical merge's router has more rows than the layer has experts, so it has no per-expert statistics).
 
     Batches are dicts with ``input_ids`` and ``attention_mask`` and, for encoder-decoder models, the decoder side
     as ``labels`` (teacher forcing; ``-100`` marks padding) or ``decoder_input_ids`` (+ ``decoder_attention_mask``).
@@ -176,7 +181,7 @@ def calibrate(
     """
     from uncurl_hf.calibration import distributed as dist_utils
 
-    layers = family.sparse_layers(model)
+    layers = [layer for layer in family.sparse_layers(model) if only is None or layer.name in only]
     if not layers:
         from uncurl_hf.errors import UnsupportedModelError
 

@@ -18,15 +18,30 @@ Pruning", arXiv 2409.01483), as read in DESIGN.md. Per sparse layer, on the task
    ``p = argmax_perm sum_i <Wi_a[i], Wi_m[p_i]> + <Wo_a[:, i], Wo_m[:, p_i]>`` (``linear_sum_assignment``);
 4. merged expert ``sum_m f_m P_m(W_m) / sum_m f_m`` with ``f_m`` the member's routing count on the task (uniform if the
    group was never routed);
-5. router row of the group: ``"weighted"`` = ``sum_m w_m r_m`` (default) or ``"anchor"`` = ``r_anchor``;
+5. router: ``"map"`` (default) keeps every original router row and sends each original expert's tokens to its
+   group's merged expert (the references' logical merge: routing exactly the original's); ``"weighted"`` = one row
+   ``sum_m w_m r_m`` per group (the default before), ``"anchor"`` = ``r_anchor``, ``"fitted"``;
 6. adaptive per-layer ``k``: the factor fixes the total ``sum_l floor(E_l / factor)``; ``adaptive="usage"``
    (default) re-splits it by ONE usage threshold over all layers (the most-used experts of the whole model, each
    layer keeping at least one; M-SMoE's rule); ``adaptive="entropy"`` splits it in proportion to each layer's
    effective number of experts ``exp(H(usage))``. ``uniform=True`` (CLI ``--uniform``) keeps ``floor(E_l / factor)``.
 
-Options (``--method-arg KEY=VALUE``): ``router`` (weighted|anchor|fitted), ``uniform`` (bool), ``adaptive``
-(usage|entropy), ``profile`` (pearson|centered|raw), ``align`` (bool), ``centres`` (reap|spectral|usage), ``weights``
-(usage|reap: routing counts or REAP scores weight and order a group's members).
+Options (``--method-arg KEY=VALUE``): ``router`` (map|weighted|anchor|fitted), ``guard`` (bool), ``uniform`` (bool),
+``adaptive`` (usage|entropy), ``profile`` (pearson|centered|raw), ``align`` (bool), ``affinity`` (dense|knn),
+``centres`` (reap|spectral|usage), ``weights`` (usage|reap: routing counts or REAP scores weight and order a group's
+members).
+
+Why ``router="map"``. One averaged row cannot reproduce its members' logits, so tokens change group and the top-1
+gate changes scale; keeping the rows removes that error and leaves only the averaged experts' (``benchmarks/quality.py``,
+3 calibration seeds, % of the unpruned accuracy, x2 / x4 / x8, this machine's zoo builds): study-switch-64-topic
+(300 examples) weighted 96.9 / 77.1 / 65.4, map 99.3 / 80.8 / 78.0 (REAP 98.9 / 92.7 / 79.4); study-switch-16-topic
+(300) weighted 99.9 / 95.2 / 95.5, map 100.4 / 97.1 / 96.1 (best or within the 95% interval at every factor);
+tiny-qwen3moe-64 topic (150) weighted 99.3 / 89.7 / 88.7, map 99.8 / 88.5 / 88.5 (frequency pruning 99.0 / 98.6 /
+93.0). Measured and kept as options, no default: ``weights="reap"`` with the map (E=64 95.7 / 88.8 / 82.6, E=16
+99.0 / 97.7 / 97.4, decoder 97.6 / 91.6 / 89.4), ``guard=true`` (the same as the map on E=64: it kept every merge),
+``affinity="knn"`` (E=64 87.9 / 81.9 / 76.8), ``centres="usage"`` on the decoder (99.0 / 84.4 / 86.1: merging into
+frequency's centres loses what frequency pruning keeps). The cost: a logical merge loads only with the pruned model
+classes (``import uncurl_hf`` or ``trust_remote_code=True``) and has no ``--export stock`` form.
 
 Why ``centres="reap"``. On the dense ``(cos+1)/2`` affinity of models with many little-used experts the paper's
 clustering puts 23-30 experts in one cluster and spends slots on groups of experts the task hardly routes to, so a
@@ -60,7 +75,15 @@ import numpy as np
 from uncurl_hf.calibration.stats import ExpertStats
 from uncurl_hf.families.base import MoEFamily, MoELayer
 from uncurl_hf.methods import register_method
-from uncurl_hf.methods._merging import MergeOptions, MergingMethod, cosine_affinity, knn_affinity, logit_profiles
+from uncurl_hf.methods._merging import (
+    MergeOptions,
+    MergingMethod,
+    RouterRule,
+    cosine_affinity,
+    knn_affinity,
+    logit_profiles,
+    router_setting,
+)
 from uncurl_hf.methods.frequency import rank_by_frequency
 from uncurl_hf.methods.msmoe import groups_around_centres
 from uncurl_hf.methods.reap import rank_by_reap, reap_scores
@@ -74,6 +97,7 @@ logger = logging.getLogger(__name__)
 class UncurlOptions(MergeOptions):
     """UNCURL's options (the module docstring says why these defaults)."""
 
+    router: RouterRule = router_setting("map")
     adaptive: Literal["usage", "entropy"] = setting(
         "usage", help="re-split the factor's total across layers by one usage threshold, or by effective experts",
     )

@@ -17,7 +17,7 @@ that it fits the model) is written once:
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -119,11 +119,12 @@ def calibrate_and_plan(
 
 
 def calibrate_model(
-    model: nn.Module, family: MoEFamily, batches: Sequence[Batch], recipe: "PruneRecipe", progress: bool
+    model: nn.Module, family: MoEFamily, batches: Sequence[Batch], recipe: "PruneRecipe", progress: bool,
+    only: Collection[str] | None = None,
 ) -> CalibrationStats:
-    """One calibration pass with the recipe's sample bound and seed."""
+    """One calibration pass with the recipe's sample bound and seed (of the layers ``only`` names, default all)."""
     spec = recipe.calibration
-    return calibrate(model, family, batches, spec.max_logit_samples, spec.seed, progress=progress)
+    return calibrate(model, family, batches, spec.max_logit_samples, spec.seed, progress=progress, only=only)
 
 
 def plan_layer(

@@ -68,7 +68,8 @@ def plan_sequentially(
                 model, family, _partial_plan(model, family, method, planned, recipe),
                 scale_expert_capacity=recipe.scale_expert_capacity,
             )
-            stats = calibrate_model(current, family, batches, recipe, progress=False)
+            remaining = {later.name for later in layers[index:]}  # the pruned layers need no statistics
+            stats = calibrate_model(current, family, batches, recipe, progress=False, only=remaining)
             passes += 1
         planned_from[layer.name] = stats[layer.name]
         planned.append(plan_layer(method, layer.name, stats, current, family, budget, recipe))

@@ -26,6 +26,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is i
 
 from uncurl_hf.errors import UncurlError  # noqa: E402
 from uncurl_hf.io.resolve import resolve_model  # noqa: E402
+from uncurl_hf.recipe import DEFAULT_METHOD  # noqa: E402  (one default for CLI, recipe and Space)
 from uncurl_hf.space.comparison import (  # noqa: E402
     DEFAULT_TASK,
     classification_task,
@@ -49,7 +50,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DEFAULT_ZOO_MODEL = "tiny-switch-8"
-DEFAULT_METHOD = "frequency"
 DEFAULT_FACTORS: tuple[float, ...] = (2, 4, 8)
 DEFAULT_BATCH = 32
 
