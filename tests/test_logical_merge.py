@@ -179,3 +179,33 @@ def test_switch_capacity_is_counted_per_original_expert(tmp_path, calibration_js
                         calibration_file=calibration_jsonl, max_length=16, progress=False)
     config = load_model(result.output_dir).config
     assert set(config.expert_capacity_per_encoder_layer + config.expert_capacity_per_decoder_layer) == {3}
+
+
+def calibration_batches(model) -> list[dict[str, torch.Tensor]]:
+    ids = SWITCH_IDS if not get_family(model).is_causal_lm() else IDS
+    return [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}, {"input_ids": ids.flip(-1),
+                                                                         "attention_mask": torch.ones_like(ids)}]
+
+
+@pytest.mark.parametrize("family", ["switch", "qwen3_moe", "gpt_oss"])
+def test_a_logical_merge_calibrates_over_its_original_experts_with_the_original_routing(family):
+    """Calibration (the Space's usage heatmap, sequential planning) sees a logical merge per router row: its routing
+    counts are exactly the original model's; the Space folds them onto the merged experts."""
+    from uncurl_hf.calibration.run import calibrate
+    from uncurl_hf.space.comparison import expert_usage
+    from uncurl_hf.space.models import LoadedModel
+
+    model = model_of(family)
+    make_twins(model)  # the merged model then computes what the original does, so every layer routes alike
+    plan = with_rule(model, pairs(model), "map")
+    pruned = apply_plan(model, get_family(model), plan)
+    batches = calibration_batches(model)
+    original = calibrate(model, get_family(model), batches, progress=False)
+    merged = calibrate(pruned, get_family(pruned), batches, progress=False)
+    for name in original:
+        assert torch.equal(merged[name].counts, original[name].counts)
+    loaded = LoadedModel(path=None, model=pruned, tokenizer=None, params=0, disk_mb=0.0, experts=plan.counts, plan=plan)
+    usage = expert_usage(loaded, batches)
+    for name, layer_usage in usage.items():
+        folded = [int(original[name].counts[[2 * j, 2 * j + 1]].sum()) for j in range(plan.counts[name])]
+        assert layer_usage["counts"] == folded

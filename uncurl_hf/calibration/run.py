@@ -163,8 +163,8 @@ def calibrate(
     """Forward ``batches`` through ``model`` (eval mode, no grad) and return per-layer :class:`ExpertStats`.
 
     ``only``: the names of the layers to collect statistics of (default: every sparse layer). Each layer's statistics
-    do not depend on which others are collected; sequential planning leaves out the layers it has already pruned
-    (a logical merge's router has more rows than the layer has experts, so it has no per-expert statistics).
+    do not depend on which others are collected; sequential planning leaves out the layers it has already pruned.
+    A logical merge's layer (router rule ``"map"``) is calibrated per router row, i.e. over its original experts.
 
     Batches are dicts with ``input_ids`` and ``attention_mask`` and, for encoder-decoder models, the decoder side
     as ``labels`` (teacher forcing; ``-100`` marks padding) or ``decoder_input_ids`` (+ ``decoder_attention_mask``).
@@ -181,7 +181,8 @@ def calibrate(
     """
     from uncurl_hf.calibration import distributed as dist_utils
 
-    layers = [layer for layer in family.sparse_layers(model) if only is None or layer.name in only]
+    # a logical merge's layer is calibrated per router row (its original experts): see MoELayer.per_router_row
+    layers = [layer.per_router_row() for layer in family.sparse_layers(model) if only is None or layer.name in only]
     if not layers:
         from uncurl_hf.errors import UnsupportedModelError
 

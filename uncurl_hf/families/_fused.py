@@ -116,6 +116,8 @@ class FusedMoEFamily(FusedDiskView, MoEFamily):
             if router is None or experts is None:  # a dense layer (Qwen2-MoE mlp_only_layers, decoder_sparse_step)
                 continue
             count = int(getattr(experts, self.fused_params[0]).shape[0])
+            expert_map = getattr(router, "expert_map", None)
+            choices = len(expert_map) if expert_map is not None else count  # a logical merge routes over the originals
             layers.append(
                 MoELayer(
                     name=f"model.layers.{i}",
@@ -123,8 +125,9 @@ class FusedMoEFamily(FusedDiskView, MoEFamily):
                     module=mlp,
                     router=router,
                     experts=[FusedExpert(self, experts, j) for j in range(count)],
-                    top_k=min(int(router.top_k), count),
+                    top_k=min(int(router.top_k), choices),
                     renormalized=self.renormalizes(router),
+                    expert_map=expert_map,
                 )
             )
         return layers
@@ -141,7 +144,8 @@ class FusedMoEFamily(FusedDiskView, MoEFamily):
         return F.linear(hidden.to(weight.dtype), weight, bias).float()
 
     def run_expert(self, layer: MoELayer, index: int, hidden: torch.Tensor) -> torch.Tensor:
-        return self.expert_forward(layer.module.experts, index, hidden)
+        # the listed expert's own index: under MoELayer.per_router_row, entry ``index`` is expert ``expert_map[index]``
+        return self.expert_forward(layer.module.experts, layer.experts[index].index, hidden)
 
     def fused_experts(self, layer: MoELayer) -> nn.Module | None:
         return layer.module.experts

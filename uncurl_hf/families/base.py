@@ -10,7 +10,7 @@ Expert weights are exchanged as plain ``dict[str, Tensor]`` per expert (``{"wi":
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar, Mapping, Protocol
 
@@ -37,10 +37,19 @@ class MoELayer:
     top_k: int = 1
     mask_key: str = "attention_mask"
     renormalized: bool = False
+    # a logical merge (router rule "map"): the router has one row per original expert, row e runs expert_map[e]
+    expert_map: list[int] | None = None
 
     @property
     def num_experts(self) -> int:
         return len(self.experts)
+
+    def per_router_row(self) -> "MoELayer":
+        """This layer with one expert per router row (row ``e`` runs ``experts[expert_map[e]]``): how calibration and
+        the Space see a logical merge, whose routing statistics are over the original experts. Itself otherwise."""
+        if self.expert_map is None:
+            return self
+        return replace(self, experts=[self.experts[m] for m in self.expert_map], expert_map=None)
 
 
 @dataclass

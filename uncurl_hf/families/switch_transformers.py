@@ -70,6 +70,7 @@ class SwitchTransformersFamily(MoEFamily):
                         experts=experts,
                         top_k=1,
                         mask_key=mask_key,
+                        expert_map=getattr(mlp.router, "expert_map", None),
                     )
                 )
         return layers

@@ -119,13 +119,18 @@ def expert_usage(loaded: LoadedModel, batches: list[dict[str, torch.Tensor]]) ->
     """
     family = get_family(loaded.model)
     stats = calibrate(loaded.model, family, batches, max_logit_samples=1, progress=False)
+    maps = {layer.name: layer.expert_map for layer in family.sparse_layers(loaded.model)}
     usage: dict[str, dict[str, Any]] = {}
     for name, layer_stats in stats.items():
         mapping = loaded.layer_groups(name)
+        counts = layer_stats.counts
+        if maps.get(name) is not None:  # a logical merge counts its router's original experts: fold them
+            index = torch.as_tensor(maps[name])
+            counts = torch.zeros(int(index.max()) + 1, dtype=counts.dtype).index_add_(0, index, counts)
         usage[name] = {
             "tokens": int(layer_stats.num_tokens),
             "top_k": (loaded.top_k or {}).get(name, 1),
-            "counts": [int(c) for c in layer_stats.counts.tolist()],
+            "counts": [int(c) for c in counts.tolist()],
             "groups": mapping[0] if mapping else None,
             "source_experts": mapping[1] if mapping else None,
         }
