@@ -147,7 +147,8 @@ def test_a_config_map_must_reach_every_expert_of_its_layer():
     from uncurl_hf.modeling.pruned_switch_transformers import PrunedSwitchTransformersConfig
     from test_families_decoder import tiny_config
 
-    values = {k: v for k, v in tiny_config("qwen3_moe").to_dict().items() if k not in ("model_type", "transformers_version")}
+    values = {k: v for k, v in tiny_config("qwen3_moe").to_dict().items()
+              if k not in ("model_type", "transformers_version")}
     good = dict(values, num_experts=8, num_experts_per_layer=[2, 2, 2], expert_map_per_layer=[[0, 1] * 4] * 3)
     assert PrunedQwen3MoeConfig(**good).router_widths() == [8, 8, 8]
     with pytest.raises(Exception, match="must send tokens to each of its 2 experts"):

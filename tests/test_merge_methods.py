@@ -302,7 +302,9 @@ def test_quality_benchmark_runs_end_to_end(switch_dir, tmp_path, capsys, monkeyp
     spec.loader.exec_module(module)
     from uncurl_hf.experiments.sweep import split_methods  # the benchmark reads --methods with the sweep's parser
 
-    assert split_methods("uncurl:router=anchor,uniform=true,frequency") == ["uncurl:router=anchor,uniform=true", "frequency"]
+    assert split_methods("uncurl:router=anchor,uniform=true,frequency") == [
+        "uncurl:router=anchor,uniform=true", "frequency"
+    ]
     out = tmp_path / "quality.json"
     code = module.main(["--pairs", f"{switch_dir}:sentiment", "--methods", "frequency,uncurl:router=fitted",
                         "--reference", "uncurl:router=fitted", "--factors", "2", "--seeds", "0,1", "--limit", "8",

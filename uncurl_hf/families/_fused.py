@@ -156,7 +156,9 @@ class FusedMoEFamily(FusedDiskView, MoEFamily):
         gate, up = F.linear(hidden.to(gate_up.dtype), gate_up).chunk(2, dim=-1)
         return F.linear(experts.act_fn(gate) * up, experts.down_proj[index])
 
-    def run_expert_tensors(self, layer: MoELayer, tensors: Mapping[str, torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
+    def run_expert_tensors(
+        self, layer: MoELayer, tensors: Mapping[str, torch.Tensor], hidden: torch.Tensor
+    ) -> torch.Tensor:
         """:meth:`expert_forward` on a one-expert view of the layer's experts module holding ``tensors`` (its
         activation, biases and gate function stay the module's)."""
         return self.expert_forward(_ExpertsView(layer.module.experts, self.fuse([dict(tensors)])), 0, hidden)

@@ -138,7 +138,9 @@ class MoEFamily(ABC):
         """Output of expert ``index`` alone (no gate scaling) on ``hidden [N, D]``."""
         return layer.experts[index](hidden)
 
-    def run_expert_tensors(self, layer: MoELayer, tensors: Mapping[str, torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
+    def run_expert_tensors(
+        self, layer: MoELayer, tensors: Mapping[str, torch.Tensor], hidden: torch.Tensor
+    ) -> torch.Tensor:
         """Output (no gate scaling) of an expert of ``layer``'s architecture holding ``tensors`` (keyed like
         :attr:`neuron_axes`, e.g. a merge result) on ``hidden [N, D]``: what a reduced layer's expert computes."""
         raise NotImplementedError(f"{self.name} cannot run an expert from tensors")

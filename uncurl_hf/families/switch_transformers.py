@@ -83,7 +83,9 @@ class SwitchTransformersFamily(MoEFamily):
         expert = layer.experts[index]
         return {"wi": expert.wi.weight.detach(), "wo": expert.wo.weight.detach()}
 
-    def run_expert_tensors(self, layer: MoELayer, tensors: Mapping[str, torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
+    def run_expert_tensors(
+        self, layer: MoELayer, tensors: Mapping[str, torch.Tensor], hidden: torch.Tensor
+    ) -> torch.Tensor:
         """The layer's own ``DenseActDense`` forward (activation, dtype casts) with ``tensors`` as its weights."""
         weights = {f"{part}.weight": tensors[part] for part in ("wi", "wo")}
         return torch.func.functional_call(layer.experts[0], weights, (hidden,))

@@ -32,20 +32,20 @@ Options (``--method-arg KEY=VALUE``): ``router`` (map|weighted|anchor|fitted), `
 members).
 
 Why ``router="map"``. One averaged row cannot reproduce its members' logits, so tokens change group and the top-1
-gate changes scale; keeping the rows removes that error and leaves only the averaged experts' (``benchmarks/quality.py``,
-3 calibration seeds, % of the unpruned accuracy, x2 / x4 / x8, this machine's zoo builds): study-switch-64-topic
-(300 examples) weighted 96.9 / 77.1 / 65.4, map 99.3 / 80.8 / 78.0 (REAP 98.9 / 92.7 / 79.4); study-switch-16-topic
-(300) weighted 99.9 / 95.2 / 95.5, map 100.4 / 97.1 / 96.1 (best or within the 95% interval at every factor);
-tiny-qwen3moe-64 topic (150) weighted 99.3 / 89.7 / 88.7, map 99.8 / 88.5 / 88.5 (frequency pruning 99.0 / 98.6 /
-93.0). Measured and kept as options, no default: ``weights="reap"`` with the map (E=64 95.7 / 88.8 / 82.6, E=16
-99.0 / 97.7 / 97.4, decoder 97.6 / 91.6 / 89.4), ``guard=true`` (the same as the map on E=64: it kept every merge),
-``affinity="knn"`` (E=64 87.9 / 81.9 / 76.8), ``centres="usage"`` on the decoder (99.0 / 84.4 / 86.1: merging into
-frequency's centres loses what frequency pruning keeps). The cost: a logical merge loads only with the pruned model
-classes (``import uncurl_hf`` or ``trust_remote_code=True``) and has no ``--export stock`` form.
+gate changes scale; keeping the rows removes that error and leaves only the averaged experts'
+(``benchmarks/quality.py``, 3 calibration seeds, % of the unpruned accuracy, x2 / x4 / x8, this machine's zoo builds):
+study-switch-64-topic (300 examples) weighted 96.9 / 77.1 / 65.4, map 99.3 / 80.8 / 78.0 (REAP 98.9 / 92.7 / 79.4);
+study-switch-16-topic (300) weighted 99.9 / 95.2 / 95.5, map 100.4 / 97.1 / 96.1 (best or within the 95% interval at
+every factor); tiny-qwen3moe-64 topic (150) weighted 99.3 / 89.7 / 88.7, map 99.8 / 88.5 / 88.5 (frequency pruning
+99.0 / 98.6 / 93.0). Measured and kept as options, no default: ``weights="reap"`` with the map (E=64 95.7 / 88.8 /
+82.6, E=16 99.0 / 97.7 / 97.4, decoder 97.6 / 91.6 / 89.4), ``guard=true`` (the same as the map on E=64: it kept every
+merge), ``affinity="knn"`` (E=64 87.9 / 81.9 / 76.8), ``centres="usage"`` on the decoder (99.0 / 84.4 / 86.1: merging
+into frequency's centres loses what frequency pruning keeps). The cost: a logical merge loads only with the pruned
+model classes (``import uncurl_hf`` or ``trust_remote_code=True``) and has no ``--export stock`` form.
 
 Why ``centres="reap"``. On the dense ``(cos+1)/2`` affinity of models with many little-used experts the paper's
 clustering puts 23-30 experts in one cluster and spends slots on groups of experts the task hardly routes to, so a
-merge averages away a large share of the routing (``benchmarks/quality.py``, study-switch-64-topic, 3 calibration
+merge averages away a large share of the routing (``benchmarks/quality.py``, earlier builds of study-switch-64-topic, 3
 seeds, 300 test examples, % of the unpruned accuracy, x2 / x4 / x8): ``centres=spectral`` 75.2 / 86.2 / 82.6,
 ``centres=reap`` 95.6 / 96.8 / 84.4 (REAP pruning 100.1 / 99.3 / 99.0); on tiny-qwen3moe-64 topic (150 examples):
 spectral 94.0 / 87.8 / 91.4, reap 99.3 / 89.7 / 88.7 (frequency pruning 99.0 / 98.6 / 93.0); on study-switch-16-topic

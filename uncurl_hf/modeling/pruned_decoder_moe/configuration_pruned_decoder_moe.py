@@ -97,7 +97,9 @@ class PerLayerExpertsMixin:
             raise ValueError("expert_map_per_layer needs num_experts_per_layer (the experts each layer holds)")
         layers = sparse_layer_indices(self)
         if len(maps) != len(layers):
-            raise ValueError(f"expert_map_per_layer has {len(maps)} entries but the model has {len(layers)} sparse layers")
+            raise ValueError(
+                f"expert_map_per_layer has {len(maps)} entries but the model has {len(layers)} sparse layers"
+            )
         for index, mapping, count in zip(layers, maps, self.experts_per_layer()):
             if mapping is not None and sorted(set(mapping)) != list(range(count)):
                 raise ValueError(

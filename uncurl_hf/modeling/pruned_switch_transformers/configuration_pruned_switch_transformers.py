@@ -102,7 +102,8 @@ class PrunedSwitchTransformersConfig(SwitchTransformersConfig):
             if maps is not None:
                 if len(maps) != len(blocks):
                     raise ValueError(
-                        f"expert_map_per_{side}_layer has {len(maps)} entries but the {side} has {len(blocks)} sparse layers"
+                        f"expert_map_per_{side}_layer has {len(maps)} entries but the {side} has {len(blocks)} "
+                        "sparse layers"
                     )
                 for block, mapping, count in zip(blocks, maps, self.experts_per_layer(side == "decoder")):
                     if mapping is not None and sorted(set(mapping)) != list(range(count)):
