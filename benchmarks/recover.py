@@ -116,11 +116,16 @@ def lora_control(source: Path, task: str, args: argparse.Namespace) -> dict[str,
 
     config = RecoverConfig(task=task, steps=args.steps, lr=args.lr, rank=args.rank, batch_size=args.batch_size,
                            seed=args.seed)
+    from uncurl_hf.families import get_family
+    from uncurl_hf.recover.targets import task_type_of
+
     task_obj = get_task(task)
     model, tokenizer = load_model(source), load_tokenizer(source)
+    causal = task_type_of(get_family(model)) == "CAUSAL_LM"  # a decoder learns the task's prompt + label, as recover
     wrapped = add_lora(model, config)
-    train_lora(wrapped, training_batches(tokenizer, task_obj.load_split("train"), config), steps=config.steps,
-               lr=config.lr, warmup=config.warmup_steps, seed=config.seed, progress=not args.quiet)
+    train_lora(wrapped, training_batches(tokenizer, task_obj.load_split("train"), config, causal=causal),
+               steps=config.steps, lr=config.lr, warmup=config.warmup_steps, seed=config.seed,
+               progress=not args.quiet)
     limit = args.limit
     return {split: task_score(wrapped, tokenizer, task_obj, task_obj.load_split(split)[:limit] if limit else
                               task_obj.load_split(split)) for split in ("test", "dev")}

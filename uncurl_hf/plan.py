@@ -12,10 +12,10 @@ the group's weights), ``"anchor"`` (the anchor's row) or ``"fitted"`` (sum of th
 :mod:`uncurl_hf.methods._router_fit`; singleton groups are scaled by theirs too) or ``"map"`` (the references'
 *logical merge*: every original router row is kept and the checkpoint records, per layer, which output expert each
 original expert's tokens go to; routing is then exactly the original model's, so the groups must cover every
-original expert). ``extras`` carries method-specific, JSON-able data; the
-one :mod:`uncurl_hf.surgery.apply` understands is ``extras["permutations"]``: per group, per member, either ``None`` or a
-permutation ``p`` of the expert's hidden neurons, applied as ``W[p]`` along the family's neuron axis before
-averaging (neuron alignment à la weight matching / M-SMoE).
+original expert). ``extras`` carries method-specific, JSON-able data; the one :mod:`uncurl_hf.surgery.apply`
+understands is ``extras["permutations"]``: per group, per member, either ``None`` or a permutation ``p`` of the
+expert's hidden neurons, applied as ``W[p]`` along the family's neuron axis before averaging (neuron alignment à la
+weight matching / M-SMoE).
 """
 
 from __future__ import annotations
