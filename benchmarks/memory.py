@@ -150,6 +150,21 @@ def _rss() -> tuple[int, int]:
     return values["VmRSS"], values["VmHWM"]
 
 
+# (module, function, label) of every stage --profile reports; functions a version lacks are skipped
+PROFILE_STAGES = (
+    ("uncurl_hf.pipeline.prune", "load_source", "load"),
+    ("uncurl_hf.pipeline.prune", "_calibrate_and_plan", "calibrate + plan"),
+    ("uncurl_hf.pipeline.output", "apply_plan", "surgery"),
+    ("uncurl_hf.io.checks", "storage_state", "storage state"),
+    ("uncurl_hf.io.checkpoint", "compare_written_tensors", "compare written"),
+    ("uncurl_hf.io.checkpoint", "_validate_written", "validate (reload)"),
+    ("uncurl_hf.io.checkpoint", "_WrittenCheck.run", "reload check"),
+    ("uncurl_hf.pipeline.output", "finalize_output", "card"),
+    ("uncurl_hf.pipeline.output", "write_checkpoint", "write (all)"),
+    ("uncurl_hf.pipeline.output", "write_model_checkpoint", "write (all)"),
+)
+
+
 def _reset_peak() -> None:
     try:
         Path("/proc/self/clear_refs").write_text("5")
@@ -158,43 +173,19 @@ def _reset_peak() -> None:
 
 
 def profile(source: Path, workdir: Path, method: str, num_calibration: int) -> None:
-    import uncurl_hf.io.checkpoint as checkpoint
-    import uncurl_hf.io.checks as checks
-    import uncurl_hf.pipeline.output as output_mod
-    import uncurl_hf.pipeline.prune as prune_mod
+    from timing import instrument  # the sibling benchmark's stage wrapper (timing imports this module: lazily)
+
     from uncurl_hf.cli import main as cli_main
 
     size = weight_bytes(source)
     start = time.perf_counter()
 
-    def wrap(module: Any, name: str, label: str) -> None:
-        original = getattr(module, name, None)
-        if original is None:  # a stage this version does not have
-            return
+    def report(label: str, seconds: float) -> None:
+        rss, hwm = _rss()
+        print(f"  {label:<22} {seconds:7.1f} s   rss {rss / 1e9:6.2f} GB ({rss / size:4.2f}x)   "
+              f"stage peak {hwm / 1e9:6.2f} GB ({hwm / size:4.2f}x)", flush=True)
 
-        def wrapped(*args: Any, **kwargs: Any) -> Any:
-            _reset_peak()
-            began = time.perf_counter()
-            try:
-                return original(*args, **kwargs)
-            finally:
-                rss, hwm = _rss()
-                print(f"  {label:<22} {time.perf_counter() - began:7.1f} s   rss {rss / 1e9:6.2f} GB "
-                      f"({rss / size:4.2f}x)   stage peak {hwm / 1e9:6.2f} GB ({hwm / size:4.2f}x)", flush=True)
-
-        setattr(module, name, wrapped)
-
-    wrap(prune_mod, "load_source", "load")
-    wrap(prune_mod, "_calibrate_and_plan", "calibrate + plan")
-    wrap(output_mod, "apply_plan", "surgery")
-    wrap(checks, "storage_state", "storage state")
-    wrap(checkpoint, "compare_written_tensors", "compare written")
-    wrap(checkpoint, "_validate_written", "validate (reload)")
-    if hasattr(checkpoint, "_WrittenCheck"):
-        wrap(checkpoint._WrittenCheck, "run", "reload check")
-    wrap(output_mod, "finalize_output", "card")
-    wrap(output_mod, "write_checkpoint", "write (all)")
-    wrap(output_mod, "write_model_checkpoint", "write (all)")
+    instrument(report, PROFILE_STAGES, before=lambda _: _reset_peak())
     print(f"profile: {method} on {source} ({size / 1e9:.2f} GB of weights)")
     code = cli_main(prune_command(source, workdir / f"out-{method}", method, num_calibration)[3:])
     rss, hwm = _rss()

@@ -86,22 +86,34 @@ def model_folder(name: str, workdir: Path) -> Path:
 # ---- children: one prune with its stages timed, or one overhead measurement --------------------------------------
 
 
-def instrument(on_stage: Callable[[str, float], None]) -> None:
-    """Wrap every pipeline function of :data:`STAGES` so that each call reports ``(stage, seconds)``."""
+def instrument(
+    on_stage: Callable[[str, float], None],
+    stages: Sequence[tuple[str, str, str]] = STAGES,
+    before: Callable[[str], None] | None = None,
+) -> None:
+    """Wrap every pipeline function of ``stages`` (``(module, function, stage)``) so that each call reports
+    ``(stage, seconds)``, after ``before(stage)``; a function this version lacks is skipped (memory.py's profile
+    wraps internals too)."""
     import importlib
 
-    for module_name, function, stage in STAGES:
+    for module_name, function, stage in stages:
         module = importlib.import_module(module_name)
-        original = getattr(module, function)
+        owner_name, _, attribute = function.rpartition(".")
+        owner = getattr(module, owner_name, None) if owner_name else module
+        original = getattr(owner, attribute, None)
+        if original is None:
+            continue
 
         def timed(*args: Any, __original: Any = original, __stage: str = stage, **kwargs: Any) -> Any:
+            if before is not None:
+                before(__stage)
             began = time.perf_counter()
             try:
                 return __original(*args, **kwargs)
             finally:
                 on_stage(__stage, time.perf_counter() - began)
 
-        setattr(module, function, timed)
+        setattr(owner, attribute, timed)
 
 
 def child_prune(source: str, method: str, num_calibration: int, output: str) -> dict[str, Any]:
