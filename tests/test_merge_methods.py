@@ -58,11 +58,12 @@ def layer_of(model, name: str):
     return {layer.name: layer for layer in get_family(model).sparse_layers(model)}[name]
 
 
-def counts_config(model, **counts: int) -> "PruneRecipe":
+def counts_config(model, options: dict | None = None, method: str | None = None, **counts: int) -> "PruneRecipe":
     """Keep every expert except in the layers named (dots as ``__``): explicit counts, so no adaptive re-split."""
     sizes = get_family(model).layer_sizes(model)
     chosen = {name.replace("__", "."): k for name, k in counts.items()}
-    return make_recipe(num_experts_per_layer={name: chosen.get(name, size) for name, size in sizes.items()})
+    extra = {"method": method, "method_options": options} if options else {}
+    return make_recipe(num_experts_per_layer={name: chosen.get(name, size) for name, size in sizes.items()}, **extra)
 
 
 def plan_for(method: str, model, stats, config: "PruneRecipe") -> PruningPlan:
@@ -109,7 +110,8 @@ def test_twin_experts_merge_losslessly_thanks_to_alignment(method, switch_dir):
     counts[[a, b]] = 3  # least used, equal: M-SMoE makes `a` a centre and merges `b` into it
     stats[LAYER].counts = counts
 
-    plan = plan_for(method, model, stats, counts_config(model, encoder__block__1=7))
+    usage_weights = {"weights": "usage"} if method == "uncurl" else None  # the twins' equal counts weigh 1/2 each
+    plan = plan_for(method, model, stats, counts_config(model, usage_weights, method, encoder__block__1=7))
     layer_plan = plan.layer(LAYER)
     assert layer_plan.groups == [[0], [a, b], [2], [3], [4], [6], [7]]
     assert layer_plan.weights[1] == [0.5, 0.5]

@@ -146,5 +146,5 @@ def test_reap_centres_anchor_the_groups_and_reap_weights_weight_them(switch_dir,
         centres = rank_by_reap(layer_stats)[: len(layer_plan.groups)]
         assert sorted(g[0] for g in layer_plan.groups) == sorted(centres)
         for group, weights in zip(layer_plan.groups, layer_plan.weights):
-            total = sum(scores[e] for e in group)
-            assert weights == pytest.approx([scores[e] / total for e in group], abs=1e-12)
+            rounded = [float(f"{scores[e]:.3g}") for e in group]  # 3 digits: bytes independent of the thread count
+            assert weights == pytest.approx([r / sum(rounded) for r in rounded], abs=1e-12)
