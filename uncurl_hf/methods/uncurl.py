@@ -47,7 +47,7 @@ at 10 (same runs, x2 / x4 / x8): study-switch-64-topic 95.7 / 88.8 / 82.6 (count
 study-switch-32-topic 97.2 / 94.1 / 90.8 (95.3 / 91.9 / 88.3), study-switch-16-topic 99.0 / 97.7 / 97.4 (100.4 /
 97.1 / 96.1), study-switch-16-hedge 106.1 / 107.6 / 108.6 (100.8 / 100.5 / 105.6), tiny-qwen3moe-64 topic 97.6 /
 91.6 / 89.4 (99.8 / 88.5 / 88.5; frequency pruning 99.0 / 98.6 / 93.0, the one cell out of the interval). It loses
-1.4-3.6 points to counts at x2 and wins up to 8 at x4/x8. Chosen on these test examples, with unrounded weights.
+1.4-3.6 points to counts at x2 on three pairs (wins 1.9 and 5.3 on two) and wins up to 8 at x4/x8. Chosen on these test examples, with unrounded weights.
 Measured and kept as options: ``guard=true`` (the same as the map on E=64: it kept every merge), ``affinity="knn"``
 (E=64 87.9 / 81.9 / 76.8), ``centres="usage"`` on the decoder (99.0 / 84.4 / 86.1: merging into frequency's centres
 loses what frequency pruning keeps). The cost of the map: a logical merge loads only with the pruned model classes
