@@ -35,9 +35,7 @@ def block_output(family, layer, hidden: torch.Tensor) -> torch.Tensor:
 
 def proxy_output(family, layer, hidden: torch.Tensor) -> torch.Tensor:
     router = family.router_tensors(layer)
-    expert_map = getattr(getattr(layer.module, "router", None), "expert_map", None) or getattr(
-        getattr(layer.module, "gate", None), "expert_map", None)
-    return moe_output(family, layer, hidden, router, lambda j, x: family.run_expert(layer, j, x), expert_map)
+    return moe_output(family, layer, hidden, router, lambda j, x: family.run_expert(layer, j, x), layer.expert_map)
 
 
 @pytest.mark.parametrize("family_name", BLOCK_FAMILIES)

@@ -203,6 +203,11 @@ class PruningPlan:
         raise KeyError(name)
 
     @property
+    def has_expert_maps(self) -> bool:
+        """Whether some layer is a logical merge (router rule ``"map"``): no stock checkpoint can hold it."""
+        return any(layer.router == "map" for layer in self.layers)
+
+    @property
     def counts(self) -> dict[str, int]:
         """``{layer: number of output experts}``."""
         return {layer.name: layer.num_output_experts for layer in self.layers}

@@ -173,7 +173,8 @@ def build_card(facts: CardFacts, template_path: str | Path = TEMPLATE_PATH) -> M
         "merged": any(not layer.is_pure_pruning for layer in plan.layers),
         "format_display": f"stock `{fmt.stock_type}` (no custom code)" if fmt.stock
         else f"`{fmt.model_type}` (per-layer expert counts"
-        + ("; routers keep every original expert's row, with an expert map (router=map)" if _mapped(plan) else "")
+        + ("; routers keep every original expert's row, with an expert map (router=map)"
+           if plan.has_expert_maps else "")
         + ("; modeling code included)" if fmt.remote_files else "; needs `import uncurl_hf`)"),
         "uncurl_version": __version__,
         "layers": [
@@ -303,11 +304,6 @@ def _method_params(plan: PruningPlan) -> Mapping[str, Any]:
     """Method options recorded in the plan (``metadata['method_kwargs']`` when the method stored them)."""
     params = plan.metadata.get("method_kwargs") or {}
     return params if isinstance(params, Mapping) else {}
-
-
-def _mapped(plan: Any) -> bool:
-    """Whether some layer is a logical merge (router rule ``"map"``)."""
-    return any(layer.router == "map" for layer in plan.layers)
 
 
 def _json_value(value: Any) -> str:

@@ -88,8 +88,8 @@ def checkpoint_format(facts: Any) -> CheckpointFormat:
     model_type = facts.model_type
     if not model_type:
         uniform = len(set(facts.experts_after.values())) <= 1
-        mapped = any(layer.router == "map" for layer in plan.layers)  # an expert map has no stock form
-        stock = not mapped and (facts.export == "stock" or (causal and uniform))  # equal decoder counts: stock
+        # equal decoder counts are written stock, unless an expert map needs the pruned classes
+        stock = not plan.has_expert_maps and (facts.export == "stock" or (causal and uniform))
         model_type = base if stock else PRUNED_PREFIX + base
     remote = facts.remote_code_files
     if remote is None:

@@ -258,7 +258,9 @@ class FusedMoEFamily(FusedDiskView, MoEFamily):
             k = counts[0] if counts else int(values[count_key])
             values.update({count_key: k, "num_experts_per_tok": min(top_k, k)})
             return self.stock_config_class()(**values)
-        widths = [len(m) if m is not None else c for m, c in zip(maps or [None] * len(counts), counts)]
+        from uncurl_hf.modeling.pruned_decoder_moe.configuration_pruned_decoder_moe import layer_router_widths
+
+        widths = layer_router_widths(counts, maps or [None] * len(counts))
         values.update(
             {
                 count_key: max(widths),

@@ -161,9 +161,8 @@ def _check_agreement(root: Path, report: VerifyReport) -> None:
     for layer in family.sparse_layers(model):
         key = _stored_key(model, f"{module_names[id(layer.router)]}.weight", layer.router.weight)
         rows = shapes[key][0] if key in shapes else None
-        routed = layer.router.weight.shape[0]
-        if rows == routed != layer.num_experts:  # a logical merge: the router keeps a row per original expert
-            rows = layer.num_experts  # (the tensors check below compares every expert tensor's shape)
+        if layer.expert_map is not None and rows == len(layer.expert_map):  # a logical merge: a row per original
+            rows = layer.num_experts  # expert (the tensors check below compares every expert tensor's shape)
         weight_counts[layer.name] = rows
     sources: dict[str, Mapping[str, int | None]] = {"config": config_counts, "weights": weight_counts}
     if plan is not None:

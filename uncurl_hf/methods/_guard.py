@@ -32,6 +32,7 @@ from torch.nn import functional as F
 from uncurl_hf.calibration.stats import ExpertStats
 from uncurl_hf.families.base import MoEFamily, MoELayer
 from uncurl_hf.methods.hcsmoe import token_subset
+from uncurl_hf.methods.naee import routed_gates
 from uncurl_hf.methods.reap import reap_scores
 from uncurl_hf.plan import LayerPlan
 from uncurl_hf.surgery.apply import reduce_layer
@@ -51,19 +52,15 @@ def moe_output(
     """``[T, D]`` float32: the MoE block with router tensors ``router`` (``weight [R, D]``, optional ``bias``) and
     ``expert(j, x)`` as its experts, on ``hidden [T, D]``; with ``expert_map`` the router's choice ``r`` runs
     expert ``expert_map[r]`` (a logical merge)."""
-    weight = router["weight"].float()
     bias = router.get("bias")
-    logits = F.linear(hidden.float(), weight, None if bias is None else bias.float())
-    probs, selected = family.routing(logits, min(layer.top_k, weight.shape[0]))
-    gates = probs.gather(-1, selected)
-    if layer.renormalized:
-        gates = gates / gates.sum(dim=-1, keepdim=True)
+    logits = F.linear(hidden.float(), router["weight"].float(), None if bias is None else bias.float())
+    selected, gates = (t[0] for t in routed_gates(family, layer, logits))  # top-min(k, rows), the family's gate
     if expert_map is not None:
         selected = torch.as_tensor(list(expert_map), device=selected.device)[selected]
     out = torch.zeros(hidden.shape[0], hidden.shape[1], dtype=torch.float32, device=hidden.device)
     for j in torch.unique(selected).tolist():
         token, slot = torch.nonzero(selected == j, as_tuple=True)
-        value = expert(j, hidden[token]).float() * gates[token, slot, None]
+        value = expert(j, hidden[token]).float() * gates[token, slot, None].float()
         out.index_add_(0, token, value)
     return out
 

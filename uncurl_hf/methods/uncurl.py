@@ -15,7 +15,8 @@ Pruning", arXiv 2409.01483), as read in DESIGN.md. Per sparse layer, on the task
    degenerate affinity never fails: missing groups are split off the least coherent clusters); ``"usage"`` takes the
    most-used experts as centres. ``k == E`` keeps every expert, ``k == 1`` is one group;
 3. anchor = the member with the largest merge weight (below); every other member's hidden neurons are aligned to
-   the anchor by weight matching, ``p = argmax_perm sum_i <Wi_a[i], Wi_m[p_i]> + <Wo_a[:, i], Wo_m[:, p_i]>`` (``linear_sum_assignment``);
+   the anchor by weight matching, ``p = argmax_perm sum_i <Wi_a[i], Wi_m[p_i]> + <Wo_a[:, i], Wo_m[:, p_i]>``
+   (``linear_sum_assignment``);
 4. merged expert ``sum_m f_m P_m(W_m) / sum_m f_m`` with ``f_m`` the member's REAP score (default ``weights="reap"``;
    the anchor is then the member with the highest score) or its routing count on the task (``weights="usage"``, the
    paper); uniform if every ``f_m`` is 0;
@@ -47,7 +48,8 @@ at 10 (same runs, x2 / x4 / x8): study-switch-64-topic 95.7 / 88.8 / 82.6 (count
 study-switch-32-topic 97.2 / 94.1 / 90.8 (95.3 / 91.9 / 88.3), study-switch-16-topic 99.0 / 97.7 / 97.4 (100.4 /
 97.1 / 96.1), study-switch-16-hedge 106.1 / 107.6 / 108.6 (100.8 / 100.5 / 105.6), tiny-qwen3moe-64 topic 97.6 /
 91.6 / 89.4 (99.8 / 88.5 / 88.5; frequency pruning 99.0 / 98.6 / 93.0, the one cell out of the interval). It loses
-1.4-3.6 points to counts at x2 on three pairs (wins 1.9 and 5.3 on two) and wins up to 8 at x4/x8. Chosen on these test examples, with unrounded weights.
+1.4-3.6 points to counts at x2 on three pairs (wins 1.9 and 5.3 on two) and wins up to 8 at x4/x8. Chosen on these
+test examples, with unrounded weights.
 Measured and kept as options: ``guard=true`` (the same as the map on E=64: it kept every merge), ``affinity="knn"``
 (E=64 87.9 / 81.9 / 76.8), ``centres="usage"`` on the decoder (99.0 / 84.4 / 86.1: merging into frequency's centres
 loses what frequency pruning keeps). The cost of the map: a logical merge loads only with the pruned model classes

@@ -129,7 +129,7 @@ def write_output(loaded: Source, plan: PruningPlan, recipe: PruneRecipe, facts: 
         # the source when the reduced model is built, and the reduced model (only referenced by ``held``) before
         # the written folder is reloaded for validation; never two models in full (issue 17).
         if recipe.export == "stock":  # before the surgery: both are facts of the plan
-            refuse_expert_maps(layer.router for layer in plan.layers)
+            refuse_expert_maps(plan.has_expert_maps)
             uniform_count(plan.counts, loaded.family)
         params_before, freed = count_parameters(loaded.model), tensor_bytes(loaded.model)
         source_model, loaded.model = loaded.model, None

@@ -90,7 +90,7 @@ def preflight(source: Path, saved_plan: PruningPlan | None, recipe: PruneRecipe,
     if options.dry_run and saved_plan is not None:
         raise UncurlError("--dry-run computes a plan, but --plan already gives one; drop one of them.")
     if recipe.export == "stock" and recipe.method is not None:
-        refuse_expert_maps([getattr(recipe.options(), "router", "")])
+        refuse_expert_maps(getattr(recipe.options(), "router", None) == "map")
     family = inspect_checkpoint(source, allow_pickle=options.allow_pickle, trust_remote_code=options.trust_remote_code)
     refuse_logical_merge(source)
     if saved_plan is not None and saved_plan.family != family.name:

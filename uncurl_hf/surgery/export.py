@@ -15,7 +15,7 @@ a token the pruned model kept, and equals it exactly whenever no layer overflows
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -72,10 +72,10 @@ def uniform_count(counts: Mapping[str, int], family: Any | None = None) -> int:
     )
 
 
-def refuse_expert_maps(router_rules: Iterable[str]) -> None:
-    """:class:`ExportError` when a layer uses the ``"map"`` router (a logical merge): a stock config has one router
-    row per expert and no expert map, so that checkpoint has no stock form."""
-    if "map" in set(router_rules):
+def refuse_expert_maps(mapped: bool) -> None:
+    """:class:`ExportError` when the output is a logical merge (``mapped``: the ``"map"`` router rule): a stock config
+    has one router row per expert and no expert map, so that checkpoint has no stock form."""
+    if mapped:
         raise ExportError(
             "--export stock cannot hold a logical merge: router=map keeps every original router row plus an expert "
             "map, which a stock config has no field for. Keep the default --export pruned, or merge with another "

@@ -33,6 +33,11 @@ def sparse_layer_indices(config: Any) -> list[int]:
     return [i for i in range(num_layers) if i not in dense and (i + 1) % int(step) == 0]
 
 
+def layer_router_widths(counts: list[int], maps: list[list[int] | None]) -> list[int]:
+    """Router rows of each sparse layer: its original expert count under an expert map, else its expert count."""
+    return [len(m) if m is not None else c for m, c in zip(maps, counts)]
+
+
 class PerLayerExpertsMixin:
     """``num_experts_per_layer`` (one count per sparse layer, in layer order) on top of an upstream MoE config.
 
@@ -57,8 +62,8 @@ class PerLayerExpertsMixin:
         return [None if m is None else list(m) for m in self.expert_map_per_layer]
 
     def router_widths(self) -> list[int]:
-        """Router rows of each sparse layer: its original count under a map, else its expert count."""
-        return [len(m) if m is not None else c for m, c in zip(self.expert_maps(), self.experts_per_layer())]
+        """Router rows of each sparse layer (:func:`layer_router_widths`)."""
+        return layer_router_widths(self.experts_per_layer(), self.expert_maps())
 
     def experts_per_layer(self) -> list[int]:
         """Expert count of each sparse layer, in layer order."""
@@ -214,6 +219,7 @@ PRUNED_CONFIGS: dict[str, type] = {
 __all__ = [
     "PRUNED_CONFIGS",
     "PerLayerExpertsMixin",
+    "layer_router_widths",
     "PrunedGptOssConfig",
     "PrunedMixtralConfig",
     "PrunedOlmoeConfig",

@@ -81,11 +81,6 @@ class PrunedSwitchTransformersConfig(SwitchTransformersConfig):
         blocks = self.decoder_sparse_blocks if is_decoder else self.encoder_sparse_blocks
         return [None if m is None else list(m) for m in maps] if maps is not None else [None] * len(blocks)
 
-    @property
-    def has_expert_maps(self) -> bool:
-        """Whether some layer is a logical merge (router rows of the original experts plus a map)."""
-        return any(m is not None for side in (False, True) for m in self.expert_maps(side))
-
     def validate_per_layer_counts(self) -> None:
         """Each per-layer list must have one positive entry per sparse layer and fit ``num_experts``."""
         for side, blocks in (("encoder", self.encoder_sparse_blocks), ("decoder", self.decoder_sparse_blocks)):
