@@ -33,7 +33,6 @@ runs on the in-memory model (or out of core with the streaming writer).
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,12 +41,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from uncurl_hf.io.checkpoint import inspect_checkpoint
-from uncurl_hf.io.safetensors import SafetensorsReader
 from uncurl_hf.errors import CheckpointError
 from uncurl_hf.families.base import MoEFamily
+from uncurl_hf.io.checkpoint import inspect_checkpoint
+from uncurl_hf.io.tensor_map import MetaModel, TensorMapError, block_of, build_on_meta, find_blocks
+
+__all__ = ["OffloadCounters", "OffloadedModel", "find_blocks", "load_offloaded"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,90 +65,26 @@ class OffloadCounters:
     loaded_blocks: list[str] = field(default_factory=list)
 
 
-@dataclass
-class _Source:
-    """Stored tensors that become model tensors together, and how: what ``from_pretrained`` does with them.
-
-    A plain source is one stored key read as is (``converter`` None; ``outputs`` is the one model name, which may
-    differ from the key when a ``WeightRenaming`` applies, e.g. Mixtral's ``block_sparse_moe`` -> ``mlp``). A
-    converted source is the group of stored keys one of the model's ``WeightConverter``\\ s collects for one target
-    (a layer's ``experts.{j}.w1.weight`` and ``w3`` for ``experts.gate_up_proj``), in the loader's order.
-    """
-
-    target: str  # the loader's "first param name" of the group
-    outputs: tuple[str, ...]  # model names it yields (several for a one-to-many converter)
-    keys: list[tuple[str, str]] = field(default_factory=list)  # (matched source pattern, stored key)
-    converter: Any = None  # a transformers ``WeightConverter`` template (deep-copied per read)
-
-    def read(self, reader: SafetensorsReader, model: nn.Module, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-        """The model tensors, cast like the loader casts: each stored tensor to the target parameter's dtype."""
-
-        def load(key: str) -> torch.Tensor:
-            tensor = reader.get(key)
-            return tensor if dtype is None or tensor.dtype == dtype else tensor.to(dtype)
-
-        if self.converter is None:
-            return {self.target: load(self.keys[0][1])}
-        converter = copy.deepcopy(self.converter)  # it collects tensors in place: one instance per read
-        for pattern, key in self.keys:
-            converter.add_tensor(self.target, key, pattern, lambda key=key: load(key))
-        try:
-            produced = converter.convert(self.target, model=model, config=getattr(model, "config", None))
-        except Exception as exc:  # transformers' conversion ops raise plain errors on inconsistent groups
-            raise CheckpointError(
-                f"Converting the stored tensors {[k for _, k in self.keys][:4]} into {self.target} failed "
-                f"({type(exc).__name__}: {exc}); the checkpoint is incomplete or does not match its config.json. "
-                "Re-save it with save_pretrained."
-            ) from exc
-        return {name: value[0] if isinstance(value, list) else value for name, value in produced.items()}
-
-
-@dataclass
-class _Slot:
-    """One distinct parameter or persistent buffer: where it lives in the model and which source yields it."""
-
-    owners: list[tuple[nn.Module, str]]
-    names: list[str]  # full names of the owners (``encoder.block.1.layer.0.SelfAttention.q.weight``)
-    key: str  # the model name under which ``source`` yields it
-    source: _Source
-    shape: torch.Size
-    dtype: torch.dtype
-    is_buffer: bool = False
-
-    @property
-    def nbytes(self) -> int:
-        return self.shape.numel() * torch.empty((), dtype=self.dtype).element_size()
-
-    def put(self, tensor: torch.Tensor) -> None:
-        if self.is_buffer:
-            for module, name in self.owners:
-                module._buffers[name] = tensor
-            return
-        param = nn.Parameter(tensor, requires_grad=False)
-        for module, name in self.owners:
-            module._parameters[name] = param
-
-
 class OffloadedModel:
     """A model built on the meta device whose transformer blocks are read from disk just in time.
 
     Use as a context manager (or call :meth:`close`): closing removes the hooks and frees every block.
     """
 
-    def __init__(self, model: nn.Module, family: MoEFamily, reader: SafetensorsReader,
-                 blocks: dict[str, list[_Slot]], resident: list[_Slot]) -> None:
-        self.model = model
+    def __init__(self, built: MetaModel, family: MoEFamily) -> None:
+        self.built = built
+        self.model = built.model
         self.family = family
-        self.reader = reader
-        self.blocks = blocks
+        self.reader = built.reader
+        self.blocks = built.blocks
         self.counters = OffloadCounters()
         self._in_memory: set[str] = set()
         self._handles: list[Any] = []
-        self._fill(resident)
-        self.counters.resident_bytes = sum(slot.nbytes for slot in resident)
+        built.fill(built.resident)
+        self.counters.resident_bytes = sum(slot.nbytes for slot in built.resident)
         self.counters.peak_bytes = self.counters.resident_bytes
-        for name in blocks:
-            module = model.get_submodule(name)
+        for name in self.blocks:
+            module = self.model.get_submodule(name)
             self._handles.append(module.register_forward_pre_hook(lambda _m, _a, name=name: self.load(name)))
             self._handles.append(module.register_forward_hook(lambda _m, _a, _o, name=name: self.free(name)))
 
@@ -158,28 +94,11 @@ class OffloadedModel:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def _fill(self, slots: list[_Slot]) -> None:
-        """Read every source the slots need (each once, in order) and put each slot's tensor in place."""
-        produced: dict[int, dict[str, torch.Tensor]] = {}
-        for slot in slots:
-            source = slot.source
-            if id(source) not in produced:
-                produced[id(source)] = source.read(self.reader, self.model, slot.dtype)
-            tensor = produced[id(source)][slot.key]
-            if tensor.shape != slot.shape:
-                stored = [key for _, key in source.keys]
-                raise CheckpointError(
-                    f"{slot.key} has shape {tuple(tensor.shape)} on disk (from {stored[:3]}{' ...' if len(stored) > 3 else ''}) "
-                    f"but {tuple(slot.shape)} in the model built from config.json; restore the config that came "
-                    "with the weights."
-                )
-            slot.put(tensor)
-
     def load(self, block: str) -> None:
         """Read ``block``'s parameters from disk into the model (no-op when already in memory)."""
         if block in self._in_memory:
             return
-        self._fill(self.blocks[block])
+        self.built.fill(self.blocks[block])
         self._in_memory.add(block)
         c = self.counters
         c.loads += 1
@@ -201,7 +120,7 @@ class OffloadedModel:
 
     def block_of(self, module_name: str) -> str | None:
         """The block holding the module called ``module_name`` (``None`` for a resident module)."""
-        return module_name if module_name in self.blocks else _block_of(list(self.blocks), module_name)
+        return module_name if module_name in self.blocks else block_of(list(self.blocks), module_name)
 
     @contextmanager
     def materialized(self, module_name: str) -> Iterator[None]:
@@ -225,118 +144,6 @@ class OffloadedModel:
         self.reader.close()
 
 
-def find_blocks(model: nn.Module) -> list[str]:
-    """Names of the transformer blocks: children of the outermost ``nn.ModuleList``\\ s, in module order."""
-    lists: list[str] = []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and not any(name.startswith(outer + ".") for outer in lists):
-            lists.append(name)
-    return [f"{outer}.{child}" for outer in lists for child, _ in model.get_submodule(outer).named_children()]
-
-
-@contextmanager
-def _parameters_on_meta() -> Iterator[None]:
-    """Build modules with parameters on the meta device (no memory, no init compute); buffers stay real.
-
-    Like ``accelerate.init_empty_weights(include_buffers=False)``: buffers computed in ``__init__`` and not saved
-    (rotary frequencies, ...) keep their values, which a plain ``torch.device("meta")`` context would lose.
-    """
-    original = nn.Module.register_parameter
-
-    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        original(module, name, param)
-        if param is not None:
-            value = module._parameters[name]
-            module._parameters[name] = type(value)(value.to("meta"), requires_grad=value.requires_grad)
-
-    nn.Module.register_parameter = register  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original  # type: ignore[method-assign]
-
-
-def _sources(model: nn.Module, keys: set[str]) -> tuple[dict[str, _Source], list[str]]:
-    """``{model tensor name: the source that yields it}`` for the stored ``keys``, and the keys the model takes none of.
-
-    Mirrors ``transformers.core_model_loading.convert_and_load_state_dict_in_model`` without reading a tensor: keys
-    in natural order (expert 10 after expert 9: the order ``MergeModulelist`` stacks them in), every renaming then at
-    most one converter (:func:`~transformers.core_model_loading.rename_source_key`), the base-model prefix added or
-    stripped against the model's state dict, and a key that the transforms rename away from a model name taken as
-    is. The transforms are the model's own (``get_model_conversion_mapping``), so the family and the conversion
-    table, not this module, decide the mapping.
-    """
-    from transformers.core_model_loading import (
-        WeightConverter,
-        WeightRenaming,
-        dot_natural_key,
-        rename_source_key,
-    )
-
-    transforms: list[Any] = []
-    if hasattr(model, "base_model_prefix") and hasattr(model, "config"):  # a transformers PreTrainedModel
-        from transformers.conversion_mapping import get_model_conversion_mapping
-
-        transforms = get_model_conversion_mapping(model)
-    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-    converters = [t for t in transforms if isinstance(t, WeightConverter)]
-    by_pattern = {pattern: converter for converter in converters for pattern in converter.source_patterns}
-    meta_state = dict.fromkeys(model.state_dict(), True)  # the loader only asks "is this a model name?"
-    prefix = getattr(model, "base_model_prefix", None)
-    groups: dict[str, _Source] = {}
-    unused: list[str] = []
-    for key in sorted(keys, key=dot_natural_key):
-        target, pattern = rename_source_key(key, renamings, converters, prefix, meta_state)
-        if target not in meta_state and key in meta_state:
-            target, pattern = rename_source_key(key, [], [], base_model_prefix=prefix, meta_state_dict=meta_state)
-        if target not in meta_state:
-            unused.append(key)
-        elif pattern is None:  # a plain (possibly renamed) tensor; the first stored key wins, as in the loader
-            source = groups.setdefault(target, _Source(target, (target,)))
-            if not source.keys:
-                source.keys.append((key, key))
-        else:
-            converter = by_pattern[pattern]
-            outputs = tuple(target.replace(converter.target_patterns[0], name) for name in converter.target_patterns)
-            groups.setdefault(target, _Source(target, outputs, converter=converter)).keys.append((pattern, key))
-    by_output = {name: source for source in groups.values() for name in source.outputs}
-    return by_output, unused
-
-
-def _slots(model: nn.Module, sources: dict[str, _Source]) -> tuple[list[_Slot], set[str]]:
-    """One slot per distinct parameter (tied ones share a slot) and per persistent buffer stored on disk.
-
-    Returns the slots and the parameters no stored tensor yields.
-    """
-    owners: dict[int, list[tuple[str, nn.Module, str]]] = {}
-    params: dict[int, nn.Parameter] = {}
-    for module_name, module in model.named_modules(remove_duplicate=False):
-        for name, param in module._parameters.items():
-            if param is None:
-                continue
-            full = f"{module_name}.{name}" if module_name else name
-            owners.setdefault(id(param), []).append((full, module, name))
-            params[id(param)] = param
-    slots: list[_Slot] = []
-    missing: set[str] = set()
-    for pid, places in owners.items():
-        names = sorted({full for full, _, _ in places})
-        key = next((n for n in names if n in sources), None)
-        if key is None:
-            missing.update(names)
-            continue
-        unique = {(id(m), n): (m, n) for _, m, n in places}
-        slots.append(_Slot(list(unique.values()), names, key, sources[key], params[pid].shape, params[pid].dtype))
-    for module_name, module in model.named_modules():
-        for name, buffer in module._buffers.items():
-            full = f"{module_name}.{name}" if module_name else name
-            if buffer is not None and name not in module._non_persistent_buffers_set and full in sources:
-                slots.append(
-                    _Slot([(module, name)], [full], full, sources[full], buffer.shape, buffer.dtype, is_buffer=True)
-                )
-    return slots, missing
-
-
 def load_offloaded(path: str | Path, *, trust_remote_code: bool = False) -> OffloadedModel:
     """Build the checkpoint's model on the meta device, read the non-block parameters, hook every block.
 
@@ -357,50 +164,17 @@ def load_offloaded(path: str | Path, *, trust_remote_code: bool = False) -> Offl
             "transformers' quantizers. Dequantize it first (load it dequantized, e.g. with "
             "Mxfp4Config(dequantize=True) for gpt-oss, and save_pretrained), or drop --offload."
         )
-    reader = SafetensorsReader(folder)
-    with _parameters_on_meta():
-        model = family.auto_model_class().from_config(config, trust_remote_code=trust_remote_code)
-    model.tie_weights()
-    model.eval()
-    sources, unused = _sources(model, reader.keys())
-    slots, missing = _slots(model, sources)
-    used = {slot.key for slot in slots}
-    unexpected = sorted(set(unused) | (set(sources) - used - _tied_names(model)))
-    if missing or unexpected:
-        reader.close()
+    try:
+        built = build_on_meta(folder, family.auto_model_class(), config, trust_remote_code=trust_remote_code)
+    except TensorMapError as exc:
         raise CheckpointError(
-            f"Offloaded calibration maps the stored tensors onto the model the way from_pretrained does, but {folder} "
-            f"does not match the model built from its config (missing: {sorted(missing)[:5]}, unexpected: "
-            f"{unexpected[:5]}). Re-save the checkpoint with save_pretrained, or calibrate in memory (drop --offload)."
-        )
-    blocks = find_blocks(model)
-    by_block: dict[str, list[_Slot]] = {block: [] for block in blocks}
-    resident: list[_Slot] = []
-    for slot in slots:
-        homes = {_block_of(blocks, name) for name in slot.names}
-        home = homes.pop() if len(homes) == 1 else None
-        if home is None or slot.is_buffer:
-            resident.append(slot)
-        else:
-            by_block[home].append(slot)
-    converted = {id(slot.source) for slot in slots if slot.source.converter is not None}
-    offloaded = OffloadedModel(model, family, reader, by_block, resident)
+            f"Offloaded calibration maps the stored tensors onto the model the way from_pretrained does, but {exc} "
+            "Re-save the checkpoint with save_pretrained, or calibrate in memory (drop --offload)."
+        ) from exc
+    converted = {id(s.source) for slots in built.blocks.values() for s in slots if s.source.converter is not None}
+    offloaded = OffloadedModel(built, family)
     logger.info(
         "offloaded %s: %d blocks on disk, %.1f MB resident, %d tensors converted on read",
-        folder, len(blocks), offloaded.counters.resident_bytes / 1e6, len(converted),
+        folder, len(built.blocks), offloaded.counters.resident_bytes / 1e6, len(converted),
     )
     return offloaded
-
-
-def _tied_names(model: nn.Module) -> set[str]:
-    """Keys a checkpoint may store for tied parameters under either name (both point at one tensor)."""
-    tied = getattr(model, "all_tied_weights_keys", None) or {}
-    return set(tied) | set(tied.values()) if isinstance(tied, dict) else set()
-
-
-def _block_of(blocks: list[str], name: str) -> str | None:
-    """The block whose module path prefixes ``name`` (a module or parameter name), if any."""
-    for block in blocks:
-        if name.startswith(block + "."):
-            return block
-    return None

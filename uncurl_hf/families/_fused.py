@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any, ClassVar
 
 import torch
@@ -188,11 +188,14 @@ class FusedMoEFamily(FusedDiskView, MoEFamily):
     # ---- building the reduced model ----------------------------------------------------------------------------
 
     def build_reduced_model(
-        self, model: nn.Module, layers: Mapping[str, ReducedLayer], base_model: str | None = None
+        self, model: nn.Module, layers: MutableMapping[str, ReducedLayer], base_model: str | None = None,
+        consume: bool = False,
     ) -> nn.Module:
         """Build the reduced model on the meta device (no random init), then assign its tensors.
 
         Every assigned tensor is a copy or a new merge result, so the input model never shares storage with it.
+        Fusing a layer's experts into ``[E', ...]`` copies them; with ``consume`` the per-expert tensors of a layer
+        are dropped as soon as its fused ones exist.
         """
         stock_class = self.stock_model_class()
         if not isinstance(model, stock_class):
@@ -214,13 +217,14 @@ class FusedMoEFamily(FusedDiskView, MoEFamily):
         )
         state = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith(replaced)}
         for layer in current:
-            reduced = layers.get(layer.name)
+            reduced = layers.pop(layer.name, None) if consume else layers.get(layer.name)
             if reduced is None:
                 continue
             for name, tensor in reduced.router.items():
                 state[f"{layer.prefix}.{self.router_attr}.{name}"] = tensor.contiguous()
             for name, tensor in self.fuse(reduced.experts).items():
                 state[f"{layer.prefix}.experts.{name}"] = tensor
+            del reduced
 
         with torch.device("meta"):
             new_model = model_class(config)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, ClassVar, Mapping, Protocol
+from typing import Any, ClassVar, Mapping, MutableMapping, Protocol
 
 import torch
 from torch import nn
@@ -160,9 +160,14 @@ class MoEFamily(ABC):
 
     @abstractmethod
     def build_reduced_model(
-        self, model: nn.Module, layers: Mapping[str, ReducedLayer], base_model: str | None = None
+        self, model: nn.Module, layers: MutableMapping[str, ReducedLayer], base_model: str | None = None,
+        consume: bool = False,
     ) -> nn.Module:
-        """A new model equal to ``model`` except that each named layer holds the given experts and router."""
+        """A new model equal to ``model`` except that each named layer holds the given experts and router.
+
+        ``consume``: pop each layer from ``layers`` once its tensors are in the new model's layout, so a family that
+        repacks them (fused ``[E, ...]`` experts) holds one layer twice, not the whole reduced model.
+        """
 
     def expert_capacity(self, layer: MoELayer) -> int | None:
         """Per-expert token capacity of the layer, if the architecture has one."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
-from typing import Any, Mapping
+from typing import Any, Mapping, MutableMapping
 
 import torch
 from torch import nn
@@ -129,11 +129,13 @@ class SwitchTransformersFamily(MoEFamily):
         return inputs
 
     def build_reduced_model(
-        self, model: nn.Module, layers: Mapping[str, ReducedLayer], base_model: str | None = None
+        self, model: nn.Module, layers: MutableMapping[str, ReducedLayer], base_model: str | None = None,
+        consume: bool = False,
     ) -> nn.Module:
         """Build the pruned model on the meta device (no random init), then assign its tensors.
 
         Every assigned tensor is a copy or a new merge result, so the input model never shares storage with it.
+        Switch experts keep their per-expert layout, so nothing is repacked and ``consume`` only empties ``layers``.
         """
         from transformers import SwitchTransformersForConditionalGeneration, SwitchTransformersModel
 
@@ -165,7 +167,7 @@ class SwitchTransformersFamily(MoEFamily):
         )
         state = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith(replaced)}
         for layer in current:
-            reduced = layers.get(layer.name)
+            reduced = layers.pop(layer.name, None) if consume else layers.get(layer.name)
             if reduced is None:
                 continue
             for name, tensor in reduced.router.items():

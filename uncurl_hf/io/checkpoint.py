@@ -169,6 +169,7 @@ def load_model(
     trust_remote_code: bool = False,
     device: str = "cpu",
     dtype: str | torch.dtype = "auto",
+    blockwise: bool = False,
 ) -> nn.Module:
     """Load a local sparse-MoE checkpoint for pruning (eval mode).
 
@@ -185,6 +186,12 @@ def load_model(
     when a stored tensor's shape is not the one config.json implies (read from the headers before loading, so the
     message names the tensor and both shapes), or when a sparse layer's router or expert weights hold NaN/Inf
     (checked after loading, before any calibration; :mod:`uncurl_hf.io.checks`).
+
+    ``blockwise``: read a dense safetensors checkpoint block by block with the project's reader
+    (:func:`uncurl_hf.io.tensor_map.load_resident`): the same tensors, at about 1x the weights' bytes where
+    ``from_pretrained`` peaks at ~2.4x, with parameters that do not require grad (for pruning, not training). Where
+    that map does not apply (pickle weights, quantized or remote-code checkpoints, another device or dtype, keys the
+    map cannot place) the checkpoint loads through ``from_pretrained`` as without it.
     """
     where = placement(device, dtype)
     folder = Path(path)
@@ -192,6 +199,36 @@ def load_model(
     use_safetensors = bool(weight_files(folder))
     if use_safetensors:
         check_shapes_match_config(folder)  # a config that disagrees with the weights, named before loading
+    model = None
+    if blockwise and use_safetensors and not trust_remote_code and where.move_to is None and not where.load_kwargs \
+            and "quantization_config" not in read_config(folder):
+        model = _load_blockwise(folder, family)
+    if model is None:
+        model = _from_pretrained(folder, family, use_safetensors, trust_remote_code, where.load_kwargs)
+    if not family.sparse_layers(model):
+        raise UnsupportedModelError(f"{folder} has no sparse MoE layers (num_sparse_*_layers = 0); nothing to prune.")
+    check_model_finite(model, family, folder)  # NaN/Inf in a router or expert: named now, before calibration
+    if where.move_to is not None:
+        model.to(where.move_to)
+    logger.info("loaded %s (%s, %d parameters)", folder, type(model).__name__, count_parameters(model))
+    return model
+
+
+def _load_blockwise(folder: Path, family: MoEFamily) -> nn.Module | None:
+    """The model read block by block (:func:`uncurl_hf.io.tensor_map.load_resident`), or ``None`` where the map
+    does not place every stored tensor (``from_pretrained`` then loads it and names what is wrong)."""
+    from uncurl_hf.io.tensor_map import TensorMapError, load_resident
+
+    try:
+        return load_resident(folder, family.auto_model_class())
+    except TensorMapError as exc:
+        logger.info("block-by-block load not possible (%s); loading with from_pretrained", exc)
+        return None
+
+
+def _from_pretrained(folder: Path, family: MoEFamily, use_safetensors: bool, trust_remote_code: bool,
+                     load_kwargs: dict[str, Any]) -> nn.Module:
+    """transformers' loader, with its failures turned into messages that name the fix."""
     try:
         model, info = family.auto_model_class().from_pretrained(
             str(folder),
@@ -200,7 +237,7 @@ def load_model(
             local_files_only=True,
             trust_remote_code=trust_remote_code,
             output_loading_info=True,
-            **where.load_kwargs,
+            **load_kwargs,
         )
     except pickle.UnpicklingError as exc:  # weights_only=True met something that is not a tensor or a container
         lines = str(exc).splitlines() or [type(exc).__name__]
@@ -228,14 +265,7 @@ def load_model(
             f"The weights in {folder} do not match its config.json ({problems or info['error_msgs']}); transformers "
             "would fill the gaps with random values. Re-download or re-save the checkpoint."
         )
-    model.eval()
-    if not family.sparse_layers(model):
-        raise UnsupportedModelError(f"{folder} has no sparse MoE layers (num_sparse_*_layers = 0); nothing to prune.")
-    check_model_finite(model, family, folder)  # NaN/Inf in a router or expert: named now, before calibration
-    if where.move_to is not None:
-        model.to(where.move_to)
-    logger.info("loaded %s (%s, %d parameters)", folder, type(model).__name__, count_parameters(model))
-    return model
+    return model.eval()
 
 
 def _refuse_remote_code(config_dict: dict[str, Any], config_path: Path) -> None:

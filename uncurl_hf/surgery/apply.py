@@ -59,7 +59,8 @@ def apply_plan(
     ``release_source``: the one exception to "the input is not modified", for a caller that drops ``model`` next
     (the pipeline): as soon as a layer's output experts are computed (copies), the source layer's expert tensors are
     replaced by meta tensors of the same shapes, so the surgery holds the source minus the layers done plus the
-    output, never both models in full. The output is the same.
+    output, never both models in full; the reduced layers are handed over as the new model is assembled (a fused
+    family repacks one layer at a time). The output is the same.
     """
     plan.validate(family.layer_sizes(model))
     reduced: dict[str, ReducedLayer] = {}
@@ -70,7 +71,8 @@ def apply_plan(
             logger.debug("%s: %d -> %d experts", layer.name, layer.num_experts, layer_plan.num_output_experts)
             if release_source:
                 release_experts(layer)
-        new_model = family.build_reduced_model(model, reduced, base_model=base_model or plan.base_model)
+        new_model = family.build_reduced_model(model, reduced, base_model=base_model or plan.base_model,
+                                               consume=release_source)
     return new_model
 
 
