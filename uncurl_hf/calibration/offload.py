@@ -14,7 +14,8 @@ calibration hooks see exactly the tensors an in-memory model computes (same weig
 identical. Blocks are the children of the model's outermost ``nn.ModuleList``\\ s (``encoder.block.3``,
 ``model.layers.7``), so nothing here is family-specific.
 
-Stored keys are mapped to the model's tensors the way ``from_pretrained`` maps them: through the model's own
+Stored keys are mapped to the model's tensors (:mod:`uncurl_hf.io.tensor_map`, shared with the in-memory prune's
+block-by-block load) the way ``from_pretrained`` maps them: through the model's own
 ``transformers.conversion_mapping`` transforms (:func:`transformers.conversion_mapping.get_model_conversion_mapping`
 and the loader's :func:`~transformers.core_model_loading.rename_source_key`). Most checkpoints store every tensor under
 its module path; Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE checkpoints store one tensor per expert
