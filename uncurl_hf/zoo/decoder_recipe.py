@@ -5,8 +5,10 @@ Stages (each seeded; the build pins the torch thread count so the bytes do not d
 settings):
 1. byte-level BPE tokenizer (:mod:`uncurl_hf.zoo.tokenizer`) on the train side of every domain;
 2. causal-LM pretraining on 128-token chunks with a *fixed number of rows per domain in every batch*, with the
-   router load-balancing loss on: the balance is computed over a batch that holds every domain, so experts are
-   free to specialize per domain as long as the batch as a whole is spread over all 64;
+   router load-balancing loss on, *per layer*: the balance is computed over a batch that holds every domain, so
+   experts are free to specialize per domain as long as the batch as a whole is spread over all 64 in every
+   layer (transformers' loss balances the union of all layers' choices, which lets a layer's experts die while
+   another layer over-uses them);
 3. instruction stage on the prompts of :mod:`uncurl_hf.zoo.prompts` (task train splits, and IMDb review chunks
    as extra sentiment rows), loss on the label continuation only, with pretraining chunks replayed in every
    batch so the held-out perplexity survives. Batches hold one task each (similar lengths, little padding).
@@ -77,7 +79,7 @@ class DecoderModelSpec:
 
 @dataclass(frozen=True)
 class DecoderPretrainSpec:
-    steps: int = 500
+    steps: int = 1000
     chunk_tokens: int = 128
     # rows per batch for each domain (the batch size is their sum)
     rows: tuple[tuple[str, int], ...] = (
@@ -88,13 +90,14 @@ class DecoderPretrainSpec:
     weight_decay: float = 0.01
     seed: int = 0
     checkpoint_every: int = 100
+    balance: str = "per_layer"  # or "union" (transformers' own load_balancing_loss_func over all layers at once)
 
 
 @dataclass(frozen=True)
 class InstructSpec:
-    epochs: int = 1
+    epochs: int = 6
     batch_size: int = 32
-    imdb_chunks_per_epoch: int = 800  # extra sentiment rows: 112-token chunks of the train-side IMDb reviews
+    imdb_chunks_per_epoch: int = 1200  # extra sentiment rows: 112-token chunks of the train-side IMDb reviews
     replay_rows: int = 4  # pretraining chunks (LM loss) in every batch
     lr: float = 1e-3
     warmup: int = 30
@@ -232,6 +235,27 @@ def _load(recipe: DecoderRecipe, folder: Path) -> Qwen3MoeForCausalLM:
     return model
 
 
+def balance_loss(
+    router_logits: tuple[torch.Tensor, ...], spec: DecoderModelSpec, per_layer: bool, attention_mask=None
+) -> torch.Tensor:
+    """The router load-balancing loss (Switch/Mixtral form, transformers' ``load_balancing_loss_func``):
+    over the union of all layers' choices, or averaged over layers so that *every* layer spreads its tokens."""
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
+
+    if not per_layer:
+        return load_balancing_loss_func(router_logits, spec.num_experts, spec.top_k, attention_mask)
+    per = [load_balancing_loss_func((g,), spec.num_experts, spec.top_k, attention_mask) for g in router_logits]
+    return torch.stack(per).mean()
+
+
+def with_balance(out, recipe: "DecoderRecipe", attention_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A forward's loss with the model's own balance term (union of layers) replaced by the recipe's;
+    returns (total loss, balance loss)."""
+    coef = recipe.model.router_aux_loss_coef
+    balance = balance_loss(out.router_logits, recipe.model, recipe.pretrain.balance == "per_layer", attention_mask)
+    return out.loss - coef * out.aux_loss + coef * balance, balance
+
+
 def _step(model, optimizer, loss: torch.Tensor, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -288,11 +312,11 @@ def pretrain(recipe: DecoderRecipe, workdir: Path, progress: bool = True) -> Pat
     t0 = time.time()
     for step in tqdm(range(start, spec.steps), initial=start, total=spec.steps, desc="pretrain", disable=not progress):
         ids = pretrain_batch(chunks, spec, step)
-        out_ = model(input_ids=ids, labels=ids, output_router_logits=True)
-        _step(model, optimizer, out_.loss, lr_at(step, spec.steps, spec.warmup, spec.lr))
+        loss, balance = with_balance(model(input_ids=ids, labels=ids, output_router_logits=True), recipe)
+        _step(model, optimizer, loss, lr_at(step, spec.steps, spec.warmup, spec.lr))
         if step % 25 == 0 or step == spec.steps - 1:
-            _log(log, {"step": step, "loss": round(float(out_.loss.detach()), 4),
-                       "aux": round(float(out_.aux_loss.detach()), 4), "elapsed_s": round(time.time() - t0, 1)})
+            _log(log, {"step": step, "loss": round(float(loss.detach()), 4),
+                       "aux": round(float(balance.detach()), 4), "elapsed_s": round(time.time() - t0, 1)})
         if (step + 1) % spec.checkpoint_every == 0 and step + 1 < spec.steps:
             _save_training_state(ckpt, model, optimizer, step + 1)
     model.save_pretrained(out)
@@ -334,11 +358,11 @@ def instruct(recipe: DecoderRecipe, pretrained: Path, workdir: Path, progress: b
         pool, idx = schedule[step]
         batch = _collate([pools[pool][i] for i in idx], tokenizer.pad_token_id)
         out_ = model(**batch, output_router_logits=True)  # loss: the continuation tokens only (+ aux)
-        loss = out_.loss
+        loss = with_balance(out_, recipe, batch["attention_mask"])[0]
         if spec.replay_rows:
             rng = np.random.default_rng([spec.seed, 7, step])
             ids = torch.from_numpy(replay[rng.choice(len(replay), size=spec.replay_rows, replace=False)])
-            loss = loss + model(input_ids=ids, labels=ids, output_router_logits=True).loss
+            loss = loss + with_balance(model(input_ids=ids, labels=ids, output_router_logits=True), recipe)[0]
         _step(model, optimizer, loss, lr_at(step, total, spec.warmup, spec.lr))
         if step % 25 == 0 or step == total - 1:
             _log(log, {"step": step, "pool": pool, "loss": round(float(out_.loss.detach()) - coef * float(out_.aux_loss), 4),

@@ -192,7 +192,7 @@ def domain_splits(domain: str, seed: int = sources.SPLIT_SEED) -> dict[str, tupl
     """
     if domain not in _LOADERS:
         raise ValueError(f"unknown domain {domain!r}; choose from {DOMAINS}")
-    docs = _LOADERS[domain]()
+    docs = list(dict.fromkeys(_LOADERS[domain]()))  # a repeated document must not sit on both sides of the cut
     order = list(range(len(docs)))
     random.Random(f"{seed}-{domain}").shuffle(order)
     n_held = max(2, round(HELDOUT_FRACTION * len(docs)))
