@@ -40,6 +40,8 @@ from typing import Any
 
 import numpy as np
 
+from uncurl_hf.experiments.tables import text_table
+
 logger = logging.getLogger("benchmarks.quality")
 
 DEFAULT_PAIRS = (
@@ -235,15 +237,6 @@ def summarize(infos: Sequence[PairInfo], cells: Sequence[Cell], reference: str, 
             ok = best == reference or diff[2] >= 0
             verdicts.append(Verdict(info.model, info.task, factor, relative, best, diff, ok))
     return verdicts
-
-
-def text_table(rows: list[list[str]], left: int = 3) -> str:
-    """Header + rule + rows; the first ``left`` columns left-aligned (names), the rest right-aligned (numbers)."""
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    text = ["  ".join(v.ljust(w) if i < left else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths)))
-            for row in rows]
-    text.insert(1, "-" * len(text[0]))
-    return "\n".join(text)
 
 
 def format_summary(verdicts: Sequence[Verdict], reference: str) -> str:

@@ -156,7 +156,7 @@ def in_child(*arguments: str) -> dict[str, Any]:
 
 def stage_table(rows: Sequence[dict[str, Any]]) -> str:
     """Seconds per stage, per (model, method), and outside calibration as a multiple of frequency's."""
-    from quality import text_table
+    from uncurl_hf.experiments.tables import text_table
 
     header = ["model", "examples", "method", *STAGE_NAMES, "total", "outside cal.", "x frequency"]
     lines = [header]
@@ -169,7 +169,7 @@ def stage_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def overhead_table(rows: Sequence[dict[str, Any]]) -> str:
-    from quality import text_table
+    from uncurl_hf.experiments.tables import text_table
 
     header = ["model", "examples", "passes", "plain s", "calibrate s", "fastest ratio", "paired ratio", "target"]
     lines = [header] + [

@@ -56,6 +56,8 @@ def test_demo_run_prints_the_original_vs_pruned_table(tmp_path, capsys):
     out = tmp_path / "pruned"
     assert main(["demo-run", "-o", str(out), "--limit", "80", "--num-calibration", "64", "--no-progress"]) == 0
     text = capsys.readouterr().out
+    assert "Task-specific pruning: tiny-qwen3moe-64" in text  # then the specificity lines (tests/test_specificity.py)
+    assert sum(line.split()[:2] in (["code", "reap"], ["shakespeare", "frequency"]) for line in text.splitlines()) == 2
     for row in ("accuracy (test, n=80)", "params", "disk MB", "ms/example (batch 1)", "ms/example (batch 64)"):
         assert row in text
     params_line = next(line for line in text.splitlines() if line.startswith("params"))

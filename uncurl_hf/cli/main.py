@@ -189,6 +189,16 @@ def cmd_demo_run(args: argparse.Namespace) -> int:
     print(f"\n{args.model} pruned x{args.factor:g} with {args.method} on {args.task} "
           f"in {result.prune_seconds:.1f} s -> {result.output_dir}\n")
     print(format_table(result.original, result.pruned))
+    if args.specificity:
+        import time
+
+        from uncurl_hf.experiments.specificity import SpecificitySpec, format_specificity, run_specificity
+
+        spec, start = SpecificitySpec(), time.perf_counter()
+        rows = run_specificity(spec)
+        print(f"\nTask-specific pruning: {spec.model} (64 experts, top-8) pruned x{spec.factors[0]:g} for ONE domain "
+              f"(calibrated on its text), perplexity pruned / unpruned on every domain ({time.perf_counter() - start:.0f} s)\n")
+        print(format_specificity(rows))
     return 0
 
 
@@ -333,7 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=cmd_zoo)
 
-    p = sub.add_parser("demo-run", help="prune the embedded tiny-switch-8 and compare it with the original")
+    p = sub.add_parser("demo-run", help="prune the embedded tiny-switch-8 and compare it with the original, then "
+                       "show task-specific pruning on the embedded decoder")
     p.add_argument("--model", default="tiny-switch-8", help="zoo model name")
     p.add_argument("--task", default="sentiment")
     p.add_argument("--method", default="frequency")
@@ -341,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="outputs/tiny-switch-8-sentiment", help="where the pruned model goes")
     p.add_argument("--num-calibration", type=int, default=256)
     p.add_argument("--limit", type=int, help="evaluate on the first N test examples only")
+    p.add_argument("--no-specificity", dest="specificity", action="store_false",
+                   help="skip the few lines of task-specific pruning on the embedded decoder")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=cmd_demo_run)
 

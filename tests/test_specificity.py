@@ -1,0 +1,44 @@
+"""Task-specific pruning on the shipped decoder (uncurl_hf/experiments/specificity.py, behind `uncurl demo-run`):
+pruned for one domain, the model keeps that domain's perplexity much better than the other domains'. A real
+assertion on the shipped tiny-qwen3moe-64 weights; the figures are in the README."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from uncurl_hf.experiments.specificity import SpecificityRow, SpecificitySpec, calibration_windows, run_specificity
+from uncurl_hf.zoo import domains
+
+
+@pytest.fixture(scope="module")
+def rows() -> list[SpecificityRow]:
+    return run_specificity(SpecificitySpec())  # demo-run's lines: frequency and REAP x4, code and shakespeare
+
+
+def test_the_calibration_domain_keeps_its_perplexity_best(rows):
+    assert {(r.target, r.method) for r in rows} == {(t, m) for t in ("code", "shakespeare") for m in ("frequency", "reap")}
+    for r in rows:
+        assert set(r.ratios) == set(domains.DOMAINS)
+        target = r.ratios[r.target]
+        assert 1.0 < target < 0.75 * r.others, (r.target, r.method, r.ratios)  # pruning costs, the others much more
+        assert all(target < v for d, v in r.ratios.items() if d != r.target), (r.target, r.method, r.ratios)
+
+
+def test_others_is_the_geometric_mean_of_the_other_domains():
+    row = SpecificityRow("code", "reap", 4.0, {"code": 1.5, "news": 2.0, "wiki": 8.0})
+    assert math.isclose(row.others, 4.0)
+
+
+def test_calibration_windows_are_seeded_windows_of_the_domain_text():
+    from uncurl_hf.io.checkpoint import load_tokenizer
+    from uncurl_hf.zoo.registry import zoo_path
+
+    tokenizer = load_tokenizer(zoo_path("tiny-qwen3moe-64", build_if_missing=False))
+    first = calibration_windows(tokenizer, "code", 16, seed=0)
+    assert first == calibration_windows(tokenizer, "code", 16, seed=0)
+    assert first != calibration_windows(tokenizer, "code", 16, seed=1)
+    assert len(first) == len(set(first)) == 16
+    train = "\n".join(domains.domain_splits("code")["train"]).lower()  # the zoo tokenizer lowercases
+    assert all(text.strip()[:40] in train for text in first)  # drawn from the train side, as text
