@@ -18,7 +18,8 @@ def rows() -> list[SpecificityRow]:
 
 
 def test_the_calibration_domain_keeps_its_perplexity_best(rows):
-    assert {(r.target, r.method) for r in rows} == {(t, m) for t in ("code", "shakespeare") for m in ("frequency", "reap")}
+    expected = {(t, m) for t in ("code", "shakespeare") for m in ("frequency", "reap")}
+    assert {(r.target, r.method) for r in rows} == expected
     for r in rows:
         assert set(r.ratios) == set(domains.DOMAINS)
         target = r.ratios[r.target]

@@ -93,15 +93,19 @@ def test_balance_loss_per_layer_is_the_mean_of_each_layers_own():
     g = torch.Generator().manual_seed(0)
     skewed = torch.randn(12, 8, generator=g) + torch.tensor([4.0, 4.0] + [0.0] * 6)  # a layer using experts 0, 1
     spread = torch.randn(12, 8, generator=g)
-    per_layer = dr.balance_loss((skewed, spread), spec, per_layer=True)
+    mean = dr.balance_loss((skewed, spread), spec, per_layer=True)
     singles = [load_balancing_loss_func((x,), 8, 2) for x in (skewed, spread)]
-    assert torch.allclose(per_layer, (singles[0] + singles[1]) / 2)
-    assert torch.allclose(dr.balance_loss((skewed, spread), spec, per_layer=False), load_balancing_loss_func((skewed, spread), 8, 2))
+    assert torch.allclose(mean, (singles[0] + singles[1]) / 2)
+    union = dr.balance_loss((skewed, spread), spec, per_layer=False)
+    assert torch.allclose(union, load_balancing_loss_func((skewed, spread), 8, 2))
     # two layers that over-use complementary experts look balanced as a union, not per layer
     left = torch.zeros(16, 8)
     left[:, :2] = 5.0
     right = left.roll(4, dims=1)
-    assert dr.balance_loss((left, right), spec, per_layer=True) > 1.5 * dr.balance_loss((left, right), spec, per_layer=False)
+    per_layer = dr.balance_loss((left, right), spec, per_layer=True)
+    assert per_layer > 1.5 * dr.balance_loss((left, right), spec, per_layer=False)
+    with pytest.raises(ValueError, match="balance"):
+        dr.DecoderPretrainSpec(balance="layers")
 
 
 def test_domain_splits_disjoint_and_free_of_task_eval_text():

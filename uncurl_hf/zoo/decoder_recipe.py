@@ -92,6 +92,10 @@ class DecoderPretrainSpec:
     checkpoint_every: int = 100
     balance: str = "per_layer"  # or "union" (transformers' own load_balancing_loss_func over all layers at once)
 
+    def __post_init__(self) -> None:
+        if self.balance not in ("per_layer", "union"):
+            raise ValueError(f"balance must be 'per_layer' or 'union', not {self.balance!r}")
+
 
 @dataclass(frozen=True)
 class InstructSpec:
