@@ -4,7 +4,7 @@ Specification: the guard's proxy is the real layer -- its MoE output equals the 
 original layer and on the pruned model's layer -- and, per layer, it returns the candidate (the merge, or the same
 groups pruned to their highest-REAP members) with the smallest relative error, the merge on a tie, recording every
 candidate's error. Merging identical experts behind the original router reconstructs the layer exactly, so the
-guard keeps that merge; in bfloat16 the guarded prune is deterministic.
+guard keeps that merge; in bfloat16 the guarded prune is deterministic (a decoder and Switch).
 """
 
 from __future__ import annotations
@@ -98,8 +98,9 @@ def test_identical_experts_merged_behind_the_original_router_are_kept_merged():
         assert chosen.extras["guard"]["errors"]["merge"] < 1e-5 < chosen.extras["guard"]["errors"]["prune"]
 
 
-def test_a_guarded_bfloat16_prune_is_deterministic(tmp_path, calibration_jsonl):
-    source = save_source(tmp_path / "src", "qwen3_moe", torch.bfloat16)
+@pytest.mark.parametrize("family", ["qwen3_moe", "switch"])
+def test_a_guarded_bfloat16_prune_is_deterministic(tmp_path, calibration_jsonl, family):
+    source = save_source(tmp_path / "src", family, torch.bfloat16)
     runs = [prune_flat(source, tmp_path / name, method="uncurl", method_options={"guard": True}, factor=2,
                        file=str(calibration_jsonl), num_examples=16) for name in ("a", "b")]
     assert hash_tree(runs[0].output_dir) == hash_tree(runs[1].output_dir)
