@@ -4,9 +4,9 @@
     python benchmarks/specificity.py --targets code --methods frequency,uncurl --factors 2 --windows 8
 
 The measurement is :mod:`uncurl_hf.experiments.specificity` (also behind the few lines ``uncurl demo-run`` prints):
-each target domain's train-side documents calibrate ``tiny-qwen3moe-64``, every method plans from those statistics,
-and every domain's held-out perplexity is divided by the unpruned model's. ``target`` is the ratio on the
-calibration domain, ``others`` the geometric mean over the other five.
+seeded 128-token windows of each target domain's train-side text calibrate ``tiny-qwen3moe-64``, every method
+plans from those statistics, and every domain's held-out perplexity is divided by the unpruned model's. ``target``
+is the ratio on the calibration domain, ``others`` the geometric mean over the other five.
 """
 
 from __future__ import annotations

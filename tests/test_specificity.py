@@ -43,3 +43,21 @@ def test_calibration_windows_are_seeded_windows_of_the_domain_text():
     assert len(first) == len(set(first)) == 16
     train = "\n".join(domains.domain_splits("code")["train"]).lower()  # the zoo tokenizer lowercases
     assert all(text.strip()[:40] in train for text in first)  # drawn from the train side, as text
+
+
+def test_the_benchmark_script_runs_end_to_end():
+    """benchmarks/specificity.py is the same measurement behind a CLI (its numbers are the machine's; the table's
+    shape is what is specified: one row per target x method x factor, every domain a column)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "specificity.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--targets", "wiki", "--methods", "frequency,uncurl:guard=true", "--factors", "2",
+         "--windows", "2", "--num-calibration", "8", "-q"],
+        capture_output=True, text=True, timeout=600, check=True,
+    ).stdout
+    rows = [line.split() for line in out.splitlines() if line.startswith("wiki ")]
+    assert [r[1] for r in rows] == ["frequency", "uncurl:guard=true"] and all(r[2] == "x2" for r in rows)
+    assert all(len(r) == 5 + len(domains.DOMAINS) for r in rows)
