@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS))
     parser.add_argument("--factors", default="2,4,8")
     parser.add_argument("--windows", type=int, default=32, help="held-out 128-token windows per domain")
-    parser.add_argument("--num-calibration", type=int, default=256, help="calibration documents of the target")
+    parser.add_argument("--num-calibration", type=int, default=256, help="calibration windows of the target")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("-q", "--quiet", action="store_true")
     return parser

@@ -36,8 +36,8 @@ class SpecificitySpec:
     targets: tuple[str, ...] = ("code", "shakespeare")
     methods: tuple[str, ...] = ("frequency", "reap")
     factors: tuple[float, ...] = (4.0,)
-    windows: int = 8  # held-out 128-token windows per domain
-    num_calibration: int = 64  # calibration documents of the target
+    windows: int = 8  # held-out windows per domain (decoder_report.CHUNK_TOKENS tokens each)
+    num_calibration: int = 64  # calibration windows of the target (as long as the held-out ones)
     seed: int = 0
 
 
@@ -56,13 +56,14 @@ class SpecificityRow:
 
 
 def calibration_windows(tokenizer, domain: str, count: int, seed: int) -> list[str]:
-    """``count`` 128-token windows of the domain's train-side token stream, drawn without replacement (seeded,
-    in stream order), decoded to text."""
+    """``count`` windows of the domain's train-side token stream, as long as the held-out ones, drawn without
+    replacement (seeded, in stream order), decoded to text."""
     import numpy as np
 
     from uncurl_hf.zoo.decoder_recipe import domain_chunks
+    from uncurl_hf.zoo.decoder_report import CHUNK_TOKENS
 
-    chunks = domain_chunks(tokenizer, domain, "train", 128)
+    chunks = domain_chunks(tokenizer, domain, "train", CHUNK_TOKENS)
     picked = np.sort(np.random.default_rng([seed, 17]).choice(len(chunks), size=min(count, len(chunks)), replace=False))
     return [tokenizer.decode(chunks[i], skip_special_tokens=True) for i in picked]
 
@@ -78,7 +79,7 @@ def run_specificity(spec: SpecificitySpec) -> list[SpecificityRow]:
     from uncurl_hf.pipeline.planning import plan_model
     from uncurl_hf.surgery.budget import expert_budget
     from uncurl_hf.zoo import domains
-    from uncurl_hf.zoo.decoder_report import heldout_windows, model_nll
+    from uncurl_hf.zoo.decoder_report import CHUNK_TOKENS, heldout_windows, model_nll
 
     folder = resolve_model(spec.model)
     model, tokenizer = load_model(folder), load_tokenizer(folder)
@@ -89,7 +90,7 @@ def run_specificity(spec: SpecificitySpec) -> list[SpecificityRow]:
     rows = []
     for target in spec.targets:
         texts = calibration_windows(tokenizer, target, spec.num_calibration, spec.seed)
-        calibration = CalibrationSpec(data=texts, num_examples=len(texts), seed=spec.seed, max_length=128)
+        calibration = CalibrationSpec(data=texts, num_examples=len(texts), seed=spec.seed, max_length=CHUNK_TOKENS)
         batches = build_batches(calibration_examples(calibration, tokenizer), tokenizer,
                                 batch_size=calibration.batch_size, max_length=calibration.max_length)
         stats = calibrate(model, family, batches, calibration.max_logit_samples, spec.seed, progress=False)
