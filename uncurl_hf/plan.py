@@ -12,10 +12,11 @@ the group's weights), ``"anchor"`` (the anchor's row) or ``"fitted"`` (sum of th
 :mod:`uncurl_hf.methods._router_fit`; singleton groups are scaled by theirs too) or ``"map"`` (the references'
 *logical merge*: every original router row is kept and the checkpoint records, per layer, which output expert each
 original expert's tokens go to; routing is then exactly the original model's, so the groups must cover every
-original expert). ``extras`` carries method-specific, JSON-able data; the one :mod:`uncurl_hf.surgery.apply`
-understands is ``extras["permutations"]``: per group, per member, either ``None`` or a permutation ``p`` of the
-expert's hidden neurons, applied as ``W[p]`` along the family's neuron axis before averaging (neuron alignment à la
-weight matching / M-SMoE).
+original expert). ``extras`` carries method-specific, JSON-able data; the two :mod:`uncurl_hf.surgery.apply`
+understands are ``extras["output_scales"]`` (per group, ``None`` or a number >= 0 that multiplies the output expert's
+output: its output projection is scaled) and ``extras["permutations"]``: per group, per member, either ``None`` or a
+permutation ``p`` of the expert's hidden neurons, applied as ``W[p]`` along the family's neuron axis before averaging
+(neuron alignment à la weight matching / M-SMoE).
 """
 
 from __future__ import annotations
@@ -163,6 +164,14 @@ class LayerPlan:
                 perms is not None and len(perms) != len(group) for perms, group in zip(permutations, self.groups)
             ):
                 raise InvalidPlanError(f"{where}: extras['permutations'] must give one entry per group member.")
+        scales = self.extras.get("output_scales")
+        if scales is not None and not (
+            isinstance(scales, list) and len(scales) == len(self.groups)
+            and all(s is None or (_is_number(s) and math.isfinite(s) and s >= 0) for s in scales)
+        ):
+            raise InvalidPlanError(
+                f"{where}: extras['output_scales'] must give one finite number >= 0 (or null) per group."
+            )
 
 
 @dataclass

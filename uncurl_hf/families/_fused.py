@@ -73,6 +73,7 @@ class FusedMoEFamily(FusedDiskView, MoEFamily):
     fused_params: ClassVar[tuple[str, ...]] = ("gate_up_proj", "down_proj")
     router_params: ClassVar[tuple[str, ...]] = ("weight",)
     neuron_axes: ClassVar[dict[str, int]] = {"gate": 0, "up": 0, "down": 1}
+    output_keys: ClassVar[tuple[str, ...]] = ("down",)
 
     @property
     def pruned_model_type(self) -> str:

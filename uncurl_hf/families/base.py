@@ -108,6 +108,9 @@ class MoEFamily(ABC):
     description: ClassVar[str]
     model_types: ClassVar[tuple[str, ...]]
     neuron_axes: ClassVar[dict[str, int]]
+    # Expert tensors that the expert's output is linear in (its output projection, and that projection's bias):
+    # scaling them by ``s`` scales the expert's output by exactly ``s`` (a plan's ``extras["output_scales"]``).
+    output_keys: ClassVar[tuple[str, ...]] = ()
 
     def matches(self, config: Any) -> bool:
         """True if ``config`` (a ``PretrainedConfig``, a model, or a ``config.json`` dict) belongs to this family."""

@@ -43,6 +43,7 @@ class GptOssFamily(FusedMoEFamily):
     fused_params = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")
     router_params = ("weight", "bias")
     neuron_axes: ClassVar[dict[str, int]] = {"gate": 0, "up": 0, "down": 1, "gate_bias": 0, "up_bias": 0}
+    output_keys: ClassVar[tuple[str, ...]] = ("down", "down_bias")
 
     def routing(self, logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The model's choice is the top-k of the logits themselves (softmax only over the chosen ones)."""

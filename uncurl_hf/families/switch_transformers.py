@@ -42,6 +42,7 @@ class SwitchTransformersFamily(MoEFamily):
     description = "Switch Transformers encoder-decoder (top-1 routing, per-expert wi/wo), and uncurl's pruned variant"
     model_types = ("switch_transformers", "pruned_switch_transformers")
     neuron_axes = {"wi": 0, "wo": 1}
+    output_keys = ("wo",)
 
     def auto_model_class(self) -> type:
         from transformers import AutoModelForSeq2SeqLM

@@ -3,7 +3,10 @@
 Per layer and per output group ``g`` with members ``m_1..m_n`` and weights ``w_1..w_n``:
 
 * expert tensors: ``sum_i w_i * P_i(W_{m_i})`` where ``P_i`` optionally permutes the member's hidden neurons
-  (``plan extras["permutations"]``) along the family's neuron axis; a singleton group is an exact copy;
+  (``plan extras["permutations"]``) along the family's neuron axis; a singleton group is an exact copy; with the
+  plan's ``extras["output_scales"]`` (one number or ``None`` per group) the group's output tensors (the family's
+  ``output_keys``: its output projection and that projection's bias) are multiplied by the group's scale, so the
+  output expert computes exactly ``s * E(x)`` (the merge methods' ``repair`` option);
 * router rows: ``"weighted"`` -> ``sum_i w_i * row_{m_i}`` (bias likewise), ``"anchor"`` -> ``row_{m_1}``,
   ``"fitted"`` -> ``sum_i c_i * row_{m_i}`` with the plan's ``extras["router_coefficients"]``; ``"map"`` keeps every
   original row and records the plan's expert map (:attr:`ReducedLayer.expert_map`); the expert capacity is then
@@ -31,6 +34,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from uncurl_hf.errors import InvalidPlanError
 from uncurl_hf.families.base import MoEFamily, MoELayer, ReducedLayer
 from uncurl_hf.io.checks import check_finite
 from uncurl_hf.plan import LayerPlan, PruningPlan
@@ -105,6 +109,7 @@ def reduce_layer(
         num_experts=layer.num_experts,
         capacity=family.expert_capacity(layer),
         scale_expert_capacity=scale_expert_capacity,
+        output_keys=family.output_keys,
     )
 
 
@@ -118,6 +123,7 @@ def reduce_tensors(
     capacity: int | None = None,
     scale_expert_capacity: bool = True,
     copy: bool = True,
+    output_keys: Sequence[str] = (),
 ) -> ReducedLayer:
     """The surgery of one layer on plain tensors: the one implementation behind in-memory and out-of-core apply.
 
@@ -127,9 +133,16 @@ def reduce_tensors(
     out-of-core caller reads only the experts that survive. ``router`` holds the router tensors whose first axis
     indexes experts; ``capacity`` is the layer's per-expert token capacity (``None`` when the family has none).
     ``copy=False`` lets a kept (singleton) expert be the very tensors ``expert(i)`` returned: right for a reader
-    that returns fresh tensors, wrong for views of a live model (the default copies).
+    that returns fresh tensors, wrong for views of a live model (the default copies). ``output_keys``: the
+    family's tensors that ``extras["output_scales"]`` multiply.
     """
     permutations = plan.extras.get("permutations") or [None] * len(plan.groups)
+    scales = plan.extras.get("output_scales") or [None] * len(plan.groups)
+    if any(scale is not None for scale in scales) and not output_keys:
+        raise InvalidPlanError(
+            f"layer {plan.name!r}: the plan scales expert outputs (extras['output_scales']) but this model family "
+            "declares no output tensors to scale; remove 'output_scales' from the plan."
+        )
 
     def checked_expert(index: int) -> Mapping[str, torch.Tensor]:
         tensors = expert(index)
@@ -137,8 +150,9 @@ def reduce_tensors(
         return tensors
 
     experts = []
-    for position, (group, weights, perms) in enumerate(zip(plan.groups, plan.weights, permutations)):
-        merged = merge_expert_tensors(checked_expert, neuron_axes, group, weights, perms, copy=copy)
+    for position, (group, weights, perms, scale) in enumerate(zip(plan.groups, plan.weights, permutations, scales)):
+        merged = merge_expert_tensors(checked_expert, neuron_axes, group, weights, perms, copy=copy,
+                                      output_scale=scale, output_keys=output_keys)
         if len(group) > 1:
             check_finite(merged, f"layer {plan.name}, output expert {position} (group {list(group)})", computed=True)
         experts.append(merged)
@@ -181,14 +195,17 @@ def merge_expert_tensors(
     permutations: Sequence[Sequence[int] | None] | None = None,
     *,
     copy: bool = True,
+    output_scale: float | None = None,
+    output_keys: Sequence[str] = (),
 ) -> dict[str, torch.Tensor]:
     """:func:`merge_experts` on tensors given by ``expert(i)``; each member is read once.
 
     The merge runs in float32 and is cast back to the anchor's dtype, so a singleton group (an exact copy) and a
-    merged group come out in the checkpoint's dtype.
+    merged group come out in the checkpoint's dtype. ``output_scale`` (``None``: 1) multiplies the ``output_keys``
+    tensors of the result, in the same float32 pass.
     """
     permutations = permutations or [None] * len(group)
-    if len(group) == 1 and permutations[0] is None:
+    if len(group) == 1 and permutations[0] is None and output_scale is None:
         return {name: t.clone() if copy else t for name, t in expert(group[0]).items()}
     merged: dict[str, torch.Tensor] = {}
     dtypes: dict[str, torch.dtype] = {}
@@ -200,6 +217,10 @@ def merge_expert_tensors(
                 index = torch.as_tensor(perm, dtype=torch.long, device=value.device)
                 value = value.index_select(neuron_axes[name], index)
             merged[name] = merged[name] + weight * value if name in merged else weight * value
+    if output_scale is not None:
+        for name in output_keys:
+            if name in merged:
+                merged[name] = merged[name] * float(output_scale)
     return {name: value.to(dtypes[name]) for name, value in merged.items()}
 
 

@@ -128,6 +128,7 @@ def stream_apply_plan(
                 capacity=layer.expert_capacity,
                 scale_expert_capacity=scale_expert_capacity,
                 copy=False,  # the reader returns fresh tensors: a kept expert needs no second copy
+                output_keys=family.output_keys,
             )
 
         outputs, reduced_meta = _plan_outputs(reader, family, layers, reduce)
