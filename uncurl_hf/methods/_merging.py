@@ -28,6 +28,7 @@ from uncurl_hf.calibration.stats import ExpertStats
 from uncurl_hf.errors import UncurlError
 from uncurl_hf.families.base import MoEFamily, MoELayer
 from uncurl_hf.methods._alignment import align_groups
+from uncurl_hf.methods._repair import output_scales
 from uncurl_hf.methods.base import PruningMethod, rank_by_score
 from uncurl_hf.methods._router_fit import fit_router_coefficients, merge_diagnostics
 from uncurl_hf.methods.frequency import rank_by_frequency
@@ -291,6 +292,18 @@ def router_setting(default: str = "weighted") -> Any:
     )
 
 
+RepairSetting = Literal["off", "lsq", "norm"]
+
+
+def repair_setting(default: str = "off") -> Any:
+    """The ``repair`` option of a merging method (one declaration, shared by every method's Options)."""
+    return setting(
+        default, help="scale each merged expert's output, measured on the sampled calibration tokens routed to its "
+        "members: the least-squares fit to the members' outputs (lsq), or their mean norm (norm); undoes the "
+        "shrinking of averaged weights",
+    )
+
+
 def guard_setting() -> Any:
     """The ``guard`` option of a merging method (one declaration, shared by every method's Options)."""
     return setting(
@@ -306,6 +319,7 @@ class MergeOptions:
     router: RouterRule = router_setting()
     guard: bool = guard_setting()
     uniform: bool = setting(False, help="keep floor(E / factor) experts in every layer (no adaptive counts)")
+    repair: RepairSetting = repair_setting()
 
 
 
@@ -367,6 +381,8 @@ class MergingMethod(PruningMethod):
         aligned = (family, layer) if getattr(options, "align", True) else (None, None)
         plan = merged_layer_plan(name, num_experts, groups, stats, options.router, *aligned,
                                  scores=self.merge_scores(stats, options))
+        if getattr(options, "repair", "off") != "off":
+            plan.extras["output_scales"] = output_scales(family, layer, plan, stats, options.repair)
         if getattr(options, "guard", False):
             from uncurl_hf.methods._guard import guarded_plan  # here: _guard needs hcsmoe, which needs this module
 
