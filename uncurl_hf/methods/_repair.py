@@ -34,7 +34,10 @@ from uncurl_hf.families.base import MoEFamily, MoELayer
 from uncurl_hf.plan import LayerPlan
 
 RepairRule = Literal["lsq", "norm"]
-REPAIR_TOKENS = 2048  # sampled calibration tokens per layer the scales are measured on
+# Sampled calibration tokens per layer the scales are measured on: the first ones of the layer's sample, which is in
+# (sequence, position) order, i.e. the sampled tokens of the first calibration sequences (about half of the default
+# 4096-token sample).
+REPAIR_TOKENS = 2048
 
 
 @torch.no_grad()
@@ -56,7 +59,7 @@ def output_scales(
     for position, group in enumerate(plan.groups):
         if len(group) == 1:
             continue
-        original = replaced = 0.0
+        numerator = denominator = 0.0  # lsq: sum <E_g, E_m>, sum ||E_g||^2; norm: sum ||E_m||, sum ||E_g||
         for member in group:
             rows = torch.nonzero((selected == member).any(dim=-1)).flatten().to(hidden.device)
             if rows.numel() == 0:
@@ -65,11 +68,11 @@ def output_scales(
             target = family.run_expert(layer, member, x).double()
             out = family.run_expert_tensors(layer, merged[position], x).double()
             if rule == "lsq":
-                original += float((out * target).sum())
-                replaced += float((out * out).sum())
+                numerator += float((out * target).sum())
+                denominator += float((out * out).sum())
             else:
-                original += float(torch.linalg.vector_norm(target, dim=-1).sum())
-                replaced += float(torch.linalg.vector_norm(out, dim=-1).sum())
-        if replaced > 0:
-            scales[position] = float(f"{max(original, 0.0) / replaced:.3g}")
+                numerator += float(torch.linalg.vector_norm(target, dim=-1).sum())
+                denominator += float(torch.linalg.vector_norm(out, dim=-1).sum())
+        if denominator > 0:
+            scales[position] = float(f"{max(numerator, 0.0) / denominator:.3g}")
     return scales
