@@ -148,6 +148,12 @@ class MoEFamily(ABC):
         :attr:`neuron_axes`, e.g. a merge result) on ``hidden [N, D]``: what a reduced layer's expert computes."""
         raise NotImplementedError(f"{self.name} cannot run an expert from tensors")
 
+    def expert_input(self, layer: MoELayer, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden`` (e.g. a float32 calibration sample on the CPU) on the layer's device in its experts' dtype: what
+        :meth:`run_expert` and :meth:`run_expert_tensors` are fed."""
+        dtype = next(iter(self.expert_tensors(layer, 0).values())).dtype
+        return hidden.to(device=layer.router.weight.device, dtype=dtype)
+
     def fused_experts(self, layer: MoELayer) -> nn.Module | None:
         """The one module computing all of the layer's experts (``experts(hidden, top_k_index, top_k_weights)``),
         or ``None`` when each expert is its own module (Switch): calibration reads expert outputs off it."""

@@ -79,8 +79,7 @@ def relative_errors(
     """``{candidate name: err}`` on ``hidden`` (module docstring); ``nan`` without tokens."""
     if hidden.shape[0] == 0:
         return {name: float("nan") for name, _ in candidates}
-    dtype = next(iter(family.expert_tensors(layer, 0).values())).dtype  # experts run on inputs of their dtype
-    hidden = hidden.to(device=layer.router.weight.device, dtype=dtype)
+    hidden = family.expert_input(layer, hidden)
     full = moe_output(family, layer, hidden, family.router_tensors(layer), lambda j, x: family.run_expert(layer, j, x))
     norm = float(full.double().norm()) or 1.0
     errors = {}

@@ -29,7 +29,7 @@ from uncurl_hf.errors import UncurlError
 from uncurl_hf.families.base import MoEFamily, MoELayer
 from uncurl_hf.methods._alignment import align_groups
 from uncurl_hf.methods._repair import output_scales
-from uncurl_hf.methods.base import PruningMethod, rank_by_score
+from uncurl_hf.methods.base import PruningMethod, rank_by_score, stable_value
 from uncurl_hf.methods._router_fit import fit_router_coefficients, merge_diagnostics
 from uncurl_hf.methods.frequency import rank_by_frequency
 from uncurl_hf.plan import LayerPlan
@@ -173,7 +173,7 @@ def merged_layer_plan(
     else:
         rank = {e: r for r, e in enumerate(rank_by_score(stats, scores))}
         ordered = sorted((sorted(g, key=rank.__getitem__) for g in groups if g), key=lambda g: g[0])
-        weights = [_normalized([_stable(scores[e]) for e in g]) for g in ordered]
+        weights = [_normalized([stable_value(scores[e]) for e in g]) for g in ordered]
     plan_extras = dict(extras or {})
     logits = stats.logit_sample.double().numpy()
     if router == "fitted":
@@ -191,14 +191,6 @@ def merged_layer_plan(
         router=router,
         extras=plan_extras,
     )
-
-
-def _stable(value: float) -> float:
-    """``value`` to 3 significant digits. Saliency scores (REAP) sum float32 expert-output norms, which differ by
-    ~1e-7 relative with the thread count; merge weights computed from them would make the checkpoint's bytes depend
-    on it (tests/test_determinism.py). At 3 digits a score changes its rounding only within ~1e-7 of a boundary (about
-    1 score in 5,000), and a merge weight 0.05% off costs nothing measurable."""
-    return float(f"{float(value):.3g}")
 
 
 def _normalized(values: Sequence[float]) -> list[float]:

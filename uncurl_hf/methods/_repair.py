@@ -17,10 +17,10 @@ expert as the surgery builds it, and sums over the group's members ``m`` and the
 * ``"norm"``: ``s_g = sum ||E_m(x)|| / sum ||E_g(x)||``, so that the merged expert's outputs have the members' mean
   norm (REPAIR's statistic matching; it can raise the error where the merge points elsewhere).
 
-The surgery multiplies the group's output projection (and its
-bias; the family's ``output_keys``) by ``s_g``, which scales the expert's output by exactly ``s_g``. Scales are
-rounded to 3 significant digits (thread-count independent bytes, as the merge weights); groups without sampled
-tokens, and singletons, keep ``None`` (no scaling). The scales are written to the plan (``extras["output_scales"]``).
+The surgery multiplies the group's output projection (and its bias; the family's ``output_keys``) by ``s_g``, which
+scales the expert's output by exactly ``s_g``. Scales are rounded to 3 significant digits
+(:func:`~uncurl_hf.methods.base.stable_value`, as the merge weights); groups without sampled tokens, and singletons,
+keep ``None`` (no scaling). The scales are written to the plan (``extras["output_scales"]``).
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ import torch
 
 from uncurl_hf.calibration.stats import ExpertStats
 from uncurl_hf.families.base import MoEFamily, MoELayer
+from uncurl_hf.methods.base import stable_value
 from uncurl_hf.plan import LayerPlan
+from uncurl_hf.surgery.apply import merge_experts
 
 RepairRule = Literal["lsq", "norm"]
 # Sampled calibration tokens per layer the scales are measured on: the first ones of the layer's sample, which is in
@@ -46,19 +48,17 @@ def output_scales(
 ) -> list[float | None]:
     """One scale per group of ``plan`` by ``rule`` (module docstring): ``None`` for a singleton or a group no
     sampled token reaches."""
-    from uncurl_hf.surgery.apply import reduce_layer  # lazy: the surgery imports the plan this module builds on
-
     hidden, logits = stats.hidden_sample[:REPAIR_TOKENS], stats.logit_sample[:REPAIR_TOKENS]
     scales: list[float | None] = [None] * len(plan.groups)
     if hidden.shape[0] == 0 or all(len(group) == 1 for group in plan.groups):
         return scales
-    dtype = next(iter(family.expert_tensors(layer, 0).values())).dtype  # experts run on inputs of their dtype
-    hidden = hidden.to(device=layer.router.weight.device, dtype=dtype)
+    hidden = family.expert_input(layer, hidden)
     _, selected = family.routing(logits.float(), stats.top_k)
-    merged = reduce_layer(family, layer, plan, scale_expert_capacity=False).experts
-    for position, group in enumerate(plan.groups):
+    permutations = plan.extras.get("permutations") or [None] * len(plan.groups)
+    for position, (group, weights, perms) in enumerate(zip(plan.groups, plan.weights, permutations)):
         if len(group) == 1:
             continue
+        merged = merge_experts(family, layer, group, weights, perms)  # the surgery's merge of this group
         numerator = denominator = 0.0  # lsq: sum <E_g, E_m>, sum ||E_g||^2; norm: sum ||E_m||, sum ||E_g||
         for member in group:
             rows = torch.nonzero((selected == member).any(dim=-1)).flatten().to(hidden.device)
@@ -66,7 +66,7 @@ def output_scales(
                 continue
             x = hidden.index_select(0, rows)
             target = family.run_expert(layer, member, x).double()
-            out = family.run_expert_tensors(layer, merged[position], x).double()
+            out = family.run_expert_tensors(layer, merged, x).double()
             if rule == "lsq":
                 numerator += float((out * target).sum())
                 denominator += float((out * out).sum())
@@ -74,5 +74,5 @@ def output_scales(
                 numerator += float(torch.linalg.vector_norm(target, dim=-1).sum())
                 denominator += float(torch.linalg.vector_norm(out, dim=-1).sum())
         if denominator > 0:
-            scales[position] = float(f"{max(numerator, 0.0) / denominator:.3g}")
+            scales[position] = stable_value(max(numerator, 0.0) / denominator)
     return scales
