@@ -27,8 +27,25 @@ def test_the_calibration_domain_keeps_its_perplexity_best(rows):
         assert all(target < v for d, v in r.ratios.items() if d != r.target), (r.target, r.method, r.ratios)
 
 
+def test_the_target_kl_is_measured_against_the_unpruned_model(rows):
+    """KL(unpruned || pruned) on the target's held-out windows: positive (x4 removes experts the text routes to),
+    finite, and zero for a model against itself (the same measurement, nothing pruned)."""
+    from uncurl_hf import load_model
+    from uncurl_hf.evaluation.causal import kl_divergence
+    from uncurl_hf.io.checkpoint import load_tokenizer
+    from uncurl_hf.zoo.decoder_report import heldout_windows
+    from uncurl_hf.zoo.registry import zoo_path
+
+    for r in rows:
+        assert 0.0 < r.target_kl < 10.0 and math.isfinite(r.target_kl), (r.target, r.method, r.target_kl)
+    folder = zoo_path("tiny-qwen3moe-64", build_if_missing=False)
+    model = load_model(folder)
+    windows = heldout_windows(load_tokenizer(folder), "code", 2).tolist()
+    assert kl_divergence(model, model, windows) == 0.0
+
+
 def test_others_is_the_geometric_mean_of_the_other_domains():
-    row = SpecificityRow("code", "reap", 4.0, {"code": 1.5, "news": 2.0, "wiki": 8.0})
+    row = SpecificityRow("code", "reap", 4.0, {"code": 1.5, "news": 2.0, "wiki": 8.0}, target_kl=0.1)
     assert math.isclose(row.others, 4.0)
 
 
@@ -60,4 +77,4 @@ def test_the_benchmark_script_runs_end_to_end():
     ).stdout
     rows = [line.split() for line in out.splitlines() if line.startswith("wiki ")]
     assert [r[1] for r in rows] == ["frequency", "uncurl:guard=true"] and all(r[2] == "x2" for r in rows)
-    assert all(len(r) == 5 + len(domains.DOMAINS) for r in rows)
+    assert all(len(r) == 6 + len(domains.DOMAINS) for r in rows)

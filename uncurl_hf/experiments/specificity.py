@@ -8,7 +8,9 @@ documents: a document cut to its first 128 tokens is mostly its header (a Python
 English prose), which calibrates for the wrong text. Every method plans from those statistics with the one planning
 step, and the pruned model's perplexity on every domain's held-out windows (never trained on) is divided by the
 unpruned model's. ``target`` is the ratio on the calibration domain, ``others`` the geometric mean over the other
-five; the expected shape is ``target`` near 1 and ``others`` much larger.
+five; the expected shape is ``target`` near 1 and ``others`` much larger. ``target_kl`` is the teacher-forced
+KL(unpruned || pruned) of the next-token distributions on the target's held-out windows, nats per token: a ratio
+of perplexities can stay near 1 while the pruned model predicts different tokens, the KL cannot.
 
 Used by ``uncurl demo-run`` (a few lines after the Switch table) and ``benchmarks/specificity.py`` (every method and
 factor). The domains' text is read from the package archives the zoo build fetches (a fresh machine fetches them
@@ -47,6 +49,7 @@ class SpecificityRow:
     method: str
     factor: float
     ratios: dict[str, float]  # per domain: perplexity pruned / unpruned
+    target_kl: float  # KL(unpruned || pruned), nats per token, on the target domain's held-out windows
 
     @property
     def others(self) -> float:
@@ -72,6 +75,7 @@ def run_specificity(spec: SpecificitySpec) -> list[SpecificityRow]:
     """Calibrate once per target, then plan and apply every (factor, method) in memory and score every domain."""
     from uncurl_hf import CalibrationSpec, PruneRecipe, apply_plan, build_batches, calibrate, get_family, load_model
     from uncurl_hf.calibration.data import calibration_examples
+    from uncurl_hf.evaluation.causal import kl_divergence
     from uncurl_hf.experiments.sweep import parse_method_spec
     from uncurl_hf.io.checkpoint import load_tokenizer
     from uncurl_hf.io.resolve import resolve_model
@@ -102,18 +106,21 @@ def run_specificity(spec: SpecificitySpec) -> list[SpecificityRow]:
                 plan = plan_model(model, family, get_method(name), stats, budget, recipe).plan
                 pruned = apply_plan(model, family, plan)
                 ratios = {d: math.exp(model_nll(pruned, w) - base[d]) for d, w in held.items()}
-                rows.append(SpecificityRow(target, method_spec, factor, ratios))
-                logger.info("%s %s x%g: target %.3f others %.3f", target, method_spec, factor, ratios[target],
-                            rows[-1].others)
+                kl = kl_divergence(model, pruned, held[target].tolist(), batch_size=32)
+                rows.append(SpecificityRow(target, method_spec, factor, ratios, kl))
+                logger.info("%s %s x%g: target %.3f (KL %.4f) others %.3f", target, method_spec, factor,
+                            ratios[target], kl, rows[-1].others)
     return rows
 
 
 def format_specificity(rows: Sequence[SpecificityRow]) -> str:
-    """One line per (target, method, factor): the target's ratio, the others' geometric mean, every domain's."""
+    """One line per (target, method, factor): the target's ratio and KL, the others' geometric mean, every domain's
+    ratio."""
     from uncurl_hf.zoo import domains
 
-    lines = [["target", "method", "factor", "target ppl x", "others ppl x", *domains.DOMAINS]]
+    lines = [["target", "method", "factor", "target ppl x", "target KL", "others ppl x", *domains.DOMAINS]]
     for r in rows:
-        lines.append([r.target, r.method, f"x{r.factor:g}", f"{r.ratios[r.target]:.3f}", f"{r.others:.3f}",
+        lines.append([r.target, r.method, f"x{r.factor:g}", f"{r.ratios[r.target]:.3f}", f"{r.target_kl:.4f}",
+                      f"{r.others:.3f}",
                       *[f"{r.ratios[d]:.3f}" for d in domains.DOMAINS]])
     return text_table(lines, left=2)
