@@ -19,7 +19,9 @@ interval holds 0, ``worse`` otherwise. ``--reference`` names the spec compared (
 
 Diagnostics per plan (second table): ``replaced`` = share of the routing decisions whose expert is no longer in the
 model as it was (dropped, or merged into another member's group anchor), mean over layers; for merges also the
-plan's ``router_agreement`` (tokens whose top group is their top expert's group) from ``extras["diagnostics"]``.
+plan's ``router_agreement`` (tokens whose top group is their top expert's group) from ``extras["diagnostics"]``;
+``e`` = the layer-output error on held-out (dev) calibration tokens, mean over layers; ``k`` = KL(unpruned ||
+pruned) of the label distributions on the first ``DEV_PROMPTS`` dev prompts, a whole-model proxy that needs no labels.
 
 A method spec may carry options: ``uncurl:router=fitted,centres=usage`` (values parsed as JSON, as with
 ``uncurl prune --method-arg``). ``--sequential`` adds ``SPEC +seq`` rows: the same method planned layer by layer on
@@ -51,6 +53,7 @@ DEFAULT_PAIRS = (
 )
 DEFAULT_METHODS = ("random", "frequency", "reap", "ean", "msmoe", "hcsmoe", "uncurl")
 DEFAULT_FACTORS = (2.0, 4.0, 8.0)
+DEV_PROMPTS = 200  # dev prompts the label KL to the unpruned model is measured on
 
 
 @dataclass
@@ -71,6 +74,8 @@ class Cell:
     correct: list[int] = field(default_factory=list, repr=False)
     # mean over layers of the MoE block's relative output error on held-out (dev split) calibration tokens
     reconstruction: float = float("nan")
+    # mean KL(unpruned || pruned) of the label distributions on dev prompts (no labels needed): a whole-model proxy
+    label_kl: float = float("nan")
 
     @property
     def relative(self) -> float:
@@ -118,6 +123,12 @@ def reconstruction_error(model: Any, family: Any, plan: Any, held_out: Any) -> f
     return float(np.nanmean(errors)) if errors else float("nan")
 
 
+def label_kl(reference: Any, pruned: Any) -> float:
+    """Mean over examples of KL(reference || pruned) between two ``[N, L]`` label log-distributions."""
+    p, q = reference.double(), pruned.double()
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
 def router_agreement(plan: Any) -> float:
     """Mean over merged layers of the plan's recorded router agreement (NaN for pure pruning)."""
     values = [layer.extras.get("diagnostics", {}).get("router_agreement") for layer in plan.layers]
@@ -152,6 +163,8 @@ def run_pair(
     test = task.load_split("test")[:limit] if limit else task.load_split("test")
     targets = np.array([task.labels.index(e.target) for e in test])
     reference = label_distribution(model, tokenizer, task, test).argmax(-1).numpy()
+    dev = task.load_split("dev")[:DEV_PROMPTS]
+    dev_reference = label_distribution(model, tokenizer, task, dev)
     baseline = float((reference == targets).mean())
     cells: list[Cell] = []
     held_out_spec = CalibrationSpec(task=task_name, split="dev", num_examples=num_calibration, seed=0)
@@ -182,16 +195,18 @@ def run_pair(
                                   batches=batches).plan
                 plan_s = time.perf_counter() - start
                 method_spec = f"{method_spec} +seq" if mode == "seq" else method_spec
-                predicted = label_distribution(apply_plan(model, family, plan), tokenizer, task, test).argmax(-1).numpy()
+                pruned = apply_plan(model, family, plan)
+                predicted = label_distribution(pruned, tokenizer, task, test).argmax(-1).numpy()
                 correct = (predicted == targets).astype(int)
                 cells.append(Cell(
                     model_name, task_name, method_spec, factor, seed, float(correct.mean()), baseline, plan_s,
                     replaced_share(plan, stats), router_agreement(plan), plan.counts, correct.tolist(),
                     reconstruction_error(model, family, plan, held_out),
+                    label_kl(dev_reference, label_distribution(pruned, tokenizer, task, dev)),
                 ))
-                logger.info("%s seed %d  %-32s x%g  %.1f%%  replaced %.1f%%  error %.3f  %.1f s", pair, seed,
-                            method_spec, factor, cells[-1].relative, 100 * cells[-1].replaced,
-                            cells[-1].reconstruction, plan_s)
+                logger.info("%s seed %d  %-32s x%g  %.1f%%  replaced %.1f%%  error %.3f  dev KL %.4f  %.1f s", pair,
+                            seed, method_spec, factor, cells[-1].relative, 100 * cells[-1].replaced,
+                            cells[-1].reconstruction, cells[-1].label_kl, plan_s)
     info = PairInfo(model_name, task_name, baseline, len(test), max(sizes.values()), calibration_s / len(seeds))
     return info, cells
 
@@ -265,7 +280,8 @@ def format_diagnostics(cells: Sequence[Cell]) -> str:
             text = f"{100 * np.mean([c.replaced for c in at]):.1f}"
             agreement = np.mean([c.router_agreement for c in at])
             text = text if np.isnan(agreement) else f"{text}/{100 * agreement:.0f}"
-            values.append(f"{text} e{np.mean([c.reconstruction for c in at]):.2f}")
+            values.append(f"{text} e{np.mean([c.reconstruction for c in at]):.2f} "
+                          f"k{np.mean([c.label_kl for c in at]):.3f}")
         rows.append([model, task, f"x{factor:g}", *values])
     return text_table(rows)
 
@@ -321,8 +337,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("Test accuracy, % of the unpruned model (mean over seeds "
           f"{','.join(map(str, seeds))}); {args.reference} - best in accuracy points, paired bootstrap")
     print(format_summary(verdicts, args.reference))
-    print("\nReplaced routing share % (merges: / router agreement %) and e = layer-output error on held-out dev tokens,"
-          " mean over layers and seeds")
+    print("\nReplaced routing share % (merges: / router agreement %), e = layer-output error on held-out dev tokens"
+          " (mean over layers) and k = label KL(unpruned || pruned) on dev prompts, mean over seeds")
     print(format_diagnostics(cells))
     print()
     for info in infos:

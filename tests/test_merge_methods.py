@@ -324,6 +324,7 @@ def test_quality_benchmark_runs_end_to_end(switch_dir, tmp_path, capsys, monkeyp
     assert results[0]["router_agreement"] != results[0]["router_agreement"]  # NaN: pruning has no merged router
     assert 0.0 <= results[1]["router_agreement"] <= 1.0
     assert all(r["reconstruction"] > 0.0 for r in results)  # held-out layer-output error of a real reduction
+    assert all(0.0 < r["label_kl"] < 1.0 for r in results)  # the pruned models' label distributions moved, a little
     assert len(payload["verdicts"]) == 1 and payload["verdicts"][0]["factor"] == 2.0
 
 

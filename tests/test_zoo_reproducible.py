@@ -170,3 +170,78 @@ def test_estimate_skips_finished_stages(tmp_path):
     assert estimated_build_minutes(recipe, tmp_path) < full
     assert estimated_build_minutes(registry.get_recipe("study-switch-64-topic")) > estimated_build_minutes(
         registry.get_recipe("study-switch-4-topic"))
+
+
+def _locked(path: Path) -> bool:
+    """Whether another open file description holds an exclusive flock on ``path``."""
+    import fcntl
+
+    with open(path, "a+b") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
+
+
+def test_a_second_holder_of_the_build_lock_says_so_and_waits(tmp_path, caplog):
+    import threading
+
+    from uncurl_hf.zoo.runtime import exclusive
+
+    lock, order, inside = tmp_path / "work.lock", [], threading.Event()
+    release = threading.Event()
+
+    def first() -> None:
+        with exclusive(lock, "the work folder"):
+            order.append("first in")
+            inside.set()
+            release.wait(10)
+            order.append("first out")
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    inside.wait(10)
+    assert _locked(lock)
+    second = threading.Thread(target=lambda: _enter_and_record(exclusive, lock, order))
+    with caplog.at_level(logging.WARNING, logger="uncurl_hf.zoo.runtime"):
+        second.start()
+        second.join(0.3)
+        assert second.is_alive() and order == ["first in"]  # waiting, not in
+        release.set()
+        thread.join(10)
+        second.join(10)
+    assert order == ["first in", "first out", "second in"]
+    assert "another build is using the work folder" in caplog.text and not _locked(lock)
+
+
+def _enter_and_record(exclusive, lock: Path, order: list[str]) -> None:
+    with exclusive(lock, "the work folder"):
+        order.append("second in")
+
+
+def test_a_build_holds_the_shared_pretraining_and_its_output_locked(tmp_path, monkeypatch):
+    """Two builds sharing a pretraining (E=32 topic and hedge) must not train into one work folder at once: the
+    pretraining stages run under the work folder's lock, the fine-tuning and the rename under the output's."""
+    workdir, out = tmp_path / "work" / "repro-switch-4", tmp_path / "zoo" / "repro-switch-4"
+    seen: dict[str, bool] = {}
+
+    def pretrain(recipe, folder, progress=True):
+        seen["pretrain"] = _locked(workdir.with_name("repro-switch-4.lock"))
+        return folder
+
+    def finetune(recipe, pretrained, staging, progress=True):
+        seen["finetune"] = _locked(out.with_name("repro-switch-4.lock"))
+        seen["pretraining free"] = not _locked(workdir.with_name("repro-switch-4.lock"))
+        staging.mkdir(parents=True)
+        (staging / "config.json").write_text("{}")
+        return {}
+
+    monkeypatch.setattr(registry, "pretrain", pretrain)
+    monkeypatch.setattr(registry, "intermediate", lambda recipe, pretrained, folder, progress=True: pretrained)
+    monkeypatch.setattr(registry, "finetune", finetune)
+    monkeypatch.setattr(registry, "write_manifest", lambda *a, **k: None)
+    assert registry.build(TINY, out, workdir=workdir, progress=False) == out
+    assert seen == {"pretrain": True, "finetune": True, "pretraining free": True}
+    assert (out / "config.json").exists() and not out.with_name("repro-switch-4.building").exists()

