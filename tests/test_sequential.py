@@ -91,3 +91,41 @@ def test_cli_sequential_flag(flag, switch_dir, calibration_jsonl, tmp_path):
     plan = json.loads((out / "uncurl_plan.json").read_text())
     assert plan["metadata"].get("sequential", False) is bool(flag)
     assert load_model(out).config.num_experts_per_encoder_layer == [2, 2]
+
+
+@pytest.mark.parametrize("family_name", ["switch", "qwen3_moe", "gpt_oss"])
+def test_an_intermediate_model_shares_what_it_does_not_reduce(family_name):
+    """Sequential planning's intermediate models (``only`` + ``share``) hold the source's own tensors wherever
+    nothing changed, so they cost the reduced layers, not a second model; they equal the copying surgery."""
+    from test_families_decoder import logits, tiny_model
+
+    from helpers import tiny_switch_model
+
+    model = tiny_switch_model() if family_name == "switch" else tiny_model(family_name)
+    family = get_family(model)
+    layers = family.sparse_layers(model)
+    first = layers[0]
+    planned = LayerPlan(name=first.name, num_experts=first.num_experts,
+                        groups=[[e] for e in range(0, first.num_experts, 2)])
+    partial = PruningPlan(
+        model_type=model.config.model_type, family=family.name, method="manual",
+        layers=[planned] + [LayerPlan.keep(layer.name, layer.num_experts, list(range(layer.num_experts)))
+                            for layer in layers[1:]],
+    )
+    shared = apply_plan(model, family, partial, only={first.name}, share=True)
+    copied = apply_plan(model, family, partial)
+    source = {name: tensor.data_ptr() for name, tensor in model.state_dict().items()}
+    reduced_prefix = f"{first.prefix}."
+    for name, tensor in shared.state_dict().items():
+        expert_or_router = name.startswith(reduced_prefix) and (".experts." in name or "router" in name
+                                                                 or ".gate." in name)
+        if expert_or_router:
+            assert tensor.data_ptr() != source.get(name), name
+        else:
+            assert tensor.data_ptr() == source[name], name
+    assert all(t.data_ptr() not in source.values() for t in copied.state_dict().values())
+    assert shared.state_dict().keys() == copied.state_dict().keys()
+    for name, tensor in copied.state_dict().items():
+        assert torch.equal(shared.state_dict()[name], tensor), name
+    if family_name != "switch":
+        assert torch.equal(logits(shared), logits(copied))

@@ -190,11 +190,12 @@ class FusedMoEFamily(FusedDiskView, MoEFamily):
 
     def build_reduced_model(
         self, model: nn.Module, layers: MutableMapping[str, ReducedLayer], base_model: str | None = None,
-        consume: bool = False,
+        consume: bool = False, share: bool = False,
     ) -> nn.Module:
         """Build the reduced model on the meta device (no random init), then assign its tensors.
 
-        Every assigned tensor is a copy or a new merge result, so the input model never shares storage with it.
+        Every assigned tensor is a copy or a new merge result, so the input model never shares storage with it
+        (unless ``share``, see the base class).
         Fusing a layer's experts into ``[E', ...]`` copies them; with ``consume`` the per-expert tensors of a layer
         are dropped as soon as its fused ones exist.
         """
@@ -216,7 +217,8 @@ class FusedMoEFamily(FusedDiskView, MoEFamily):
         replaced = tuple(
             f"{layer.prefix}.{part}." for layer in current if layer.name in layers for part in (self.router_attr, "experts")
         )
-        state = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith(replaced)}
+        kept = {k: v.detach() for k, v in model.state_dict().items() if not k.startswith(replaced)}
+        state = kept if share else {k: v.clone() for k, v in kept.items()}
         for layer in current:
             reduced = layers.pop(layer.name, None) if consume else layers.get(layer.name)
             if reduced is None:

@@ -170,12 +170,14 @@ class MoEFamily(ABC):
     @abstractmethod
     def build_reduced_model(
         self, model: nn.Module, layers: MutableMapping[str, ReducedLayer], base_model: str | None = None,
-        consume: bool = False,
+        consume: bool = False, share: bool = False,
     ) -> nn.Module:
         """A new model equal to ``model`` except that each named layer holds the given experts and router.
 
         ``consume``: pop each layer from ``layers`` once its tensors are in the new model's layout, so a family that
         repacks them (fused ``[E, ...]`` experts) holds one layer twice, not the whole reduced model.
+        ``share``: every tensor not replaced is the input's own storage, not a copy (a transient model that only
+        runs forward passes, such as sequential planning's intermediate models; an output must not share).
         """
 
     def expert_capacity(self, layer: MoELayer) -> int | None:

@@ -131,11 +131,12 @@ class SwitchTransformersFamily(MoEFamily):
 
     def build_reduced_model(
         self, model: nn.Module, layers: MutableMapping[str, ReducedLayer], base_model: str | None = None,
-        consume: bool = False,
+        consume: bool = False, share: bool = False,
     ) -> nn.Module:
         """Build the pruned model on the meta device (no random init), then assign its tensors.
 
-        Every assigned tensor is a copy or a new merge result, so the input model never shares storage with it.
+        Every assigned tensor is a copy or a new merge result, so the input model never shares storage with it
+        (unless ``share``, see the base class).
         Switch experts keep their per-expert layout, so nothing is repacked and ``consume`` only empties ``layers``.
         """
         from transformers import SwitchTransformersForConditionalGeneration, SwitchTransformersModel
@@ -166,7 +167,8 @@ class SwitchTransformersFamily(MoEFamily):
         replaced = tuple(
             f"{layer.prefix}.{part}." for layer in current if layer.name in layers for part in ("router", "experts")
         )
-        state = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith(replaced)}
+        kept = {k: v.detach() for k, v in model.state_dict().items() if not k.startswith(replaced)}
+        state = kept if share else {k: v.clone() for k, v in kept.items()}
         for layer in current:
             reduced = layers.pop(layer.name, None) if consume else layers.get(layer.name)
             if reduced is None:

@@ -14,7 +14,8 @@ calibration pass per sparse layer. Details:
   experts), so the union of the per-layer plans applied to the original model equals the sequentially pruned model:
   the written plan is an ordinary :class:`~uncurl_hf.plan.PruningPlan` (``metadata["sequential"] = True``);
 * the intermediate models are built with :func:`uncurl_hf.surgery.apply.apply_plan` from the original model and the plans
-  so far (every later layer kept whole), with the run's capacity scaling;
+  so far (every later layer kept whole), with the run's capacity scaling; they share every unchanged tensor with the
+  original (``only`` + ``share``), so an intermediate model costs its reduced layers, not a second copy of the model;
 * the family's sparse-layer order must be the forward order (true for Switch: encoder then decoder, and for
   decoder-only stacks).
 
@@ -64,9 +65,10 @@ def plan_sequentially(
     current, stats, passes = model, initial, 1
     for index, layer in enumerate(tqdm(layers, desc="sequential", unit="layer", disable=not progress)):
         if index > 0:
+            current = None  # the previous intermediate model goes before the next is built
             current = apply_plan(
                 model, family, _partial_plan(model, family, method, planned, recipe),
-                scale_expert_capacity=recipe.scale_expert_capacity,
+                scale_expert_capacity=recipe.scale_expert_capacity, only={done.name for done in planned}, share=True,
             )
             remaining = {later.name for later in layers[index:]}  # the pruned layers need no statistics
             stats = calibrate_model(current, family, batches, recipe, progress=False, only=remaining)

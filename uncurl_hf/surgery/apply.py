@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -53,6 +53,8 @@ def apply_plan(
     scale_expert_capacity: bool = True,
     base_model: str | None = None,
     release_source: bool = False,
+    only: Collection[str] | None = None,
+    share: bool = False,
 ) -> nn.Module:
     """Return a new model in which every sparse layer holds the output experts described by ``plan``.
 
@@ -65,18 +67,24 @@ def apply_plan(
     replaced by meta tensors of the same shapes, so the surgery holds the source minus the layers done plus the
     output, never both models in full; the reduced layers are handed over as the new model is assembled (a fused
     family repacks one layer at a time). The output is the same.
+
+    ``only``: reduce just these layers; every other layer stays as it is (its plan keeps it whole). ``share``: the
+    new model holds the input's own tensors wherever nothing changed, instead of copies. Together they make
+    sequential planning's intermediate models (forward passes only) cost the reduced layers, not a second model.
     """
     plan.validate(family.layer_sizes(model))
     reduced: dict[str, ReducedLayer] = {}
     with torch.no_grad():
         for layer in family.sparse_layers(model):
+            if only is not None and layer.name not in only:
+                continue
             layer_plan = plan.layer(layer.name)
             reduced[layer.name] = reduce_layer(family, layer, layer_plan, scale_expert_capacity)
             logger.debug("%s: %d -> %d experts", layer.name, layer.num_experts, layer_plan.num_output_experts)
             if release_source:
                 release_experts(layer)
         new_model = family.build_reduced_model(model, reduced, base_model=base_model or plan.base_model,
-                                               consume=release_source)
+                                               consume=release_source, share=share)
     return new_model
 
 
