@@ -46,8 +46,13 @@ QWEN3_30B_A3B = dict(
 TARGET = 1.3
 
 
-def build_model(folder: Path, layers: int = 2, dtype: str = "bfloat16", seed: int = 0) -> Path:
-    """Write the random-weight model to ``folder`` (skipped when a complete one is there)."""
+def build_model(
+    folder: Path, layers: int = 2, dtype: str = "bfloat16", seed: int = 0, shape: dict[str, Any] | None = None,
+    router_std: float = 0.02,
+) -> Path:
+    """Write the random-weight model to ``folder`` (skipped when a complete one is there); ``shape`` overrides
+    entries of the Qwen3-30B-A3B layer shapes and ``router_std`` the routers' init scale (``benchmarks/peer.py``
+    builds a 32-expert model with decisive routing with them)."""
     if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
         return folder
     import torch
@@ -56,7 +61,8 @@ def build_model(folder: Path, layers: int = 2, dtype: str = "bfloat16", seed: in
     vocab = len(AutoTokenizer.from_pretrained(str(ZOO_TOKENIZER), local_files_only=True))
     zoo = json.loads((ZOO_TOKENIZER / "config.json").read_text())
     config = Qwen3MoeConfig(
-        **QWEN3_30B_A3B, num_hidden_layers=layers, vocab_size=max(vocab, zoo["vocab_size"]), dtype=dtype,
+        **{**QWEN3_30B_A3B, **(shape or {})}, num_hidden_layers=layers, vocab_size=max(vocab, zoo["vocab_size"]),
+        dtype=dtype,
         bos_token_id=zoo["bos_token_id"], eos_token_id=zoo["eos_token_id"], pad_token_id=zoo["pad_token_id"],
     )
     torch_dtype = getattr(torch, dtype)
@@ -68,6 +74,8 @@ def build_model(folder: Path, layers: int = 2, dtype: str = "bfloat16", seed: in
         value = torch.empty(tensor.shape, dtype=torch_dtype)
         if name.endswith("norm.weight"):
             value.fill_(1.0)
+        elif name.endswith("mlp.gate.weight"):
+            value.normal_(0.0, router_std, generator=generator)
         else:
             value.normal_(0.0, 0.02, generator=generator)
         state[name] = value
