@@ -35,6 +35,14 @@ def release_memory(freed_bytes: int | None = None) -> None:
 
     if freed_bytes is None or freed_bytes >= GC_THRESHOLD_BYTES:
         gc.collect()
+    trim_heap()
+
+
+def trim_heap() -> None:
+    """Hand glibc's free heap pages back to the OS (``malloc_trim(0)``; a no-op elsewhere). Cheap (a walk of the
+    heap's free lists, no garbage collection), so it can run after every calibration batch: a forward's transient
+    tensors of tens of MB each land in the heap, and what one batch freed would otherwise stay resident while the
+    next batch's differently sized transients grow the heap further (0.3 GB of a 3 GB peak on a 0.86 GB decoder)."""
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
