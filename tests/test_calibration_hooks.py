@@ -223,3 +223,32 @@ def test_ties_at_the_cut_are_broken_by_sequence_then_position():
     assert sampling._smallest(keys, sequence, position, 2).tolist() == [1, 3]
     assert sampling._smallest(keys, sequence, position, 3).tolist() == [0, 1, 3]
     assert sampling._smallest(keys, sequence, position, 9).tolist() == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("family_name", ["qwen3_moe", "mixtral", "olmoe"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_top_k_routers_own_logits_are_reused_and_give_the_same_statistics(family_name, dtype, monkeypatch):
+    """Decoder top-k routers return (logits, scores, indices); their logits are what router_logits computes, so
+    calibration recomputes them only to check the first batch of each layer, and the statistics are bit for bit
+    those of always recomputing."""
+    from test_families_decoder import tiny_model
+
+    model = tiny_model(family_name).to(dtype)
+    family = get_family(model)
+    ids = torch.randint(3, model.config.vocab_size, (12, 10), generator=torch.Generator().manual_seed(0))
+    batches = [{"input_ids": chunk, "attention_mask": torch.ones_like(chunk)} for chunk in ids.split(4)]
+    calls = []
+    original = type(family).router_logits
+    monkeypatch.setattr(type(family), "router_logits",
+                        lambda self, layer, hidden: calls.append(layer.name) or original(self, layer, hidden))
+    reused = calibrate(model, family, batches, progress=False)
+    layers = [layer.name for layer in family.sparse_layers(model)]
+    assert sorted(calls) == sorted(layers)  # one check per layer, on the first batch
+
+    monkeypatch.setattr(hooks.LayerCollector, "_capture_router", lambda self, module, args, output: None)
+    recomputed = calibrate(model, family, batches, progress=False)
+    assert len(calls) == len(layers) * (1 + len(batches))
+    for name in layers:
+        assert torch.equal(reused[name].counts, recomputed[name].counts), name
+        assert torch.equal(reused[name].mean_applied_output_norm, recomputed[name].mean_applied_output_norm), name
+        assert torch.equal(reused[name].gate_mass, recomputed[name].gate_mass), name

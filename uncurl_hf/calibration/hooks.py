@@ -166,6 +166,10 @@ class LayerCollector:
             self.captured.setdefault(index, []).append((args[0], output))
 
     def _capture_router(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        # decoder top-k routers (Qwen3-MoE, Mixtral, OLMoE, ...) return (logits, scores, indices): their logits are
+        # the same product router_logits computes, so one linear per layer call is not run twice
+        if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+            output = output[0]
         if isinstance(output, torch.Tensor):
             self.router_outputs.append(output)
 

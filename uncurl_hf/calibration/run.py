@@ -28,7 +28,6 @@ from uncurl_hf.calibration.stats import CalibrationStats, LayerPartial, layer_st
 from uncurl_hf.errors import CalibrationDataError
 from uncurl_hf.families.devices import input_device
 from uncurl_hf.families.base import MoEFamily
-from uncurl_hf.io.memory import trim_heap
 
 logger = logging.getLogger(__name__)
 
@@ -224,7 +223,6 @@ def calibrate(
             context.begin({k: v for k, v in inputs.items() if k.endswith("attention_mask")}, index, offset, tokens)
             model(**inputs)
             num_sequences += int(inputs["input_ids"].shape[0])
-            trim_heap()  # this batch's freed transients leave the RSS before the next batch allocates its own
     finally:
         for handle in handles:
             handle.remove()

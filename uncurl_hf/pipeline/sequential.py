@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from uncurl_hf.calibration.run import Batch
 from uncurl_hf.calibration.stats import CalibrationStats
 from uncurl_hf.families.base import MoEFamily
-from uncurl_hf.io.memory import release_memory, tensor_bytes
+from uncurl_hf.io.memory import trim_heap
 from uncurl_hf.methods.base import PruningMethod, make_plan
 from uncurl_hf.plan import LayerPlan, PruningPlan
 from uncurl_hf.surgery.apply import apply_plan
@@ -66,10 +66,8 @@ def plan_sequentially(
     current, stats, passes = model, initial, 1
     for index, layer in enumerate(tqdm(layers, desc="sequential", unit="layer", disable=not progress)):
         if index > 0:
-            if current is not model:  # the previous intermediate model goes before the next is built
-                freed = tensor_bytes(current) - tensor_bytes(model)
-                current = None
-                release_memory(freed)
+            current = None  # the previous intermediate model (its reduced layers) goes before the next is built
+            trim_heap()
             current = apply_plan(
                 model, family, _partial_plan(model, family, method, planned, recipe),
                 scale_expert_capacity=recipe.scale_expert_capacity, only={done.name for done in planned}, share=True,
