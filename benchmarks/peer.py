@@ -9,9 +9,9 @@ llm-compressor does). Sequential runs calibrate each layer on the already pruned
 
 The model: a bfloat16 Qwen3-MoE with 32 experts, top-8 (``--layers`` decoder layers, default 8; hidden 1024,
 moe_intermediate 512), random weights with decisive routers (``PEER_ROUTER_STD``), the zoo decoder's tokenizer
-(built once with ``memory.build_model`` into ``--workdir``). The text: ``--num-calibration`` prompted sentiment examples (prompt + label, the task's seeded
-train sample), written to a ``.jsonl`` that uncurl reads with ``--calibration-file`` and the peer tokenizes with
-the same tokenizer and ``--max-length``.
+(built once with ``memory.build_model`` into ``--workdir``). The text: ``--num-calibration`` prompted sentiment
+examples (prompt + label, the task's seeded train sample), written to a ``.jsonl`` that uncurl reads with
+``--calibration-file`` and the peer tokenizes with the same tokenizer and ``--max-length``.
 
 llm-compressor pins an older transformers than uncurl-hf needs, so it lives in its own virtualenv, named by
 ``--peer-python``:
