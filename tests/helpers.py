@@ -8,8 +8,11 @@ Models are real ``SwitchTransformersForConditionalGeneration`` instances from re
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
+import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -246,3 +249,17 @@ def prune_flat(model: Any, output_dir: Any, **settings: Any) -> Any:
     recipe, calibration, options = _split_settings(settings)
     return uncurl_hf.prune(model, PruneRecipe(**recipe, calibration=CalibrationSpec(**calibration)), output_dir,
                            RunOptions(**options))
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """``benchmarks/<name>.py`` imported as the module ``<name>_benchmark`` (the scripts are not a package). It is
+    registered in ``sys.modules`` first: dataclasses resolve their annotations through it."""
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", BENCHMARKS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

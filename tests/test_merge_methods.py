@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +13,7 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 import uncurl_hf  # noqa: F401  (registers the pruned model type with the Auto classes)
 from uncurl_hf import LayerPlan, PruningPlan, apply_plan, build_batches, calibrate, load_model
-from helpers import make_recipe, prune_flat
+from helpers import load_benchmark, make_recipe, prune_flat
 from uncurl_hf.surgery.budget import expert_budget
 from uncurl_hf.calibration.stats import ExpertStats
 from uncurl_hf.io.checkpoint import write_checkpoint
@@ -296,12 +294,8 @@ def test_method_options_are_checked_against_the_methods_options_dataclass_when_t
     assert {"reap", "msmoe", "hcsmoe", "uncurl"} <= set(available_methods())
 
 
-def test_quality_benchmark_runs_end_to_end(switch_dir, tmp_path, capsys, monkeypatch):
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
-    spec = importlib.util.spec_from_file_location("quality_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
+def test_quality_benchmark_runs_end_to_end(switch_dir, tmp_path, capsys):
+    module = load_benchmark("quality")
     from uncurl_hf.experiments.sweep import split_methods  # the benchmark reads --methods with the sweep's parser
 
     assert split_methods("uncurl:router=anchor,uniform=true,frequency") == [
@@ -328,12 +322,8 @@ def test_quality_benchmark_runs_end_to_end(switch_dir, tmp_path, capsys, monkeyp
     assert len(payload["verdicts"]) == 1 and payload["verdicts"][0]["factor"] == 2.0
 
 
-def test_paired_interval_is_exact_on_a_constant_difference(tmp_path, monkeypatch):
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
-    spec = importlib.util.spec_from_file_location("quality_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)
-    spec.loader.exec_module(module)
+def test_paired_interval_is_exact_on_a_constant_difference():
+    module = load_benchmark("quality")
     a = np.array([1, 1, 0, 1, 0, 1, 1, 0], dtype=float)
     assert module.paired_interval(a, a, 100) == (0.0, 0.0, 0.0)
     mean, low, high = module.paired_interval(a, np.zeros(8), 2000)

@@ -6,28 +6,18 @@ llm-compressor itself is not installed here (it pins an older transformers); its
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
-import sys
 from pathlib import Path
 
+from helpers import load_benchmark
+
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "benchmarks" / "peer.py"
 DECODER = ROOT / "uncurl_hf" / "zoo" / "checkpoints" / "tiny-qwen3moe-64"
 
 
-def _module():
-    sys.path.insert(0, str(SCRIPT.parent))
-    spec = importlib.util.spec_from_file_location("peer_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_uncurls_reap_prune_of_the_shared_text_reads_back_as_kept_sets(tmp_path: Path) -> None:
-    peer = _module()
+    peer = load_benchmark("peer")
     texts = peer.write_texts(tmp_path / "texts.jsonl", 8)
     rows = [json.loads(line) for line in texts.read_text().splitlines()]
     assert len(rows) == 8 and all(row["text"].startswith("Review: ") for row in rows)
@@ -51,7 +41,7 @@ def test_uncurls_reap_prune_of_the_shared_text_reads_back_as_kept_sets(tmp_path:
 
 
 def test_each_run_is_compared_with_its_like_among_the_peers_runs() -> None:
-    peer = _module()
+    peer = load_benchmark("peer")
     names = ["uncurl", "uncurl --sequential", "llm-compressor basic", "llm-compressor sequential"]
     rows = [{"run": name, "peak_rss": rss, "wall_s": wall, "model_bytes": 1}
             for name, rss, wall in zip(names, (2.0, 3.0, 4.0, 5.0), (1.0, 2.0, 10.0, 20.0))]
@@ -69,7 +59,7 @@ def test_each_run_is_compared_with_its_like_among_the_peers_runs() -> None:
 
 
 def test_without_the_peer_the_table_has_no_ratios() -> None:
-    peer = _module()
+    peer = load_benchmark("peer")
     rows = peer.compare([{"run": "uncurl", "peak_rss": 2e9, "wall_s": 3.0, "model_bytes": 1e9}],
                         {"uncurl": {"model.layers.0": [0]}})
     assert rows[0]["rss_vs_peer"] is None and "layers" not in rows[0]

@@ -8,11 +8,9 @@ the streamed folder must hold bit-identical tensors, and for single-shard output
 from __future__ import annotations
 
 import errno
-import importlib.util
 import json
 import os
 import signal
-import sys
 from pathlib import Path
 
 import forked
@@ -34,9 +32,8 @@ from uncurl_hf.io.safetensors import SafetensorsReader, safetensors_dtype
 from uncurl_hf.io.shards import OutputTensor, ShardWriter
 from uncurl_hf.surgery.streaming import stream_apply_plan
 from uncurl_hf.io.verify import verify_checkpoint
-from helpers import prune_flat
+from helpers import load_benchmark, prune_flat
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def tensors_of(folder: Path) -> dict[str, torch.Tensor]:
@@ -303,17 +300,9 @@ def test_corrupt_header_is_a_checkpoint_error_naming_the_file(switch_dir, tmp_pa
         SafetensorsReader(bad)
 
 
-def _scale_module():
-    spec = importlib.util.spec_from_file_location("scale_benchmark", ROOT / "benchmarks" / "scale.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_scale_benchmark_generator_and_streaming_prune_smoke(tmp_path):
     """The benchmark's synthetic checkpoint (a few MB, never instantiated) prunes out of core and verifies."""
-    scale = _scale_module()
+    scale = load_benchmark("scale")
     source = scale.generate_checkpoint(tmp_path / "synthetic", 0.004, max_shard_size="1MB")
     size = sum(p.stat().st_size for p in source.glob("*.safetensors"))
     assert 0.5 * 4e6 < size < 2 * 4e6

@@ -6,23 +6,16 @@ out of the table), the stages add up to at most the whole call, and the tables p
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+from helpers import load_benchmark
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "timing.py"
 TINY = ROOT / "uncurl_hf" / "zoo" / "checkpoints" / "tiny-switch-8"
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("timing_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_a_child_prune_times_every_stage(tmp_path: Path) -> None:
@@ -32,7 +25,7 @@ def test_a_child_prune_times_every_stage(tmp_path: Path) -> None:
         capture_output=True, text=True, check=True,
     ).stdout
     row = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT ")).removeprefix("RESULT "))
-    timing = _module()
+    timing = load_benchmark("timing")
     assert all(row[stage] > 0 for stage in timing.STAGE_NAMES)  # msmoe plans (aligns), so even "plan" takes time
     assert sum(row[stage] for stage in timing.STAGE_NAMES) <= row["total"]
     assert abs(row["outside_calibration"] - (row["total"] - row["calibrate"])) < 1e-9
@@ -40,7 +33,7 @@ def test_a_child_prune_times_every_stage(tmp_path: Path) -> None:
 
 
 def test_the_tables_give_each_method_its_ratio_to_frequency() -> None:
-    timing = _module()
+    timing = load_benchmark("timing")
     base = dict.fromkeys(timing.STAGE_NAMES, 1.0)
     rows = [
         {"model": "m", "examples": 8, "method": "frequency", **base, "total": 6.0, "outside_calibration": 4.0},
