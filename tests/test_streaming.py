@@ -35,7 +35,6 @@ from uncurl_hf.io.verify import verify_checkpoint
 from helpers import load_benchmark, prune_flat
 
 
-
 def tensors_of(folder: Path) -> dict[str, torch.Tensor]:
     """Every stored tensor of a checkpoint folder (all shards)."""
     found: dict[str, torch.Tensor] = {}
