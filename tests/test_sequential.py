@@ -93,15 +93,16 @@ def test_cli_sequential_flag(flag, switch_dir, calibration_jsonl, tmp_path):
     assert load_model(out).config.num_experts_per_encoder_layer == [2, 2]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("family_name", ["switch", "qwen3_moe", "gpt_oss"])
-def test_an_intermediate_model_shares_what_it_does_not_reduce(family_name):
+def test_an_intermediate_model_shares_what_it_does_not_reduce(family_name, dtype):
     """Sequential planning's intermediate models (``only`` + ``share``) hold the source's own tensors wherever
     nothing changed, so they cost the reduced layers, not a second model; they equal the copying surgery."""
     from test_families_decoder import logits, tiny_model
 
     from helpers import tiny_switch_model
 
-    model = tiny_switch_model() if family_name == "switch" else tiny_model(family_name)
+    model = (tiny_switch_model() if family_name == "switch" else tiny_model(family_name)).to(dtype)
     family = get_family(model)
     layers = family.sparse_layers(model)
     first = layers[0]
