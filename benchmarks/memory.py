@@ -8,7 +8,8 @@ tensor from a seeded generator (never more than the model in memory), and saved 
 ``--workdir`` (kept for reuse).
 
 Each method runs ``uncurl prune SRC --task sentiment --factor 2 --num-calibration 128 --method M -o OUT`` in its own
-process; the peak RSS is that process's ``ru_maxrss`` (``os.wait4``), the wall time the process's. The table prints
+process; the peak RSS is that process's ``ru_maxrss`` (taken by a bare wrapper process: :func:`run_measured`),
+the wall time the process's. The table prints
 each peak in GB and as a multiple of the model's weight bytes, side by side with the time of a ``cp`` of the same
 bytes. Target: peak <= 1.3 x the model's bytes (the model plus one layer's work).
 
@@ -96,18 +97,36 @@ def weight_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
 
+# Runs argv[1:], passes its output through, then prints one JSON line: the child's wall time, peak RSS, exit code.
+FRESH_WRAPPER = (
+    "import json, resource, subprocess, sys, time\n"
+    "t = time.perf_counter()\n"
+    "p = subprocess.run(sys.argv[1:], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)\n"
+    "wall = time.perf_counter() - t\n"
+    "sys.stdout.write(p.stdout)\n"
+    "rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024\n"
+    "print(json.dumps({'wall': wall, 'rss': rss, 'rc': p.returncode}))\n"
+)
+
+
+def run_measured(command: list[str]) -> tuple[str, dict[str, Any]]:
+    """Run ``command`` as the only child of a fresh wrapper process: ``(its output, {"wall", "rss", "rc"})``.
+
+    Why a wrapper: on Linux a child's ``ru_maxrss`` starts from the high-water mark of the process it was forked
+    from (``exec`` carries the old address space's peak over), so a child of this script, after it built a 5 GB
+    model in-process, reported 8.72 GB for every method whatever it used. The wrapper is a bare interpreter.
+    """
+    done = subprocess.run([sys.executable, "-c", FRESH_WRAPPER, *command], stdout=subprocess.PIPE, text=True, check=True)
+    output, _, last = done.stdout.rstrip("\n").rpartition("\n")
+    return output, json.loads(last)
+
+
 def measure(command: list[str]) -> dict[str, Any]:
-    """Run ``command``; its wall time and peak RSS (``ru_maxrss`` of that very child, via ``os.wait4``)."""
-    start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    assert process.stdout is not None
-    output = process.stdout.read().decode(errors="replace")
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.perf_counter() - start
-    if process.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed ({process.returncode}):\n{output[-4000:]}")
-    return {"wall_s": wall, "peak_rss": usage.ru_maxrss * 1024}
+    """Run ``command``; its wall time and peak RSS (:func:`run_measured`)."""
+    output, outer = run_measured(command)
+    if outer["rc"] != 0:
+        raise RuntimeError(f"{' '.join(command)} failed ({outer['rc']}):\n{output[-4000:]}")
+    return {"wall_s": outer["wall"], "peak_rss": int(outer["rss"])}
 
 
 def prune_command(source: Path, output: Path, method: str, num_calibration: int) -> list[str]:

@@ -218,21 +218,13 @@ def measure(command: list[str]) -> Measure:
     A separate wrapper per run keeps ``RUSAGE_CHILDREN`` to this one command. A command that prints a JSON line
     with ``"seconds"`` last reports its own in-process time (the prune call, without interpreter start).
     """
-    wrapper = (
-        "import json, resource, subprocess, sys, time\n"
-        "t = time.perf_counter()\n"
-        "p = subprocess.run(sys.argv[1:], stdout=subprocess.PIPE, text=True)\n"
-        "wall = time.perf_counter() - t\n"
-        "sys.stdout.write(p.stdout)\n"
-        "rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024\n"
-        "print(json.dumps({'wall': wall, 'rss': rss, 'rc': p.returncode}))\n"
-    )
-    done = subprocess.run([sys.executable, "-c", wrapper, *command], stdout=subprocess.PIPE, text=True, check=True)
-    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    outer = lines[-1]
+    from memory import run_measured  # the sibling benchmark's fresh wrapper (lazily: memory imports nothing here)
+
+    output, outer = run_measured(command)
     if outer["rc"] != 0:
         raise RuntimeError(f"{command} failed with exit code {outer['rc']}")
-    inner = [line for line in lines[:-1] if "seconds" in line]
+    lines = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    inner = [line for line in lines if "seconds" in line]
     seconds = inner[-1]["seconds"] if inner else outer["wall"]
     return Measure(seconds=seconds, process_seconds=outer["wall"], peak_rss_bytes=int(outer["rss"]))
 

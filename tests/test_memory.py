@@ -5,7 +5,9 @@ Peak RSS and times are measured by ``benchmarks/memory.py``, never asserted here
 * a bfloat16 checkpoint loads in bfloat16 with the stored values;
 * ``apply_plan(release_source=True)`` gives the very tensors of ``release_source=False`` and leaves the source's
   expert tensors on the meta device (freed), everything else in place;
-* ``write_model_checkpoint`` lets go of the model it is handed before the written folder is reloaded.
+* ``write_model_checkpoint`` lets go of the model it is handed before the written folder is reloaded, and reloads it
+  block by block (``from_pretrained`` only where the block reader's map does not apply);
+* a large read of the safetensors reader lives in its own anonymous mapping, gone when the tensor is.
 """
 
 from __future__ import annotations
@@ -14,12 +16,15 @@ import gc
 import weakref
 from pathlib import Path
 
+import pytest
 import torch
 
 from helpers import tiny_switch_model
 from test_families_decoder import ZOO_TOKENIZER, plan_of, tiny_model
 from uncurl_hf.families import get_family
 from uncurl_hf.io import written
+from uncurl_hf.io import tensor_map
+from uncurl_hf.io.safetensors import SafetensorsReader
 from uncurl_hf.io.checkpoint import load_model, write_model_checkpoint
 from uncurl_hf.surgery.apply import apply_plan
 
@@ -70,3 +75,60 @@ def test_written_model_is_let_go_before_the_reload(tmp_path: Path, monkeypatch) 
     del pruned
     write_model_checkpoint(held, tmp_path / "out", plan, source_dir=ZOO_TOKENIZER, sync=False)
     assert seen == [False] and held == []
+
+
+def _write_checked(tmp_path: Path, model: torch.nn.Module) -> Path:
+    plan = plan_of(model, _groups(model))
+    pruned = apply_plan(model, get_family(model), plan)
+    return write_model_checkpoint([pruned], tmp_path / "out", plan, source_dir=ZOO_TOKENIZER, sync=False)
+
+
+def test_written_folder_is_reloaded_block_by_block(tmp_path: Path, monkeypatch) -> None:
+    """from_pretrained's load of the written folder peaked at 2.4x its bytes; the check reads it block by block."""
+    model = tiny_model("qwen3_moe").to(torch.bfloat16)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the written check called from_pretrained")
+
+    monkeypatch.setattr(get_family(model).auto_model_class(), "from_pretrained", refuse)
+    assert (_write_checked(tmp_path, model) / "model.safetensors").is_file()
+
+
+def test_written_check_falls_back_to_from_pretrained_where_the_map_does_not_apply(tmp_path: Path, monkeypatch) -> None:
+    calls: list[str] = []
+
+    def no_map(folder, auto_class, **kwargs):
+        calls.append("map")
+        raise tensor_map.TensorMapError("no map here")
+
+    monkeypatch.setattr(tensor_map, "load_resident", no_map)
+    assert (_write_checked(tmp_path, tiny_model("qwen3_moe")) / "model.safetensors").is_file()
+    assert calls == ["map"]
+
+
+def _mapped(address: int) -> bool:
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        start, end = (int(x, 16) for x in line.split()[0].split("-"))
+        if start <= address < end:
+            return True
+    return False
+
+
+def test_a_large_read_has_its_own_mapping_and_gives_it_back(tmp_path: Path) -> None:
+    if not Path("/proc/self/maps").is_file():
+        pytest.skip("needs /proc/self/maps (Linux)")
+    from safetensors.torch import save_file
+
+    big = torch.arange(2**20, dtype=torch.float32).reshape(1024, 1024)  # 4 MiB
+    save_file({"big": big, "small": torch.ones(3)}, str(tmp_path / "model.safetensors"))
+    with SafetensorsReader(tmp_path) as reader:
+        read = reader.get("big")
+        assert torch.equal(read, big)
+        address = read.data_ptr()
+        stored = reader.info("big")
+        assert address % 64 == stored.offset % 64  # the alignment a memory-mapped file would give it
+        assert _mapped(address)
+        del read
+        gc.collect()
+        assert not _mapped(address)  # unmapped, not kept in the heap
+        assert torch.equal(reader.get("small"), torch.ones(3))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 from helpers import load_benchmark
@@ -64,3 +65,15 @@ def test_without_the_peer_the_table_has_no_ratios() -> None:
                         {"uncurl": {"model.layers.0": [0]}})
     assert rows[0]["rss_vs_peer"] is None and "layers" not in rows[0]
     assert peer.format_table(rows).splitlines()[2].split()[:4] == ["uncurl", "1.00", "2.00", "2.00"]
+
+
+def test_a_measured_child_reports_its_own_peak_not_the_benchmark_process():
+    """A child's ru_maxrss starts from the peak of the process it was forked from; the fresh wrapper is bare."""
+    memory = load_benchmark("memory")
+    ballast = bytearray(400 * 2**20)  # this process now peaks above 400 MB
+    ballast[:: 4096] = b"x" * len(ballast[:: 4096])
+    _, idle = memory.run_measured([sys.executable, "-c", "pass"])
+    _, busy = memory.run_measured([sys.executable, "-c", "b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096])"])
+    assert idle["rc"] == busy["rc"] == 0
+    assert idle["rss"] < 100 * 2**20 < 300 * 2**20 < busy["rss"] < 400 * 2**20
+    del ballast

@@ -28,6 +28,7 @@ from uncurl_hf.calibration.stats import CalibrationStats, LayerPartial, layer_st
 from uncurl_hf.errors import CalibrationDataError
 from uncurl_hf.families.devices import input_device
 from uncurl_hf.families.base import MoEFamily
+from uncurl_hf.io.memory import trim_heap
 
 logger = logging.getLogger(__name__)
 
@@ -229,6 +230,7 @@ def calibrate(
         context.clear()
         if switch_mode:
             model.train(was_training)
+        trim_heap()  # the forward's freed activations, before the surgery allocates (not per batch: see trim_heap)
     partials = [collector.finish() for collector in collectors]
     if group is not None:
         num_sequences = int(dist_utils.all_sum(torch.tensor([num_sequences]))[0])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -62,6 +63,7 @@ DTYPE_RANK = {
 }
 _DTYPE_BITS = {"F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "C64": 64}
 _ALIGN = 64  # bytes: the widest SIMD alignment (AVX-512), see _file_aligned_buffer
+_OWN_MAPPING_BYTES = 2**20  # reads from this size on get their own anonymous mapping, see _file_aligned_buffer
 
 
 def safetensors_dtype(dtype: torch.dtype) -> str:
@@ -257,8 +259,19 @@ def _file_aligned_buffer(offset: int, nbytes: int, itemsize: int) -> torch.Tenso
     their operands start. ``from_pretrained`` leaves same-dtype tensors in the memory-mapped file, at the file offset
     modulo the page size, so a tensor read here sits at the same alignment modulo 64 (the widest SIMD alignment) and
     a model fed from this reader (offloaded calibration) computes bit for bit what the loaded model computes.
+
+    Reads of :data:`_OWN_MAPPING_BYTES` or more get their own anonymous ``mmap``, unmapped when the tensor is freed,
+    instead of glibc's heap. Why: a fused family's loader reads a layer's per-expert tensors (3 MB each at
+    Qwen3-30B-A3B shapes) only to stack them and drop them. From the heap, depending on glibc's adaptive mmap
+    threshold, those freed reads stayed resident until the block was done, and the block-by-block load of a 2.5 GB
+    model peaked at 4.1 GB in some runs and 3.35 GB in others (``benchmarks/memory.py``). Unmapped on free, they
+    never outlive their use.
     """
-    raw = torch.empty(nbytes + _ALIGN, dtype=torch.uint8)  # not zero-filled, unlike bytearray
+    if nbytes + _ALIGN >= _OWN_MAPPING_BYTES:
+        region = mmap.mmap(-1, nbytes + _ALIGN, flags=mmap.MAP_PRIVATE)  # anonymous (fd -1), zero pages
+        raw = torch.frombuffer(region, dtype=torch.uint8)  # the tensor holds the mapping
+    else:
+        raw = torch.empty(nbytes + _ALIGN, dtype=torch.uint8)  # not zero-filled, unlike bytearray
     shift = (offset - raw.data_ptr()) % _ALIGN
     if shift % itemsize:  # a tensor the file stores misaligned for its dtype: dtype views need itemsize alignment
         shift = (-raw.data_ptr()) % _ALIGN

@@ -294,12 +294,15 @@ def load_resident(folder: Path, auto_class: Any, *, trust_remote_code: bool = Fa
     """
     from transformers import AutoConfig, GenerationConfig
 
+    from uncurl_hf.io.memory import trim_heap
+
     config = AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=trust_remote_code)
     built = build_on_meta(folder, auto_class, config, trust_remote_code=trust_remote_code)
     try:
         built.fill(built.resident)
         for slots in built.blocks.values():
             built.fill(slots)
+            trim_heap()  # a fused family's per-expert reads are freed heap now: give it back before the next block
     finally:
         built.reader.close()
     model = built.model

@@ -29,6 +29,7 @@ from uncurl_hf.calibration.stats import CalibrationStats, check_coverage
 from uncurl_hf.errors import UncurlError
 from uncurl_hf.families.base import MoEFamily
 from uncurl_hf.io.checks import check_stats_finite
+from uncurl_hf.io.memory import trim_heap
 from uncurl_hf.methods.base import PruningMethod, make_plan
 from uncurl_hf.plan import LayerPlan, PruningPlan
 
@@ -96,6 +97,7 @@ def plan_model(
     else:
         result = PlanningResult(method(stats, model, family, allocated, recipe), stats, allocated, stats)
     result.plan.validate(family.layer_sizes(model), result.budget)
+    trim_heap()  # a merging method's scratch (features, similarities, repair products) before the surgery
     return result
 
 
