@@ -19,6 +19,7 @@ from uncurl_hf.cli.prune import add_prune_parser
 from uncurl_hf.recipe import CalibrationSpec
 from uncurl_hf.recover.config import RecoverConfig
 from uncurl_hf.errors import UncurlError
+from uncurl_hf.io.memory import disable_onednn_primitive_cache
 
 logger = logging.getLogger("uncurl_hf")
 
@@ -393,6 +394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version, usage errors
         return int(exc.code or 0) if not isinstance(exc.code, str) else 2
     _configure_logging(args.verbose)
+    disable_onednn_primitive_cache()  # before any matmul: see its docstring
     try:
         return int(args.func(args) or 0)
     except UncurlError as exc:

@@ -15,6 +15,22 @@ from typing import Any
 
 
 GC_THRESHOLD_BYTES = 256 * 2**20
+ONEDNN_CACHE_VARIABLE = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
+
+
+def disable_onednn_primitive_cache() -> None:
+    """Turn off oneDNN's primitive cache for this process, unless the user set its size (the CLI does this first).
+
+    Why: torch runs bfloat16 matmuls on CPU through oneDNN, which caches one primitive per distinct shape, up to
+    1024 of them. An MoE forward multiplies every expert's tokens separately, a new row count each time, so the cache
+    fills with primitives that are never reused. In a calibration of a bf16 32-expert Qwen3-MoE (0.86 GB,
+    ``benchmarks/peer.py``) it held 0.3-0.4 GB (peak 2.33-2.78 GB with it, 1.85-2.03 GB without). The run was no
+    slower and wrote the same bytes. oneDNN reads the variable when it first builds a primitive, so this works
+    after ``import torch`` as long as no bf16 matmul ran before.
+    """
+    import os
+
+    os.environ.setdefault(ONEDNN_CACHE_VARIABLE, "0")
 
 
 def tensor_bytes(model: Any) -> int:
