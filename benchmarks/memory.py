@@ -9,9 +9,8 @@ tensor from a seeded generator (never more than the model in memory), and saved 
 
 Each method runs ``uncurl prune SRC --task sentiment --factor 2 --num-calibration 128 --method M -o OUT`` in its own
 process; the peak RSS is that process's ``ru_maxrss`` (taken by a bare wrapper process: :func:`run_measured`),
-the wall time the process's. The table prints
-each peak in GB and as a multiple of the model's weight bytes, side by side with the time of a ``cp`` of the same
-bytes. Target: peak <= 1.3 x the model's bytes (the model plus one layer's work).
+the wall time the process's. The table prints each peak in GB and as a multiple of the model's weight bytes, side by
+side with the time of a ``cp`` of the same bytes. Target: peak <= 1.3 x the model's bytes (the model plus one layer's work).
 
     python benchmarks/memory.py                         # frequency and uncurl, 2 layers (~2.5 GB model)
     python benchmarks/memory.py --methods frequency --layers 1
@@ -28,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import tempfile
@@ -116,7 +114,8 @@ def run_measured(command: list[str]) -> tuple[str, dict[str, Any]]:
     from (``exec`` carries the old address space's peak over), so a child of this script, after it built a 5 GB
     model in-process, reported 8.72 GB for every method whatever it used. The wrapper is a bare interpreter.
     """
-    done = subprocess.run([sys.executable, "-c", FRESH_WRAPPER, *command], stdout=subprocess.PIPE, text=True, check=True)
+    wrapped = [sys.executable, "-c", FRESH_WRAPPER, *command]
+    done = subprocess.run(wrapped, stdout=subprocess.PIPE, text=True, check=True)
     output, _, last = done.stdout.rstrip("\n").rpartition("\n")
     return output, json.loads(last)
 

@@ -44,6 +44,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from memory import run_measured  # noqa: E402  (the sibling benchmark: one bare wrapper measures every child)
+
 logger = logging.getLogger("uncurl_hf.benchmarks.scale")
 
 GIB = 1 << 30
@@ -218,8 +222,6 @@ def measure(command: list[str]) -> Measure:
     A separate wrapper per run keeps ``RUSAGE_CHILDREN`` to this one command. A command that prints a JSON line
     with ``"seconds"`` last reports its own in-process time (the prune call, without interpreter start).
     """
-    from memory import run_measured  # the sibling benchmark's fresh wrapper (lazily: memory imports nothing here)
-
     output, outer = run_measured(command)
     if outer["rc"] != 0:
         raise RuntimeError(f"{command} failed with exit code {outer['rc']}")

@@ -73,7 +73,8 @@ def test_a_measured_child_reports_its_own_peak_not_the_benchmark_process():
     ballast = bytearray(400 * 2**20)  # this process now peaks above 400 MB
     ballast[:: 4096] = b"x" * len(ballast[:: 4096])
     _, idle = memory.run_measured([sys.executable, "-c", "pass"])
-    _, busy = memory.run_measured([sys.executable, "-c", "b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096])"])
+    touch = "b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096])"
+    _, busy = memory.run_measured([sys.executable, "-c", touch])
     assert idle["rc"] == busy["rc"] == 0
     assert idle["rss"] < 100 * 2**20 < 300 * 2**20 < busy["rss"] < 400 * 2**20
     del ballast
