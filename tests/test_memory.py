@@ -8,7 +8,8 @@ Peak RSS and times are measured by ``benchmarks/memory.py``, never asserted here
 * ``write_model_checkpoint`` lets go of the model it is handed before the written folder is reloaded, and reloads it
   block by block (``from_pretrained`` only where the block reader's map does not apply);
 * a large read of the safetensors reader lives in its own anonymous mapping, gone when the tensor is;
-* the CLI turns oneDNN's primitive cache off unless the user sized it.
+* the CLI turns oneDNN's primitive cache off unless the user sized it;
+* ``apply_plan(only=...)`` refuses to skip a layer its plan changes.
 """
 
 from __future__ import annotations
@@ -148,3 +149,22 @@ def test_the_cli_turns_the_onednn_primitive_cache_off_unless_the_user_sized_it(m
     monkeypatch.setenv(ONEDNN_CACHE_VARIABLE, "64")
     assert main(["methods"]) == 0
     assert os.environ[ONEDNN_CACHE_VARIABLE] == "64"
+
+
+def test_apply_plan_only_refuses_to_skip_a_layer_its_plan_changes() -> None:
+    """Sequential planning's intermediate models reduce only the planned layers; the rest must be kept whole."""
+    from uncurl_hf.errors import InvalidPlanError
+    from uncurl_hf.plan import LayerPlan
+
+    model = tiny_model("qwen3_moe")
+    family = get_family(model)
+    plan = plan_of(model, _groups(model))
+    names = [layer.name for layer in family.sparse_layers(model)]
+    assert len(names) > 1
+    first = names[0]
+    with pytest.raises(InvalidPlanError, match=r"keeps .* as they are, but the plan changes them"):
+        apply_plan(model, family, plan, only={first}, share=True)
+    whole = [LayerPlan.keep(layer.name, layer.num_experts, list(range(layer.num_experts))) for layer in plan.layers]
+    assert all(layer.is_identity for layer in whole)
+    partial = plan_of(model, {layer.name: layer.groups for layer in [plan.layers[0], *whole[1:]]})
+    apply_plan(model, family, partial, only={first}, share=True)  # the others are identity: accepted

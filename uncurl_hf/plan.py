@@ -89,6 +89,17 @@ class LayerPlan:
         return all(len(group) == 1 for group in self.groups)
 
     @property
+    def is_identity(self) -> bool:
+        """True when applying the plan gives the layer back as it is: every expert alone, in order, unpermuted,
+        unscaled, its router row its own (``"fitted"`` rescales even a singleton's row)."""
+        return (
+            self.groups == [[i] for i in range(self.num_experts)]
+            and self.router != "fitted"
+            and not any(perm is not None for perms in self.extras.get("permutations") or [] for perm in perms or [])
+            and not any(scale is not None for scale in self.extras.get("output_scales") or [])
+        )
+
+    @property
     def expert_map(self) -> list[int] | None:
         """For the ``"map"`` router: output expert of each original expert (``None`` for the other rules)."""
         if self.router != "map":

@@ -68,11 +68,18 @@ def apply_plan(
     output, never both models in full; the reduced layers are handed over as the new model is assembled (a fused
     family repacks one layer at a time). The output is the same.
 
-    ``only``: reduce just these layers; every other layer stays as it is (its plan keeps it whole). ``share``: the
+    ``only``: reduce just these layers; every other layer stays as it is, and its plan must say so
+    (:attr:`LayerPlan.is_identity`, else :class:`~uncurl_hf.errors.InvalidPlanError`). ``share``: the
     new model holds the input's own tensors wherever nothing changed, instead of copies. Together they make
     sequential planning's intermediate models (forward passes only) cost the reduced layers, not a second model.
     """
     plan.validate(family.layer_sizes(model))
+    if only is not None:
+        changed = [layer.name for layer in plan.layers if layer.name not in only and not layer.is_identity]
+        if changed:
+            raise InvalidPlanError(
+                f"apply_plan(only=...) keeps {changed[:3]} as they are, but the plan changes them; add them to only."
+            )
     reduced: dict[str, ReducedLayer] = {}
     with torch.no_grad():
         for layer in family.sparse_layers(model):
