@@ -7,7 +7,7 @@ Peak RSS and times are measured by ``benchmarks/memory.py``, never asserted here
   expert tensors on the meta device (freed), everything else in place;
 * ``write_model_checkpoint`` lets go of the model it is handed before the written folder is reloaded, and reloads it
   block by block (``from_pretrained`` only where the block reader's map does not apply);
-* a large read of the safetensors reader lives in its own anonymous mapping, gone when the tensor is;
+* a large read of the block-by-block load lives in its own anonymous mapping, gone when the tensor is;
 * the CLI turns oneDNN's primitive cache off unless the user sized it;
 * ``apply_plan(only=...)`` refuses to skip a layer its plan changes.
 """
@@ -124,7 +124,7 @@ def test_a_large_read_has_its_own_mapping_and_gives_it_back(tmp_path: Path) -> N
 
     big = torch.arange(2**20, dtype=torch.float32).reshape(1024, 1024)  # 4 MiB
     save_file({"big": big, "small": torch.ones(3)}, str(tmp_path / "model.safetensors"))
-    with SafetensorsReader(tmp_path) as reader:
+    with SafetensorsReader(tmp_path, own_mappings=True) as reader:  # as the block-by-block load reads
         read = reader.get("big")
         assert torch.equal(read, big)
         address = read.data_ptr()
@@ -135,6 +135,9 @@ def test_a_large_read_has_its_own_mapping_and_gives_it_back(tmp_path: Path) -> N
         gc.collect()
         assert not _mapped(address)  # unmapped, not kept in the heap
         assert torch.equal(reader.get("small"), torch.ones(3))
+    with SafetensorsReader(tmp_path) as reader:  # the default (streaming, offload): glibc's heap, no fresh faults
+        read = reader.get("big")
+        assert torch.equal(read, big) and read.data_ptr() % 64 == reader.info("big").offset % 64
 
 
 def test_the_cli_turns_the_onednn_primitive_cache_off_unless_the_user_sized_it(monkeypatch) -> None:

@@ -186,9 +186,10 @@ class SafetensorsReader:
     fresh tensor, so nothing stays resident after the caller drops it. Use as a context manager (or :meth:`close`).
     """
 
-    def __init__(self, folder: str | Path) -> None:
+    def __init__(self, folder: str | Path, *, own_mappings: bool = False) -> None:
         self.folder = Path(folder)
         self.tensors = stored_tensors(self.folder)
+        self.own_mappings = own_mappings  # large reads in their own mmap: see _file_aligned_buffer
         self._handles: dict[Path, BinaryIO] = {}
 
     def keys(self) -> list[str]:
@@ -239,7 +240,7 @@ class SafetensorsReader:
             )
         if nbytes == 0:
             return torch.empty(shape, dtype=dtype)
-        buffer = _file_aligned_buffer(offset, nbytes, dtype.itemsize)
+        buffer = _file_aligned_buffer(offset, nbytes, dtype.itemsize, own_mapping=self.own_mappings)
         view = memoryview(buffer.numpy())
         handle = self.handle(stored.file)
         handle.seek(offset)
@@ -252,7 +253,7 @@ class SafetensorsReader:
         return buffer.view(dtype).reshape(shape)
 
 
-def _file_aligned_buffer(offset: int, nbytes: int, itemsize: int) -> torch.Tensor:
+def _file_aligned_buffer(offset: int, nbytes: int, itemsize: int, own_mapping: bool = False) -> torch.Tensor:
     """An uninitialised ``nbytes`` uint8 tensor whose address is ``offset`` modulo 64, as in a memory-mapped file.
 
     Why: CPU kernels (matmul and reductions with SIMD head/tail handling) can round differently depending on where
@@ -260,14 +261,16 @@ def _file_aligned_buffer(offset: int, nbytes: int, itemsize: int) -> torch.Tenso
     modulo the page size, so a tensor read here sits at the same alignment modulo 64 (the widest SIMD alignment) and
     a model fed from this reader (offloaded calibration) computes bit for bit what the loaded model computes.
 
-    Reads of :data:`_OWN_MAPPING_BYTES` or more get their own anonymous ``mmap``, unmapped when the tensor is freed,
-    instead of glibc's heap. Why: a fused family's loader reads a layer's per-expert tensors (3 MB each at
-    Qwen3-30B-A3B shapes) only to stack them and drop them. From the heap, depending on glibc's adaptive mmap
+    ``own_mapping``: reads of :data:`_OWN_MAPPING_BYTES` or more get their own anonymous ``mmap``, unmapped when the
+    tensor is freed, instead of glibc's heap. Why: a fused family's loader reads a layer's per-expert tensors (3 MB
+    each at Qwen3-30B-A3B shapes) only to stack them and drop them. From the heap, depending on glibc's adaptive mmap
     threshold, those freed reads stayed resident until the block was done, and the block-by-block load of a 2.5 GB
     model peaked at 4.1 GB in some runs and 3.35 GB in others (``benchmarks/memory.py``). Unmapped on free, they
-    never outlive their use.
+    never outlive their use. Not the default: each fresh mapping faults its pages in, and the streaming surgery,
+    which reads and drops one tensor at a time from a heap that stays small, took 0.32-0.46 s instead of 0.27 s at
+    0.5 GB with it (``benchmarks/scale.py``).
     """
-    if nbytes + _ALIGN >= _OWN_MAPPING_BYTES:
+    if own_mapping and nbytes + _ALIGN >= _OWN_MAPPING_BYTES:
         region = mmap.mmap(-1, nbytes + _ALIGN, flags=mmap.MAP_PRIVATE)  # anonymous (fd -1), zero pages
         raw = torch.frombuffer(region, dtype=torch.uint8)  # the tensor holds the mapping
     else:

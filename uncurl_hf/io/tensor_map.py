@@ -251,13 +251,15 @@ class MetaModel:
             slot.put(tensor)
 
 
-def build_on_meta(folder: Path, auto_class: Any, config: Any, *, trust_remote_code: bool = False) -> MetaModel:
+def build_on_meta(folder: Path, auto_class: Any, config: Any, *, trust_remote_code: bool = False,
+                  own_mappings: bool = False) -> MetaModel:
     """Build ``auto_class.from_config(config)`` with meta parameters and map ``folder``'s stored tensors onto it.
 
+    ``own_mappings``: the reader's large reads get their own memory mappings (see :class:`SafetensorsReader`).
     Raises :class:`TensorMapError` when the stored tensors are not the model's parameters (pickle-only checkpoints,
     renamed or missing keys); nothing is read but the headers.
     """
-    reader = SafetensorsReader(folder)
+    reader = SafetensorsReader(folder, own_mappings=own_mappings)
     with parameters_on_meta():
         model = auto_class.from_config(config, trust_remote_code=trust_remote_code)
     model.tie_weights()
@@ -297,7 +299,8 @@ def load_resident(folder: Path, auto_class: Any, *, trust_remote_code: bool = Fa
     from uncurl_hf.io.memory import trim_heap
 
     config = AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=trust_remote_code)
-    built = build_on_meta(folder, auto_class, config, trust_remote_code=trust_remote_code)
+    # own mappings: the per-expert reads a fused family stacks and drops leave nothing behind (see the reader)
+    built = build_on_meta(folder, auto_class, config, trust_remote_code=trust_remote_code, own_mappings=True)
     try:
         built.fill(built.resident)
         for slots in built.blocks.values():
