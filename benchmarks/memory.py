@@ -10,7 +10,8 @@ tensor from a seeded generator (never more than the model in memory), and saved 
 Each method runs ``uncurl prune SRC --task sentiment --factor 2 --num-calibration 128 --method M -o OUT`` in its own
 process; the peak RSS is that process's ``ru_maxrss`` (taken by a bare wrapper process: :func:`run_measured`),
 the wall time the process's. The table prints each peak in GB and as a multiple of the model's weight bytes, side by
-side with the time of a ``cp`` of the same bytes. Target: peak <= 1.3 x the model's bytes (the model plus one layer's work).
+side with the time of a ``cp`` of the same bytes. Target: peak <= 1.3 x the model's bytes (the model plus one
+layer's work).
 
     python benchmarks/memory.py                         # frequency and uncurl, 2 layers (~2.5 GB model)
     python benchmarks/memory.py --methods frequency --layers 1

@@ -2,10 +2,11 @@
 
 Both prune the same saved model with REAP to half its experts, on the same text, each in its own process; the
 table prints each run's peak RSS (``ru_maxrss`` of that very child, taken by a bare wrapper:
-``memory.run_measured``) and wall time, and the ratio of uncurl's to the peer's. It also checks that each run keeps the experts llm-compressor's ``basic`` pipeline keeps
-(REAP scores of the unpruned model) in every layer: REAP is a score, so two correct implementations given the same
-tokens must agree (uncurl uses the gate the model applies, the top-k renormalized weight on Qwen3-MoE, as
-llm-compressor does). Sequential runs calibrate each layer on the already pruned layers' output, so they may differ.
+``memory.run_measured``) and wall time, and the ratio of uncurl's to the peer's. It also checks that each run keeps
+the experts llm-compressor's ``basic`` pipeline keeps (REAP scores of the unpruned model) in every layer: REAP is a
+score, so two correct implementations given the same tokens must agree (uncurl uses the gate the model applies,
+the top-k renormalized weight on Qwen3-MoE, as llm-compressor does). Sequential runs calibrate each layer on the
+already pruned layers' output, so they may differ.
 
 The model: a bfloat16 Qwen3-MoE with 32 experts, top-8 (``--layers`` decoder layers, default 8; hidden 1024,
 moe_intermediate 512), random weights with decisive routers (``PEER_ROUTER_STD``), the zoo decoder's tokenizer

@@ -56,21 +56,20 @@ class WrittenCheck:
         Why not ``from_pretrained``: at Qwen3-30B-A3B shapes its load of the written 1.3 GB folder peaked at 3.15 GB
         (the file's pages resident beside its own copies), the highest point of a whole prune once the surgery
         stopped being one (``benchmarks/memory.py``). The block reader builds the same class from config.json and
-        places the same tensors through the model's own weight converters (tests/test_blockwise_load.py), and refuses a
-        folder whose tensors are not exactly the model's parameters; where its map does not apply, the folder is
-        loaded with ``from_pretrained`` and its loading report.
+        places the same tensors through the model's own weight converters (tests/test_blockwise_load.py): the load
+        path of ``load_model(..., blockwise=True)``. Where its map does not apply, the folder is loaded with
+        ``from_pretrained`` and its loading report.
         """
-        from uncurl_hf.io.tensor_map import TensorMapError, load_resident
+        from uncurl_hf.io.checkpoint import _load_blockwise  # lazy: checkpoint imports this module
 
-        auto_class = self.family.auto_model_class()
         try:
-            return load_resident(self.folder, auto_class)
-        except TensorMapError:
-            pass
+            reloaded = _load_blockwise(self.folder, self.family)  # None where the block map does not apply
         except Exception as exc:
             raise self._unloadable(exc) from exc
+        if reloaded is not None:
+            return reloaded
         try:
-            reloaded, info = auto_class.from_pretrained(
+            reloaded, info = self.family.auto_model_class().from_pretrained(
                 str(self.folder), use_safetensors=True, local_files_only=True, output_loading_info=True
             )
         except Exception as exc:
