@@ -58,6 +58,29 @@ def test_switch_loads_the_tensors_from_pretrained_gives(dtype, tmp_path):
     _assert_same_model(load_model(folder, blockwise=True), load_model(folder))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", ["switch", *FAMILIES])
+def test_reads_in_their_own_mappings_give_the_same_tensors(family, dtype, tmp_path, monkeypatch):
+    """Real checkpoints' expert tensors (>= 1 MiB) are read into their own mmap; the tiny ones here are forced to."""
+    import mmap
+
+    from transformers import AutoModelForSeq2SeqLM
+
+    import uncurl_hf.io.safetensors as reader
+
+    if family == "switch":
+        folder = tmp_path / "switch"
+        AutoModelForSeq2SeqLM.from_pretrained(make_tiny_switch(tmp_path), dtype=dtype).save_pretrained(folder)
+    else:
+        folder = save_tiny(family, tmp_path / family, dtype=dtype)
+    reference = load_model(folder)
+    mappings, original = [], mmap.mmap
+    monkeypatch.setattr(reader, "_OWN_MAPPING_BYTES", 1)
+    monkeypatch.setattr(mmap, "mmap", lambda *a, **k: mappings.append(a) or original(*a, **k))
+    _assert_same_model(load_model(folder, blockwise=True), reference)
+    assert mappings  # every read went through its own mapping
+
+
 @pytest.mark.parametrize("family", ["switch", "qwen3_moe"])
 def test_a_prune_writes_the_bytes_it_wrote_with_from_pretrained(family, switch_dir, calibration_jsonl, tmp_path,
                                                                  monkeypatch):
